@@ -1,0 +1,210 @@
+"""The backends, their health state and counters, and which one gets the next request.
+
+Pure policy: no sockets here. The health checker and the proxy report what they saw;
+the pool decides when a backend is up or down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from .config import BackendConfig, HealthConfig
+from .strategies import Strategy, make_strategy
+
+ENABLED, DISABLED, DRAINING = "enabled", "disabled", "draining"
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: float
+    to: str  # "up" or "down"
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"at": iso_utc(self.at), "to": self.to, "reason": self.reason}
+
+
+@dataclass(eq=False)
+class Backend:
+    """One upstream server and everything known about it."""
+
+    name: str
+    url: str
+    hosted: bool
+    weight: int = 1
+    healthy: bool = False
+    admin_state: str = ENABLED
+    checked: bool = False
+    last_check: float | None = None
+    last_check_ms: float | None = None
+    last_check_status: str | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    passive_failures: int = 0
+    checks_ok: int = 0
+    checks_failed: int = 0
+    ejections: int = 0
+    requests: int = 0
+    active_requests: int = 0
+    state_since: float = field(default_factory=time.time)
+    transitions: deque[Transition] = field(default_factory=lambda: deque(maxlen=10))
+
+    @property
+    def eligible(self) -> bool:
+        return self.healthy and self.admin_state == ENABLED
+
+    def status_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "hosted": self.hosted,
+            "healthy": self.healthy,
+            "admin_state": self.admin_state,
+            "weight": self.weight,
+            "last_check": iso_utc(self.last_check),
+            "last_check_ms": self.last_check_ms,
+            "last_check_status": self.last_check_status,
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+            "requests": self.requests,
+            "active_requests": self.active_requests,
+            "checks_ok": self.checks_ok,
+            "checks_failed": self.checks_failed,
+            "ejections": self.ejections,
+            "state_since": iso_utc(self.state_since),
+            "transitions": [t.as_dict() for t in reversed(self.transitions)],
+        }
+
+
+TransitionListener = Callable[[Backend, Transition], None]
+
+
+class BackendPool:
+    """The set of backends, their up/down state machine, and the balancing strategy."""
+
+    def __init__(
+        self,
+        backends: Iterable[Backend],
+        *,
+        health: HealthConfig,
+        strategy: str | Strategy = "round_robin",
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backends: list[Backend] = list(backends)
+        self.health = health
+        self.strategy: Strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.strategy.set_backends(self.backends)
+        self.logger = logger or logging.getLogger("lb_system.pool")
+        self.clock = clock
+        self.listeners: list[TransitionListener] = []
+
+    @classmethod
+    def from_config(cls, configs: Sequence[BackendConfig], urls: dict[str, str], **kwargs) -> BackendPool:
+        backends = [Backend(name=c.name, url=urls[c.name], hosted=c.hosted, weight=c.weight) for c in configs]
+        return cls(backends, **kwargs)
+
+    def get(self, name: str) -> Backend | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+    @property
+    def healthy_count(self) -> int:
+        return sum(1 for b in self.backends if b.healthy)
+
+    def health_word(self) -> str:
+        healthy = self.healthy_count
+        if healthy == len(self.backends) and healthy:
+            return "ok"
+        return "degraded" if healthy else "unavailable"
+
+    def choose(self, key: str | None = None, exclude: Sequence[Backend] = ()) -> Backend | None:
+        """The backend for the next try of a request, never one it already tried; None when none is left."""
+        candidates = [b for b in self.backends if b.eligible and b not in exclude]
+        if not candidates:
+            return None
+        return self.strategy.choose(candidates, key)
+
+    # --- what the health checker saw -------------------------------------------------
+
+    def record_check(self, backend: Backend, ok: bool, status: str, duration_ms: float | None) -> None:
+        """One active check: `fall` failures in a row take it down, `rise` successes bring it up.
+        The very first check sets the state directly."""
+        backend.last_check = self.clock()
+        backend.last_check_ms = None if duration_ms is None else round(duration_ms, 2)
+        backend.last_check_status = status
+        if ok:
+            backend.checks_ok += 1
+            backend.consecutive_successes += 1
+            backend.consecutive_failures = 0
+            backend.passive_failures = 0
+            backend.last_error = None
+            if not backend.checked or (not backend.healthy and backend.consecutive_successes >= self.health.rise):
+                self._transition(backend, up=True, reason="health check passed")
+        else:
+            backend.checks_failed += 1
+            backend.consecutive_failures += 1
+            backend.consecutive_successes = 0
+            backend.last_error = status
+            if not backend.checked or (backend.healthy and backend.consecutive_failures >= self.health.fall):
+                self._transition(backend, up=False, reason=f"health check failed: {status}")
+        backend.checked = True
+
+    # --- what the proxy saw ----------------------------------------------------------
+
+    def record_passive_failure(self, backend: Backend, reason: str, *, unreachable: bool = True) -> None:
+        """A proxied request failed on this backend: `unreachable` for connect errors, resets and
+        timeouts (each also counts as a failed check), otherwise a 5xx answer. `passive_fall` such
+        failures in a row eject the backend at once, within the `max_ejection_percent` cap."""
+        backend.passive_failures += 1
+        if unreachable:
+            backend.consecutive_failures += 1
+            backend.consecutive_successes = 0
+            backend.last_error = reason
+        if not backend.healthy:
+            return
+        fall_reached = backend.consecutive_failures >= self.health.fall
+        passive_reached = self.health.passive_fall > 0 and backend.passive_failures >= self.health.passive_fall
+        if (fall_reached or passive_reached) and self._may_eject():
+            backend.ejections += 1
+            self._transition(backend, up=False, reason=f"ejected after {backend.passive_failures} failed requests: {reason}")
+
+    def record_passive_success(self, backend: Backend) -> None:
+        backend.passive_failures = 0
+
+    def _may_eject(self) -> bool:
+        total = len(self.backends)
+        down_after = sum(1 for b in self.backends if not b.healthy) + 1
+        still_eligible = sum(1 for b in self.backends if b.eligible) - 1
+        cap = math.floor(total * self.health.max_ejection_percent / 100)
+        return down_after <= cap and still_eligible >= 1
+
+    def _transition(self, backend: Backend, *, up: bool, reason: str) -> None:
+        first = not backend.checked
+        changed = backend.healthy != up
+        backend.healthy = up
+        if not changed and not first:
+            return
+        now = self.clock()
+        if changed:
+            backend.state_since = now
+        transition = Transition(at=now, to="up" if up else "down", reason=reason)
+        backend.transitions.append(transition)
+        if up:
+            self.logger.info("backend up backend=%s reason=%r", backend.name, reason)
+        else:
+            self.logger.warning("backend down backend=%s reason=%r", backend.name, reason)
+        for listener in self.listeners:
+            listener(backend, transition)

@@ -1,0 +1,125 @@
+"""The command line: `python run.py [serve|check|demo]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .demo import Unreachable, run_demo
+from .log import configure_logging
+from .system import StartupError, System
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="lb_system: a load balancer with built-in fault detection."
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=("serve", "check", "demo"),
+        help="serve (default): start the system; check: validate the config; demo: provoke errors through a running system",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="config file (default: %(default)s)")
+    parser.add_argument("--url", help="demo: the balancer's URL (default: from the config)")
+    return parser
+
+
+def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> list[int]:
+    """SIGINT/SIGTERM ask for a clean stop; a second one exits at once. Windows has no
+    loop signal handlers: there Ctrl-C cancels the main task, which stops cleanly too."""
+    installed = []
+    requested = False
+
+    def on_signal() -> None:
+        nonlocal requested
+        if requested:
+            os._exit(130)
+        requested = True
+        stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+        installed.append(sig)
+    return installed
+
+
+async def serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = _install_stop_signals(loop, stop.set)
+    system = System(config)
+    try:
+        try:
+            await system.start()
+        except StartupError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(
+            f"lb_system: balancer on {system.balancer_url}; "
+            + ", ".join(f"{name} on {hosted.url}" for name, hosted in system.hosted.items())
+            + "; Ctrl-C stops",
+            file=sys.stderr,
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await stop.wait()
+        system.logger.info("stopping")
+        return 0
+    finally:
+        await system.stop()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when the `fast` extra is installed; the standard loop otherwise (and on Windows)."""
+    if sys.platform == "win32":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        if args.command == "demo" and args.url:
+            config = None
+        else:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    if args.command == "check":
+        print(f"{args.config}: ok: {config.summary()}")
+        return 0
+
+    if args.command == "demo":
+        url = args.url or f"http://{config.balancer.host}:{config.balancer.port}"
+        try:
+            return asyncio.run(run_demo(url))
+        except Unreachable as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+
+    listener = configure_logging(config.log)
+    try:
+        with asyncio.Runner(loop_factory=_new_event_loop_factory()) as runner:
+            return runner.run(serve(config))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        listener.stop()

@@ -1,0 +1,251 @@
+"""In-memory error tracking for the balancer and its backends.
+
+Everything runs on one asyncio event loop, so there are no locks. Every
+structure is bounded: a ``deque`` of the newest records, a fixed ring of
+per-second buckets for the rolling windows, and capped counters for paths
+and methods, so a flood of errors or a scan of random URLs cannot grow
+memory without bound.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from http import HTTPStatus
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+__all__ = ["ErrorTracker", "error_type"]
+
+# The original project called 500 "INTERNAL_ERROR"; dashboards depend on it.
+_TYPE_NAMES: Mapping[int, str] = MappingProxyType(
+    {s.value: f"{s.value}_{s.name}" for s in HTTPStatus} | {500: "500_INTERNAL_ERROR"}
+)
+_ALWAYS_PRESENT_TYPES: tuple[str, ...] = ("400_BAD_REQUEST", "404_NOT_FOUND", "500_INTERNAL_ERROR")
+
+_WINDOWS: tuple[tuple[str, int], ...] = (("1m", 60), ("5m", 300), ("15m", 900))
+_BUCKET_COUNT = 900  # one bucket per second, covering the widest window
+
+MAX_PATHS = 1000
+MAX_METHODS = 16
+OTHER_PATH = "(other)"
+OTHER_METHOD = "OTHER"
+TOP_PATHS = 10
+# Clip long strings so that the caps above also bound bytes, not just entries.
+MAX_PATH_CHARS = 256
+MAX_METHOD_CHARS = 32
+MAX_DETAIL_CHARS = 1000
+
+
+def error_type(status: int) -> str:
+    """Return the error type label for an HTTP status, e.g. ``404_NOT_FOUND``.
+
+    500 is ``500_INTERNAL_ERROR``; codes unknown to ``HTTPStatus`` are ``<code>_UNKNOWN``.
+    """
+    name = _TYPE_NAMES.get(status)
+    return name if name is not None else f"{status}_UNKNOWN"
+
+
+def _iso_utc(ts: float) -> str:
+    """Format a POSIX timestamp as ISO 8601 UTC with milliseconds and ``Z``."""
+    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Record(NamedTuple):
+    ts: float
+    status: int
+    type: str
+    method: str
+    path: str
+    server: str
+    detail: str
+    request_id: str
+
+
+class ErrorTracker:
+    """Counts failed requests and keeps the newest ones for inspection.
+
+    ``record()`` is O(1). The rolling ``windows`` in ``stats()`` use a ring
+    of per-second buckets, so they are exact to one second: the "1m" window
+    holds the current second plus the 59 before it.
+    """
+
+    def __init__(self, recent: int = 50, *, clock: Callable[[], float] = time.time) -> None:
+        """Keep the newest ``recent`` records; ``clock`` returns POSIX seconds."""
+        self._clock = clock
+        self._records: deque[_Record] = deque(maxlen=self._check_recent(recent))
+        self._reset_counters()
+
+    @staticmethod
+    def _check_recent(recent: int) -> int:
+        if isinstance(recent, bool) or not isinstance(recent, int):
+            raise TypeError(f"recent must be an int, not {type(recent).__name__}")
+        if recent < 0:
+            raise ValueError(f"recent must be >= 0, not {recent}")
+        return recent
+
+    def _reset_counters(self) -> None:
+        self._total = 0
+        self._since = self._clock()
+        self._by_server_type: dict[tuple[str, str], int] = {}
+        self._by_method: dict[str, int] = {}
+        self._paths: dict[str, int] = {}
+        self._bucket_secs: list[int] = [-1] * _BUCKET_COUNT
+        self._buckets: list[dict[str, int]] = [{} for _ in range(_BUCKET_COUNT)]
+
+    @property
+    def recent(self) -> int:
+        """How many of the newest records are kept."""
+        maxlen = self._records.maxlen
+        assert maxlen is not None
+        return maxlen
+
+    @recent.setter
+    def recent(self, value: int) -> None:
+        self._records = deque(self._records, maxlen=self._check_recent(value))
+
+    @property
+    def total(self) -> int:
+        """Errors recorded since creation or the last ``reset()``."""
+        return self._total
+
+    def record(
+        self,
+        *,
+        status: int,
+        method: str,
+        path: str,
+        server: str,
+        detail: str,
+        request_id: str,
+        route: str | None = None,
+    ) -> None:
+        """Record one failed request; ``route`` is its route pattern when known."""
+        now = self._clock()
+        etype = error_type(status)
+        if len(detail) > MAX_DETAIL_CHARS:
+            detail = detail[:MAX_DETAIL_CHARS]
+        self._records.append(_Record(now, status, etype, method, path, server, detail, request_id))
+        self._total += 1
+
+        key = (server, etype)
+        self._by_server_type[key] = self._by_server_type.get(key, 0) + 1
+
+        if len(method) > MAX_METHOD_CHARS:
+            method = method[:MAX_METHOD_CHARS]
+        methods = self._by_method
+        if method not in methods and len(methods) >= MAX_METHODS:
+            method = OTHER_METHOD
+        methods[method] = methods.get(method, 0) + 1
+
+        path_key = path if route is None else route
+        if len(path_key) > MAX_PATH_CHARS:
+            path_key = path_key[:MAX_PATH_CHARS]
+        paths = self._paths
+        if path_key not in paths and len(paths) >= MAX_PATHS:
+            path_key = OTHER_PATH
+        paths[path_key] = paths.get(path_key, 0) + 1
+
+        sec = math.floor(now)
+        slot = sec % _BUCKET_COUNT
+        bucket = self._buckets[slot]
+        if self._bucket_secs[slot] != sec:
+            # The slot still holds a second that is at least 15 minutes old.
+            bucket.clear()
+            self._bucket_secs[slot] = sec
+        bucket[etype] = bucket.get(etype, 0) + 1
+
+    def stats(
+        self,
+        *,
+        server: str | None = None,
+        status: int | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """Return a JSON-able summary; the filters and ``limit`` apply only to ``recent_errors``."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+
+        error_types = dict.fromkeys(_ALWAYS_PRESENT_TYPES, 0)
+        by_server: dict[str, int] = {}
+        for (srv, etype), count in self._by_server_type.items():
+            error_types[etype] = error_types.get(etype, 0) + count
+            by_server[srv] = by_server.get(srv, 0) + count
+
+        return {
+            "total_errors": self._total,
+            "error_types": dict(sorted(error_types.items())),
+            "by_server": dict(sorted(by_server.items())),
+            "recent_errors": self._recent_errors(server, status, limit),
+            "since": _iso_utc(self._since),
+            "by_method": dict(sorted(self._by_method.items())),
+            "windows": self._windows(),
+            "top_paths": [
+                {"path": path, "count": count}
+                for path, count in heapq.nsmallest(
+                    TOP_PATHS, self._paths.items(), key=lambda item: (-item[1], item[0])
+                )
+            ],
+        }
+
+    def _recent_errors(
+        self, server: str | None, status: int | None, limit: int | None
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if limit == 0:
+            return out
+        for rec in reversed(self._records):
+            if server is not None and rec.server != server:
+                continue
+            if status is not None and rec.status != status:
+                continue
+            out.append(
+                {
+                    "timestamp": _iso_utc(rec.ts),
+                    "status": rec.status,
+                    "type": rec.type,
+                    "method": rec.method,
+                    "path": rec.path,
+                    "server": rec.server,
+                    "detail": rec.detail,
+                    "request_id": rec.request_id,
+                }
+            )
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def _windows(self) -> dict[str, dict[str, Any]]:
+        now_sec = math.floor(self._clock())
+        totals = {name: 0 for name, _ in _WINDOWS}
+        by_type: dict[str, dict[str, int]] = {name: {} for name, _ in _WINDOWS}
+        for bucket_sec, bucket in zip(self._bucket_secs, self._buckets):
+            age = now_sec - bucket_sec
+            if not bucket or age <= -_BUCKET_COUNT:
+                continue
+            # The wall clock stepped back a little: these are still the newest errors.
+            age = max(age, 0)
+            for name, seconds in _WINDOWS:
+                if age < seconds:
+                    counts = by_type[name]
+                    for etype, count in bucket.items():
+                        counts[etype] = counts.get(etype, 0) + count
+                        totals[name] += count
+        return {
+            name: {"total": totals[name], "by_type": dict(sorted(by_type[name].items()))}
+            for name, _ in _WINDOWS
+        }
+
+    def reset(self) -> None:
+        """Forget every record and counter; ``since`` becomes now."""
+        self._records.clear()
+        self._reset_counters()
+
+    def counts_by_server_and_type(self) -> dict[tuple[str, str], int]:
+        """Return error counts keyed by ``(server, type)``, for ``lb_errors_total``."""
+        return dict(self._by_server_type)

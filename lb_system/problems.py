@@ -1,0 +1,150 @@
+"""RFC 9457 problem details, request ids, and the middleware that turns every failure into both."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from aiohttp import web
+
+from .error_tracker import ErrorTracker
+from .keys import ERROR_SERVER, PROBLEM_DETAIL, REQUEST_ID, UPSTREAM_RECORDED
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-ID"
+CATCH_ALL_VARIABLE = "{proxied_path}"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def request_id_from(header_value: str | None) -> str:
+    """Keep a client's id when it is safe to log and echo, otherwise make one."""
+    if header_value and _VALID_REQUEST_ID.fullmatch(header_value):
+        return header_value
+    return new_request_id()
+
+
+def status_title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def problem_body(status: int, detail: str, *, instance: str, request_id: str, **extra: object) -> bytes:
+    body = {
+        "type": "about:blank",
+        "title": status_title(status),
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "request_id": request_id,
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    instance: str,
+    request_id: str,
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> web.Response:
+    """A problem+json response; `detail` must be safe to show a client (never exception text)."""
+    response = web.Response(
+        status=status,
+        body=problem_body(status, detail, instance=instance, request_id=request_id, **extra),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+    response[PROBLEM_DETAIL] = detail
+    return response
+
+
+def _detail_for_http_exception(error: web.HTTPException) -> str:
+    if isinstance(error, web.HTTPRequestEntityTooLarge):
+        return "Request body too large"
+    text = error.text or ""
+    # aiohttp's own exceptions carry "404: Not Found"-style text; show the plain phrase instead.
+    if not text or text.startswith(f"{error.status}:"):
+        return status_title(error.status)
+    return text
+
+
+def make_problem_middleware(
+    *,
+    server: str,
+    tracker: ErrorTracker,
+    logger: logging.Logger,
+) -> web.middleware:
+    """Wraps everything: assigns the request id, renders every failure as problem details,
+    and records each response with status >= 400 once, under `server`.
+
+    A backend's error answer passed on by the proxy is recorded under that backend's name,
+    and not at all when a hosted backend already recorded it. A response that has already
+    started streaming is never replaced by an error page.
+    """
+
+    @web.middleware
+    async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        request[REQUEST_ID] = request_id
+        try:
+            response = await handler(request)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            headers = {k: v for k, v in error.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+            response = problem_response(
+                error.status,
+                _detail_for_http_exception(error),
+                instance=request.path,
+                request_id=request_id,
+                headers=headers,
+            )
+        except Exception:
+            logger.exception(
+                "unhandled error server=%s method=%s path=%s request_id=%s",
+                server,
+                request.method,
+                request.path,
+                request_id,
+            )
+            response = problem_response(500, "Internal server error", instance=request.path, request_id=request_id)
+        if response.status >= 400 and not response.get(UPSTREAM_RECORDED, False):
+            tracker.record(
+                status=response.status,
+                method=request.method,
+                path=request.path,
+                server=response.get(ERROR_SERVER, server),
+                detail=response.get(PROBLEM_DETAIL) or status_title(response.status),
+                request_id=request_id,
+                route=_route_pattern(request),
+            )
+        if not response.prepared:
+            response.headers.setdefault(REQUEST_ID_HEADER, request_id)
+        return response
+
+    return problem_middleware
+
+
+def _route_pattern(request: web.Request) -> str | None:
+    """The matched route ("/tasks/{id}"), so error stats group ids together; None when unrouted."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None
+    canonical = resource.canonical
+    # The balancer's catch-all says nothing about the path: keep the raw one.
+    return None if CATCH_ALL_VARIABLE in canonical else canonical

@@ -1,0 +1,201 @@
+"""The task REST API that every hosted backend serves."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+
+from .config import ApiConfig
+from .error_tracker import ErrorTracker
+from .keys import ERROR_TRACKER, SERVER_NAME, TASK_STORE
+from .problems import make_problem_middleware
+from .task_store import TaskStore
+
+MALFORMED_BODY = "Empty or malformed JSON body"
+_MAX_ID = 2**63 - 1
+
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Description = Annotated[str, StringConstraints(max_length=2000)]
+
+
+class TaskFields(BaseModel):
+    """A full task body, as POST and PUT take it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    title: Title
+    description: Description = ""
+    done: bool = False
+
+
+class TaskPatch(BaseModel):
+    """Any subset of the fields; an explicit null is invalid, not "unset"."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    title: Title = None  # type: ignore[assignment]
+    description: Description = None  # type: ignore[assignment]
+    done: bool = None  # type: ignore[assignment]
+
+
+def _bad_request(detail: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=detail)
+
+
+def _field_error(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        return f"Unknown field '{field}'"
+    if first["type"] == "missing":
+        return f"Missing required field '{field}'"
+    return f"Invalid field '{field}': {first['msg']}"
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a non-empty JSON object, or the right 400/413/415."""
+    body = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+    if not body.strip():
+        raise _bad_request(MALFORMED_BODY)
+    content_type = request.content_type
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise web.HTTPUnsupportedMediaType(text=f"Content-Type must be application/json, got {content_type}")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _bad_request(MALFORMED_BODY) from None
+    if not isinstance(data, dict) or not data:
+        raise _bad_request(MALFORMED_BODY)
+    return data
+
+
+def _task_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit() or int(raw) > _MAX_ID:
+        raise web.HTTPNotFound(text=f"Task {raw} not found")
+    return int(raw)
+
+
+def _not_found(task_id: int | str) -> web.HTTPNotFound:
+    return web.HTTPNotFound(text=f"Task {task_id} not found")
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad_request(f"Invalid query parameter '{name}': must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise _bad_request(f"Invalid query parameter '{name}': must be between {low} and {high}, got {value}")
+    return value
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json", headers=headers)
+
+
+async def health(request: web.Request) -> web.Response:
+    name = request.app[SERVER_NAME]
+    if not await request.app[TASK_STORE].ping():
+        raise web.HTTPServiceUnavailable(text="Database unavailable")
+    return _json({"status": "ok", "server": name})
+
+
+async def create_task(request: web.Request) -> web.Response:
+    try:
+        fields = TaskFields.model_validate(await _json_object(request))
+    except ValidationError as error:
+        raise _bad_request(_field_error(error)) from None
+    task = await request.app[TASK_STORE].create(fields.title, fields.description, fields.done)
+    return _json(task, status=201, headers={"Location": f"/tasks/{task['id']}"})
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    done_raw = request.query.get("done")
+    if done_raw is None:
+        done = None
+    elif done_raw in ("true", "false"):
+        done = done_raw == "true"
+    else:
+        raise _bad_request(f"Invalid query parameter 'done': must be true or false, got {done_raw!r}")
+    limit = _query_int(request, "limit", 100, 1, 1000)
+    offset = _query_int(request, "offset", 0, 0, _MAX_ID)
+    tasks, total = await request.app[TASK_STORE].list(done=done, limit=limit, offset=offset)
+    return _json({"tasks": tasks, "total": total, "limit": limit, "offset": offset})
+
+
+async def get_task(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    task = await request.app[TASK_STORE].get(task_id)
+    if task is None:
+        raise _not_found(task_id)
+    return _json(task)
+
+
+async def replace_task(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    try:
+        fields = TaskFields.model_validate(await _json_object(request))
+    except ValidationError as error:
+        raise _bad_request(_field_error(error)) from None
+    task = await request.app[TASK_STORE].update(task_id, fields.model_dump())
+    if task is None:
+        raise _not_found(task_id)
+    return _json(task)
+
+
+async def patch_task(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    try:
+        patch = TaskPatch.model_validate(await _json_object(request))
+    except ValidationError as error:
+        raise _bad_request(_field_error(error)) from None
+    task = await request.app[TASK_STORE].update(task_id, patch.model_dump(include=patch.model_fields_set))
+    if task is None:
+        raise _not_found(task_id)
+    return _json(task)
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    if not await request.app[TASK_STORE].delete(task_id):
+        raise _not_found(task_id)
+    return web.Response(status=204)
+
+
+async def crash(request: web.Request) -> web.Response:
+    1 / 0  # noqa: B018 - the point of this endpoint: a real unhandled exception
+    raise AssertionError("unreachable")
+
+
+def make_backend_app(
+    name: str,
+    *,
+    store: TaskStore,
+    tracker: ErrorTracker,
+    api: ApiConfig,
+    logger: logging.Logger,
+) -> web.Application:
+    """One task-API backend; several may share one store and one tracker."""
+    app = web.Application(
+        middlewares=[make_problem_middleware(server=name, tracker=tracker, logger=logger)],
+        client_max_size=api.max_body_bytes,
+    )
+    app[SERVER_NAME] = name
+    app[TASK_STORE] = store
+    app[ERROR_TRACKER] = tracker
+    app.router.add_get("/health", health)
+    app.router.add_post("/tasks", create_task)
+    app.router.add_get("/tasks", list_tasks)
+    app.router.add_get("/tasks/{id}", get_task)
+    app.router.add_put("/tasks/{id}", replace_task)
+    app.router.add_patch("/tasks/{id}", patch_task)
+    app.router.add_delete("/tasks/{id}", delete_task)
+    if api.debug_endpoints:
+        app.router.add_get("/debug/crash", crash)
+    return app

@@ -1,0 +1,132 @@
+"""The SQLite task table, reached only through aiosqlite so the event loop never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    title       TEXT    NOT NULL,
+    description TEXT    NOT NULL DEFAULT '',
+    done        INTEGER NOT NULL DEFAULT 0,
+    created_at  TEXT    NOT NULL,
+    updated_at  TEXT    NOT NULL
+)
+"""
+_COLUMNS = "id, title, description, done, created_at, updated_at"
+FIELDS = ("title", "description", "done")
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _row_to_task(row: Any) -> dict[str, Any]:
+    return {
+        "id": row[0],
+        "title": row[1],
+        "description": row[2],
+        "done": bool(row[3]),
+        "created_at": row[4],
+        "updated_at": row[5],
+    }
+
+
+class TaskStore:
+    """Tasks in one SQLite file, shared by every hosted backend.
+
+    One aiosqlite connection (one worker thread) in autocommit mode; each write is a
+    single statement, so no transaction can interleave with another coroutine's.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute(_SCHEMA)
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("task store is not open")
+        return self._db
+
+    async def ping(self, timeout: float = 1.0) -> bool:
+        """True when the database answers a trivial query in time."""
+        if self._db is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._db.execute("SELECT 1") as cursor:
+                    await cursor.fetchone()
+            return True
+        except Exception:
+            return False
+
+    async def create(self, title: str, description: str = "", done: bool = False) -> dict[str, Any]:
+        now = utc_now_iso()
+        async with self.db.execute(
+            f"INSERT INTO tasks (title, description, done, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
+            f"RETURNING {_COLUMNS}",
+            (title, description, int(done), now, now),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _row_to_task(row)
+
+    async def get(self, task_id: int) -> dict[str, Any] | None:
+        async with self.db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _row_to_task(row) if row else None
+
+    async def list(self, *, done: bool | None = None, limit: int = 100, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        where, params = ("WHERE done = ?", (int(done),)) if done is not None else ("", ())
+        async with self.db.execute(
+            f"SELECT {_COLUMNS}, COUNT(*) OVER () FROM tasks {where} ORDER BY id LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        if rows:
+            return [_row_to_task(row) for row in rows], rows[0][6]
+        async with self.db.execute(f"SELECT COUNT(*) FROM tasks {where}", params) as cursor:
+            (total,) = await cursor.fetchone()  # type: ignore[misc]
+        return [], total
+
+    async def update(self, task_id: int, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply the given fields (a subset of FIELDS) atomically; None when the task does not exist."""
+        if not changes.keys() <= set(FIELDS):
+            raise ValueError(f"unknown task fields: {sorted(changes.keys() - set(FIELDS))}")
+        assignments = [f"{field} = ?" for field in changes]
+        values = [int(v) if field == "done" else v for field, v in changes.items()]
+        async with self.db.execute(
+            f"UPDATE tasks SET {', '.join([*assignments, 'updated_at = ?'])} WHERE id = ? RETURNING {_COLUMNS}",
+            (*values, utc_now_iso(), task_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _row_to_task(row) if row else None
+
+    async def delete(self, task_id: int) -> bool:
+        async with self.db.execute("DELETE FROM tasks WHERE id = ? RETURNING id", (task_id,)) as cursor:
+            row = await cursor.fetchone()
+        return row is not None
