@@ -202,7 +202,7 @@ def _key_name(loc: tuple[int | str, ...], data: dict) -> str:
         rest = ".".join(str(p) for p in loc[2:] if not str(p).startswith("function-"))
         return f"[[backends]] #{index + 1}{name}" + (f" {rest}" if rest else "")
     if len(loc) == 1:
-        return f"[{loc[0]}]" if loc[0] in Config.model_fields else str(loc[0])
+        return f"[{loc[0]}]"
     return f"[{loc[0]}] " + ".".join(str(p) for p in loc[1:])
 
 
@@ -213,7 +213,7 @@ def _first_error_line(error: ValidationError, data: dict) -> str:
     if first["type"] == "extra_forbidden":
         what = "section" if len(loc) == 1 else "key"
         return f"{_key_name(loc, data)}: unknown {what}"
-    if "input" in first and first["type"] not in ("missing", "model_attributes_type"):
+    if "input" in first and first["type"] not in ("missing", "model_attributes_type", "value_error"):
         shown = first["input"]
         if not isinstance(shown, (dict, list)):
             message += f" (got {shown!r})"
