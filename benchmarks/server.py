@@ -1,0 +1,102 @@
+"""The process under test: a System (hosted backends + balancer) and, in the same event loop,
+the bare forwarder a user would write by hand in front of the same backends.
+
+Usage: python benchmarks/server.py CONFIG [--bare-port 0] [--watch-stdin]
+
+Logging is set up as `python run.py` sets it up (the access log at the config's level, to its
+file). Seeds task 1, then prints one JSON line with the URLs and the loop in use, and serves
+until SIGTERM/SIGINT, or with --watch-stdin until stdin closes (so it never outlives the benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lb_system import System, load_config  # noqa: E402
+from lb_system.cli import _new_event_loop_factory  # noqa: E402
+from lb_system.log import configure_logging  # noqa: E402
+
+SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
+
+BARE_SESSION = web.AppKey("bare_session", aiohttp.ClientSession)
+
+
+def make_bare_forwarder(backend_urls: list[str]) -> web.Application:
+    """The baseline: one ClientSession, round robin, read the body, return it."""
+    urls = itertools.cycle(backend_urls)
+
+    async def forward(request: web.Request) -> web.Response:
+        session = request.app[BARE_SESSION]
+        async with session.request(request.method, next(urls) + request.path_qs, data=await request.read()) as upstream:
+            body = await upstream.read()
+            return web.Response(body=body, status=upstream.status, content_type=upstream.content_type)
+
+    async def session_ctx(app: web.Application):
+        async with aiohttp.ClientSession() as session:
+            app[BARE_SESSION] = session
+            yield
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
+    config = load_config(config_path)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if watch_stdin:
+        loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None)
+
+    async with System(config) as system:
+        if await system.store.get(1) is None:
+            await system.store.create(**SEED_TASK)
+        bare_runner = web.AppRunner(make_bare_forwarder([h.url for h in system.hosted.values()]), access_log=None)
+        await bare_runner.setup()
+        bare_site = web.TCPSite(bare_runner, config.balancer.host, bare_port)
+        await bare_site.start()
+        try:
+            bare_bound = bare_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready = {
+                "loop": type(loop).__module__.split(".")[0],
+                "balancer": system.balancer_url,
+                "backends": {name: hosted.url for name, hosted in system.hosted.items()},
+                "bare": f"http://{config.balancer.host}:{bare_bound}",
+            }
+            print(json.dumps(ready), flush=True)
+            await stop.wait()
+        finally:
+            await bare_runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--bare-port", type=int, default=0)
+    parser.add_argument("--watch-stdin", action="store_true", help="stop when stdin closes")
+    args = parser.parse_args(argv)
+    listener = configure_logging(load_config(args.config).log, console=False)
+    try:
+        with asyncio.Runner(loop_factory=_new_event_loop_factory()) as runner:
+            runner.run(serve(args.config, args.bare_port, args.watch_stdin))
+    finally:
+        listener.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
