@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 )
 """
 _COLUMNS = "id, title, description, done, created_at, updated_at"
+_SELECT_ONE = f"SELECT {_COLUMNS} FROM tasks WHERE id = ?"
 FIELDS = ("title", "description", "done")
 
 
@@ -42,7 +43,8 @@ class TaskStore:
     """Tasks in one SQLite file, shared by every hosted backend.
 
     One aiosqlite connection (one worker thread) in autocommit mode; each write is a
-    single statement, so no transaction can interleave with another coroutine's.
+    single statement, so no transaction can interleave with another coroutine's. Every query
+    is one `execute_fetchall`: one hop to the worker thread and back, not one per cursor call.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -79,38 +81,33 @@ class TaskStore:
             return False
         try:
             async with asyncio.timeout(timeout):
-                async with self._db.execute("SELECT 1") as cursor:
-                    await cursor.fetchone()
+                await self._db.execute_fetchall("SELECT 1")
             return True
         except Exception:
             return False
 
     async def create(self, title: str, description: str = "", done: bool = False) -> dict[str, Any]:
         now = utc_now_iso()
-        async with self.db.execute(
+        (row,) = await self.db.execute_fetchall(
             f"INSERT INTO tasks (title, description, done, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
             f"RETURNING {_COLUMNS}",
             (title, description, int(done), now, now),
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return _row_to_task(row)
 
     async def get(self, task_id: int) -> dict[str, Any] | None:
-        async with self.db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)) as cursor:
-            row = await cursor.fetchone()
-        return _row_to_task(row) if row else None
+        rows = await self.db.execute_fetchall(_SELECT_ONE, (task_id,))
+        return _row_to_task(rows[0]) if rows else None
 
     async def list(self, *, done: bool | None = None, limit: int = 100, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
         where, params = ("WHERE done = ?", (int(done),)) if done is not None else ("", ())
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             f"SELECT {_COLUMNS}, COUNT(*) OVER () FROM tasks {where} ORDER BY id LIMIT ? OFFSET ?",
             (*params, limit, offset),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         if rows:
-            return [_row_to_task(row) for row in rows], rows[0][6]
-        async with self.db.execute(f"SELECT COUNT(*) FROM tasks {where}", params) as cursor:
-            (total,) = await cursor.fetchone()  # type: ignore[misc]
+            return [_row_to_task(row) for row in rows], rows[0][6]  # type: ignore[index]
+        ((total,),) = await self.db.execute_fetchall(f"SELECT COUNT(*) FROM tasks {where}", params)
         return [], total
 
     async def update(self, task_id: int, changes: dict[str, Any]) -> dict[str, Any] | None:
@@ -119,14 +116,12 @@ class TaskStore:
             raise ValueError(f"unknown task fields: {sorted(changes.keys() - set(FIELDS))}")
         assignments = [f"{field} = ?" for field in changes]
         values = [int(v) if field == "done" else v for field, v in changes.items()]
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             f"UPDATE tasks SET {', '.join([*assignments, 'updated_at = ?'])} WHERE id = ? RETURNING {_COLUMNS}",
             (*values, utc_now_iso(), task_id),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return _row_to_task(row) if row else None
+        )
+        return _row_to_task(rows[0]) if rows else None
 
     async def delete(self, task_id: int) -> bool:
-        async with self.db.execute("DELETE FROM tasks WHERE id = ? RETURNING id", (task_id,)) as cursor:
-            row = await cursor.fetchone()
-        return row is not None
+        rows = await self.db.execute_fetchall("DELETE FROM tasks WHERE id = ? RETURNING id", (task_id,))
+        return bool(rows)
