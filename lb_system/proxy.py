@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 from .backend_pool import Backend, BackendPool
 from .config import Config
 from .keys import ERROR_SERVER, REQUEST_ID, UPSTREAM_RECORDED
+from .log import LineLogger
 from .problems import REQUEST_ID_HEADER, problem_response
 from .retry import FailureKind, RetryBudget, RetryPolicy
 from .strategies import hash_key
@@ -64,6 +65,7 @@ class Forwarder:
         self.pool = pool
         self._session = session_getter
         self.logger = logger
+        self._access = LineLogger(logger)
         self.apply_config(config)
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
 
@@ -289,14 +291,16 @@ class Forwarder:
     def _access_log(
         self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: list[str]
     ) -> None:
-        if self.logger.isEnabledFor(logging.INFO):
-            self.logger.info(
-                "access method=%s path=%s status=%d backend=%s duration_ms=%.2f request_id=%s tries=%s",
-                request.method,
-                request.path,
-                status,
-                backend,
-                (time.perf_counter() - started) * 1000,
-                request_id,
-                ",".join(tries) or "-",
+        if self._access.enabled():
+            self._access.info(
+                "access method=%s path=%s status=%d backend=%s duration_ms=%.2f request_id=%s tries=%s"
+                % (
+                    request.method,
+                    request.path,
+                    status,
+                    backend,
+                    (time.perf_counter() - started) * 1000,
+                    request_id,
+                    ",".join(tries) or "-",
+                )
             )
