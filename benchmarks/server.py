@@ -24,7 +24,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lb_system import System, load_config  # noqa: E402
-from lb_system.cli import _new_event_loop_factory  # noqa: E402
+from lb_system.cli import _new_event_loop_factory, tune_gc  # noqa: E402
 from lb_system.log import configure_logging  # noqa: E402
 
 SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
@@ -65,6 +65,7 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
     async with System(config) as system:
         if await system.store.get(1) is None:
             await system.store.create(**SEED_TASK)
+        tune_gc()  # as `python run.py` does once started
         bare_runner = web.AppRunner(make_bare_forwarder([h.url for h in system.hosted.values()]), access_log=None)
         await bare_runner.setup()
         bare_site = web.TCPSite(bare_runner, config.balancer.host, bare_port)

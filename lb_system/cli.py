@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -54,6 +55,17 @@ def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], No
     return installed
 
 
+def tune_gc() -> None:
+    """For a long-running server, once it is up: keep what start-up allocated out of the
+    collector's passes (gc.freeze), and collect the young generation after 10,000 net
+    allocations instead of 700. A proxied request frees nearly everything it allocates by
+    reference counting, so the frequent passes found nothing; under load they took ~10% of the
+    CPU, and the full ones (~20 ms each) showed in p99. Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -65,6 +77,7 @@ async def serve(config: Config) -> int:
         except StartupError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        tune_gc()
         print(
             f"lb_system: balancer on {system.balancer_url}; "
             + ", ".join(f"{name} on {hosted.url}" for name, hosted in system.hosted.items())
