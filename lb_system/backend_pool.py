@@ -60,13 +60,21 @@ class Backend:
     requests: int = 0
     active_requests: int = 0
     state_since: float = field(default_factory=time.time)
+    # Time spent down before the current state began; the current stretch is added on read.
+    past_downtime: float = 0.0
     transitions: deque[Transition] = field(default_factory=lambda: deque(maxlen=10))
 
     @property
     def eligible(self) -> bool:
         return self.healthy and self.admin_state == ENABLED
 
-    def status_dict(self) -> dict[str, object]:
+    def downtime_s(self, now: float) -> float:
+        """Total seconds spent down since the first check, the current stretch included."""
+        current = max(0.0, now - self.state_since) if self.checked and not self.healthy else 0.0
+        return round(self.past_downtime + current, 3)
+
+    def status_dict(self, now: float | None = None) -> dict[str, object]:
+        now = time.time() if now is None else now
         return {
             "name": self.name,
             "url": self.url,
@@ -85,6 +93,7 @@ class Backend:
             "checks_failed": self.checks_failed,
             "ejections": self.ejections,
             "state_since": iso_utc(self.state_since),
+            "downtime_s": self.downtime_s(now),
             "transitions": [t.as_dict() for t in reversed(self.transitions)],
         }
 
@@ -198,7 +207,10 @@ class BackendPool:
         if not changed and not first:
             return
         now = self.clock()
-        if changed:
+        if changed and up and not first:
+            backend.past_downtime += max(0.0, now - backend.state_since)
+        if changed or first:
+            # The first check is a transition too: the state it sets starts now.
             backend.state_since = now
         transition = Transition(at=now, to="up" if up else "down", reason=reason)
         backend.transitions.append(transition)

@@ -12,11 +12,25 @@ from aiohttp import web
 
 from .backend_pool import BackendPool
 from .config import Config
+from .dashboard import dashboard_snapshot, make_page_handler
 from .error_tracker import ErrorTracker
 from .health import HealthChecker
-from .keys import BACKEND_POOL, CLIENT_SESSION, ERROR_TRACKER, FORWARDER, HEALTH_CHECKER
+from .keys import (
+    BACKEND_POOL,
+    CLIENT_SESSION,
+    ERROR_TRACKER,
+    FORWARDER,
+    HEALTH_CHECKER,
+    LIVE_FEED,
+    METRICS,
+    REQUEST_STATS,
+)
+from .live import LiveFeed
+from .metrics import CONTENT_TYPE, Metrics
 from .problems import CATCH_ALL_VARIABLE, make_problem_middleware
 from .proxy import Forwarder
+from .request_stats import RequestStats
+from .status import status_document
 from .transport import make_client_session
 
 BALANCER = "balancer"
@@ -34,15 +48,15 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    pool = request.app[BACKEND_POOL]
-    return _json(
-        {
-            "strategy": pool.strategy.name,
-            "healthy": pool.healthy_count,
-            "total": len(pool.backends),
-            "backends": [backend.status_dict() for backend in pool.backends],
-        }
-    )
+    return _json(status_document(request.app[BACKEND_POOL], request.app[REQUEST_STATS]))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    return await request.app[LIVE_FEED].handle(request)
 
 
 def _positive_int_query(request: web.Request, name: str) -> int | None:
@@ -70,6 +84,9 @@ OWN_ROUTES: dict[str, tuple[str, ...]] = {
     "/health": ("GET", "HEAD"),
     "/status": ("GET", "HEAD"),
     "/errors/stats": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+    "/": ("GET", "HEAD"),
+    "/events": ("GET",),
 }
 
 
@@ -93,6 +110,15 @@ def make_balancer_app(
     forwarder = Forwarder(pool, lambda: app[CLIENT_SESSION], config, logger=logger)
     app[FORWARDER] = forwarder
 
+    stats = RequestStats(clock=pool.clock)
+    app[REQUEST_STATS] = stats
+    observer = Metrics(pool, tracker)
+    app[METRICS] = observer
+    forwarder.listeners += [stats.record, observer.observe_request]
+    pool.listeners.append(observer.observe_transition)
+    feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker))
+    app[LIVE_FEED] = feed
+
     async def forward(request: web.Request) -> web.StreamResponse:
         allowed = OWN_ROUTES.get(request.path)
         if allowed is not None:
@@ -103,6 +129,7 @@ def make_balancer_app(
         session = make_client_session(config.proxy)
         app[CLIENT_SESSION] = session
         checker = HealthChecker(pool, session, logger=logger)
+        checker.listeners.append(observer.observe_check)
         app[HEALTH_CHECKER] = checker
         task = None
         try:
@@ -110,13 +137,22 @@ def make_balancer_app(
             task = asyncio.create_task(checker.run(), name="health-checker")
             yield
         finally:
+            await feed.close()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await session.close()
 
+    async def end_streams(app: web.Application) -> None:
+        # Open event streams would otherwise hold shutdown for its whole timeout.
+        await feed.close()
+
     app.cleanup_ctx.append(client_and_health)
+    app.on_shutdown.append(end_streams)
+    app.router.add_get("/", make_page_handler())
+    app.router.add_get("/events", events, allow_head=False)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
     app.router.add_get("/errors/stats", error_stats)

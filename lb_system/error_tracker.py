@@ -241,6 +241,17 @@ class ErrorTracker:
             for name, _ in _WINDOWS
         }
 
+    def per_second(self, seconds: int = 300) -> list[int]:
+        """Errors per second over the last ``seconds`` (at most 900), oldest first, ending now."""
+        if not 0 < seconds <= _BUCKET_COUNT:
+            raise ValueError(f"seconds must be 1-{_BUCKET_COUNT}, not {seconds}")
+        now_sec = math.floor(self._clock())
+        out = []
+        for sec in range(now_sec - seconds + 1, now_sec + 1):
+            slot = sec % _BUCKET_COUNT
+            out.append(sum(self._buckets[slot].values()) if self._bucket_secs[slot] == sec else 0)
+        return out
+
     def reset(self) -> None:
         """Forget every record and counter; ``since`` becomes now."""
         self._records.clear()

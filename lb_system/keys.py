@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from .backend_pool import BackendPool
     from .error_tracker import ErrorTracker
     from .health import HealthChecker
+    from .live import LiveFeed
+    from .metrics import Metrics
     from .proxy import Forwarder
+    from .request_stats import RequestStats
     from .task_store import TaskStore
 
 ERROR_TRACKER = web.AppKey("error_tracker", "ErrorTracker")
@@ -23,6 +26,9 @@ BACKEND_POOL = web.AppKey("backend_pool", "BackendPool")
 HEALTH_CHECKER = web.AppKey("health_checker", "HealthChecker")
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", "Forwarder")
+METRICS = web.AppKey("metrics", "Metrics")
+REQUEST_STATS = web.AppKey("request_stats", "RequestStats")
+LIVE_FEED = web.AppKey("live_feed", "LiveFeed")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The problem detail rides on the response so the middleware records it without re-parsing JSON.

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -43,6 +44,39 @@ def _without_hop_by_hop(headers, also_drop: frozenset[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+@dataclass(frozen=True)
+class TryResult:
+    """One try of a forwarded request on one backend."""
+
+    backend: str
+    status: int | None  # None: no answer (refused, reset, timed out)
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ProxiedRequest:
+    """What one forwarded request came to, reported to the forwarder's listeners."""
+
+    method: str
+    status: int
+    backend: str  # the backend that answered, or "balancer" for its own 502/503/504
+    duration_s: float
+    tries: tuple[TryResult, ...]
+
+    @property
+    def no_backend(self) -> bool:
+        """A 503 because no backend was up: nothing was tried."""
+        return not self.tries and self.status == 503
+
+    @property
+    def retried_from(self) -> tuple[str, ...]:
+        """Backends whose try was followed by another try on a different backend."""
+        return tuple(t.backend for t in self.tries[:-1])
+
+
+RequestListener = Callable[[ProxiedRequest], None]
+
+
 class _TryFailed(Exception):
     def __init__(self, kind: FailureKind, reason: str) -> None:
         super().__init__(reason)
@@ -66,6 +100,7 @@ class Forwarder:
         self.logger = logger
         self.apply_config(config)
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
+        self.listeners: list[RequestListener] = []
 
     def apply_config(self, config: Config) -> None:
         proxy = config.proxy
@@ -123,6 +158,7 @@ class Forwarder:
 
         tried: list[Backend] = []
         tries_log: list[str] = []
+        tries: list[TryResult] = []
         last_failure: _TryFailed | None = None
         retrying = False
         try:
@@ -131,10 +167,12 @@ class Forwarder:
                 if backend is None:
                     break
                 tried.append(backend)
+                try_started = time.perf_counter()
                 try:
                     upstream = await self._send(request, backend, headers, body, deadline)
                 except _TryFailed as failure:
                     last_failure = failure
+                    tries.append(TryResult(backend.name, None, time.perf_counter() - try_started))
                     tries_log.append(f"{backend.name}:{failure.reason}")
                     if not self._may_retry(request.method, failure.kind, len(tried), replayable):
                         break
@@ -150,11 +188,15 @@ class Forwarder:
                         if next_retrying:
                             retrying = True
                             tries_log.append(f"{backend.name}:{upstream.status}")
+                            tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                             upstream.release()
                             backend.active_requests -= 1
                             continue
                 tries_log.append(f"{backend.name}:{upstream.status}")
-                return await self._respond(request, backend, upstream, request_id, started, tries_log)
+                response = await self._respond(request, backend, upstream, request_id, started, tries_log)
+                tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
+                self._notify(request.method, response.status, backend.name, started, tries)
+                return response
         finally:
             if retrying:
                 self.budget.release()
@@ -171,7 +213,14 @@ class Forwarder:
             )
         response.headers["X-Backend"] = "balancer"
         self._access_log(request, response.status, "-", started, request_id, tries_log)
+        self._notify(request.method, response.status, "balancer", started, tries)
         return response
+
+    def _notify(self, method: str, status: int, backend: str, started: float, tries: list[TryResult]) -> None:
+        if self.listeners:
+            done = ProxiedRequest(method, status, backend, time.perf_counter() - started, tuple(tries))
+            for listener in self.listeners:
+                listener(done)
 
     def _may_retry(self, method: str, kind: FailureKind, attempts: int, replayable: bool) -> bool:
         return self.policy.should_retry(method=method, failure=kind, attempt=attempts, body_replayable=replayable)
