@@ -169,7 +169,6 @@ class Forwarder:
             response = problem_response(
                 502, f"No backend answered: {last_failure.reason}", instance=request.path, request_id=request_id
             )
-        response.headers["X-Backend"] = "balancer"
         self._access_log(request, response.status, "-", started, request_id, tries_log)
         return response
 
