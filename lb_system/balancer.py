@@ -144,10 +144,15 @@ def make_balancer_app(
                     await task
             await session.close()
 
+    async def name_the_answerer(request: web.Request, response: web.StreamResponse) -> None:
+        # Forwarded answers already name their backend; everything else the balancer answered itself.
+        response.headers.setdefault("X-Backend", BALANCER)
+
     async def end_streams(app: web.Application) -> None:
         # Open event streams would otherwise hold shutdown for its whole timeout.
         await feed.close()
 
+    app.on_response_prepare.append(name_the_answerer)
     app.cleanup_ctx.append(client_and_health)
     app.on_shutdown.append(end_streams)
     app.router.add_get("/", make_page_handler())

@@ -10,7 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -34,6 +34,11 @@ _NOT_FORWARDED = HOP_BY_HOP | {"expect"}
 BUFFER_LIMIT = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 NO_BACKEND = "No healthy backend available"
+# Who answered when no backend did, as in X-Backend and the error records.
+BALANCER = "balancer"
+OVERLOADED = "Too many requests waiting for a backend connection"
+# The client's handshake headers are the client's; aiohttp makes fresh ones towards the backend.
+_WEBSOCKET_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
 
 
 def _without_hop_by_hop(headers, also_drop: frozenset[str]) -> CIMultiDict[str]:
@@ -42,6 +47,42 @@ def _without_hop_by_hop(headers, also_drop: frozenset[str]) -> CIMultiDict[str]:
     }
     drop = also_drop | connection_tokens if connection_tokens else also_drop
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def _is_websocket_upgrade(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in request.headers.get(
+        "Connection", ""
+    ).lower()
+
+
+async def _limited_stream(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """Stream a request body upstream; past `limit` bytes (when set) the upload is cut."""
+    seen = 0
+    async for chunk in content.iter_chunked(STREAM_CHUNK):
+        seen += len(chunk)
+        if limit and seen > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=seen)
+        yield chunk
+
+
+async def _pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    async def pump(source, sink) -> None:  # noqa: ANN001 - either side's websocket
+        async for message in source:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            else:
+                break
+        await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+
+    tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -62,11 +103,7 @@ class ProxiedRequest:
     backend: str  # the backend that answered, or "balancer" for its own 502/503/504
     duration_s: float
     tries: tuple[TryResult, ...]
-
-    @property
-    def no_backend(self) -> bool:
-        """A 503 because no backend was up: nothing was tried."""
-        return not self.tries and self.status == 503
+    no_backend: bool = False  # a 503 for want of a healthy backend
 
     @property
     def retried_from(self) -> tuple[str, ...]:
@@ -100,6 +137,8 @@ class Forwarder:
         self.logger = logger
         self.apply_config(config)
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
+        self.in_flight = 0
+        self.shed = 0
         self.listeners: list[RequestListener] = []
 
     def apply_config(self, config: Config) -> None:
@@ -138,34 +177,55 @@ class Forwarder:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request[REQUEST_ID]
-        self.budget.on_request()
-        proxy = self.config.proxy
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + proxy.request_timeout
+        if self.in_flight >= self._capacity():
+            self.shed += 1
+            self._access_log(request, 503, "-", started, request_id, ["shed"])
+            self._notify(request.method, 503, BALANCER, started, [])
+            return problem_response(
+                503, OVERLOADED, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
+            )
+        self.in_flight += 1
+        try:
+            if _is_websocket_upgrade(request):
+                return await self._websocket(request, request_id, started)
+            return await self._forward(request, request_id, started)
+        finally:
+            self.in_flight -= 1
 
-        body: bytes | aiohttp.StreamReader | None = None
-        replayable = True
-        if request.body_exists:
-            length = request.content_length
-            if length is not None and length <= BUFFER_LIMIT:
-                body = await request.read()
-            else:
-                body, replayable = request.content, False
+    def _capacity(self) -> int:
+        """Requests past every eligible backend's connection cap wait, up to `max_pending`; more are shed."""
+        proxy = self.config.proxy
+        eligible = sum(1 for b in self.pool.backends if b.eligible)
+        return eligible * proxy.max_connections_per_backend + proxy.max_pending
+
+    async def _request_body(self, request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+        """The body to send upstream and whether a retry can replay it. Small bodies are read whole;
+        larger or chunked ones stream through, counted against `max_body_bytes`."""
+        if not request.body_exists:
+            return None, True
+        limit = self.config.proxy.max_body_bytes
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+        if length is not None and length <= BUFFER_LIMIT:
+            return await request.read(), True
+        return _limited_stream(request.content, limit), False
+
+    async def _forward(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
+        self.budget.on_request()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.proxy.request_timeout
+        body, replayable = await self._request_body(request)
         headers = self.upstream_headers(request, request_id)
-        key = None
-        if self.hash_on is not None:
-            key = hash_key(self.hash_on, client_ip=request.remote or "", path=request.path, headers=request.headers)
+        key = self._hash_key(request)
 
         tried: list[Backend] = []
         tries_log: list[str] = []
         tries: list[TryResult] = []
         last_failure: _TryFailed | None = None
-        retrying = False
+        holding_budget = False
         try:
-            while True:
-                backend = self.pool.choose(key, exclude=tried)
-                if backend is None:
-                    break
+            while (backend := self.pool.choose(key, exclude=tried)) is not None:
                 tried.append(backend)
                 try_started = time.perf_counter()
                 try:
@@ -174,31 +234,29 @@ class Forwarder:
                     last_failure = failure
                     tries.append(TryResult(backend.name, None, time.perf_counter() - try_started))
                     tries_log.append(f"{backend.name}:{failure.reason}")
-                    if not self._may_retry(request.method, failure.kind, len(tried), replayable):
-                        break
-                    retrying = self._acquire_retry(retrying)
-                    if not retrying:
+                    if not (
+                        self._may_retry(request.method, failure.kind, len(tried), replayable)
+                        and (holding_budget := holding_budget or self.budget.try_acquire())
+                    ):
                         break
                     continue
-                if self.policy.retryable_status(upstream.status) and self._may_retry(
-                    request.method, FailureKind.STATUS, len(tried), replayable
-                ):
-                    if self.pool.choose(key, exclude=tried) is not None:
-                        next_retrying = self._acquire_retry(retrying)
-                        if next_retrying:
-                            retrying = True
-                            tries_log.append(f"{backend.name}:{upstream.status}")
-                            tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
-                            upstream.release()
-                            backend.active_requests -= 1
-                            continue
                 tries_log.append(f"{backend.name}:{upstream.status}")
+                if (
+                    self.policy.retryable_status(upstream.status)
+                    and self._may_retry(request.method, FailureKind.STATUS, len(tried), replayable)
+                    and self.pool.has_candidate(exclude=tried)
+                    and (holding_budget := holding_budget or self.budget.try_acquire())
+                ):
+                    upstream.release()
+                    backend.active_requests -= 1
+                    tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
+                    continue
                 response = await self._respond(request, backend, upstream, request_id, started, tries_log)
                 tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                 self._notify(request.method, response.status, backend.name, started, tries)
                 return response
         finally:
-            if retrying:
+            if holding_budget:  # one budget slot covers all the retries of one request
                 self.budget.release()
 
         if last_failure is None:
@@ -211,30 +269,77 @@ class Forwarder:
             response = problem_response(
                 502, f"No backend answered: {last_failure.reason}", instance=request.path, request_id=request_id
             )
-        response.headers["X-Backend"] = "balancer"
         self._access_log(request, response.status, "-", started, request_id, tries_log)
-        self._notify(request.method, response.status, "balancer", started, tries)
+        self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None)
         return response
 
-    def _notify(self, method: str, status: int, backend: str, started: float, tries: list[TryResult]) -> None:
+    def _notify(
+        self, method: str, status: int, backend: str, started: float, tries: list[TryResult], *, no_backend: bool = False
+    ) -> None:
         if self.listeners:
-            done = ProxiedRequest(method, status, backend, time.perf_counter() - started, tuple(tries))
+            done = ProxiedRequest(method, status, backend, time.perf_counter() - started, tuple(tries), no_backend)
             for listener in self.listeners:
                 listener(done)
 
+    def _hash_key(self, request: web.Request) -> str | None:
+        if self.hash_on is None:
+            return None
+        return hash_key(self.hash_on, client_ip=request.remote or "", path=request.path, headers=request.headers)
+
+    async def _websocket(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
+        """Tunnel a WebSocket to one backend, message by message, until either side closes."""
+        backend = self.pool.choose(self._hash_key(request))
+        if backend is None:
+            self._notify(request.method, 503, BALANCER, started, [], no_backend=True)
+            return problem_response(
+                503, NO_BACKEND, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
+            )
+        headers = self.upstream_headers(request, request_id)
+        for name in _WEBSOCKET_HANDSHAKE:
+            headers.popall(name, None)
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        backend.requests += 1
+        backend.active_requests += 1
+        try:
+            try:
+                upstream = await self._session().ws_connect(
+                    backend.url + request.raw_path,
+                    headers=headers,
+                    protocols=protocols,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=self.config.proxy.connect_timeout),
+                )
+            except Exception as error:
+                reason = describe_failure(error)
+                self.pool.record_passive_failure(backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError))
+                self._access_log(request, 502, backend.name, started, request_id, [f"{backend.name}:{reason}"])
+                failed = TryResult(backend.name, None, time.perf_counter() - started)
+                self._notify(request.method, 502, BALANCER, started, [failed])
+                return problem_response(
+                    502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
+                )
+            async with upstream:
+                client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else ())
+                client.headers["X-Backend"] = backend.name
+                client.headers[REQUEST_ID_HEADER] = request_id
+                await client.prepare(request)
+                # Counted at the handshake: the session that follows may last for hours.
+                opened = TryResult(backend.name, 101, time.perf_counter() - started)
+                self._notify(request.method, 101, backend.name, started, [opened])
+                await _pump_both_ways(client, upstream)
+                self._access_log(request, 101, backend.name, started, request_id, [f"{backend.name}:101"])
+                return client
+        finally:
+            backend.active_requests -= 1
+
     def _may_retry(self, method: str, kind: FailureKind, attempts: int, replayable: bool) -> bool:
         return self.policy.should_retry(method=method, failure=kind, attempt=attempts, body_replayable=replayable)
-
-    def _acquire_retry(self, already_holding: bool) -> bool:
-        """One budget slot covers all the retries of one request."""
-        return already_holding or self.budget.try_acquire()
 
     async def _send(
         self,
         request: web.Request,
         backend: Backend,
         headers: CIMultiDict[str],
-        body: bytes | aiohttp.StreamReader | None,
+        body: bytes | AsyncIterator[bytes] | None,
         deadline: float,
     ) -> aiohttp.ClientResponse:
         """One try, up to the response headers. On success the backend's active count stays raised

@@ -109,6 +109,8 @@ class OutsideBackend:
         async def anything(request: web.Request) -> web.Response:
             self.hits += 1
             body = await request.read()
+            if request.path.startswith("/code/"):  # /code/404 answers 404
+                return web.json_response({"server": self.name}, status=int(request.path.split("/")[2]))
             return web.json_response(
                 {
                     "server": self.name,
