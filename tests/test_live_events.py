@@ -57,8 +57,9 @@ async def test_page_is_served_from_the_package_and_works_offline(make_config, st
         page = await response.text()
     assert 'new EventSource("/events")' in page
     # No CDN and no other server: every script and style is inline.
-    assert "<script src" not in page and "<link" not in page
+    assert "<script src" not in page and "stylesheet" not in page
     assert "http://" not in page and "https://" not in page
+    assert '<link rel="icon" href="data:,">' in page  # no favicon request to turn into a 404
     async with http.post(system.balancer_url + "/") as response:
         assert response.status == 405  # the balancer's own path now, never forwarded
         assert response.headers["Allow"] == "GET,HEAD"
