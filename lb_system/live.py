@@ -51,6 +51,7 @@ class LiveFeed:
         self.interval = interval
         self._clients: set[_Mailbox] = set()
         self._task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet finished
         self._closed = False
 
     @property
@@ -79,8 +80,10 @@ class LiveFeed:
     def _leave(self, client: _Mailbox) -> None:
         self._clients.discard(client)
         if not self._clients and self._task is not None:
-            self._task.cancel()
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self._closed:
@@ -103,8 +106,12 @@ class LiveFeed:
         self._closed = True
         for client in list(self._clients):
             client.close()
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = set(self._stopping)
+        if self._task is not None:
+            tasks.add(self._task)
+            self._task = None
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
