@@ -114,6 +114,10 @@ class Forwarder:
         self.policy = RetryPolicy(retries=proxy.retries, retry_on_status=frozenset(proxy.retry_on_status))
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
         self.hash_on = config.balancer.hash_on if config.balancer.strategy == "consistent_hash" else None
+        # Waiting for a free pooled connection is not connecting: only the socket connect is bounded here.
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.per_try_timeout
+        )
 
     def _trusted(self, remote: str | None) -> bool:
         if not self.trusted or not remote:
@@ -193,7 +197,7 @@ class Forwarder:
             while (backend := self.pool.choose(key, exclude=tried)) is not None:
                 tried.append(backend)
                 try:
-                    upstream = await self._send(request, backend, headers, body, deadline)
+                    upstream, data = await self._send(request, backend, headers, body, deadline)
                 except _TryFailed as failure:
                     last_failure = failure
                     tries_log.append(f"{backend.name}:{failure.reason}")
@@ -213,7 +217,7 @@ class Forwarder:
                     upstream.release()
                     backend.active_requests -= 1
                     continue
-                return await self._respond(request, backend, upstream, request_id, started, tries_log)
+                return await self._respond(request, backend, upstream, data, request_id, started, tries_log)
         finally:
             if holding_budget:  # one budget slot covers all the retries of one request
                 self.budget.release()
@@ -285,14 +289,15 @@ class Forwarder:
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
         deadline: float,
-    ) -> aiohttp.ClientResponse:
-        """One try, up to the response headers. On success the backend's active count stays raised
-        until the response is finished."""
-        proxy = self.config.proxy
+    ) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        """One try. A small answer is read whole here, so a failure while reading it is still a
+        failed try (nothing reached the client); a large one comes back unread (None) to stream.
+        On success the backend's active count stays raised until the response is finished."""
         loop = asyncio.get_running_loop()
-        timeout = min(proxy.per_try_timeout, deadline - loop.time())
+        timeout = min(self.config.proxy.per_try_timeout, deadline - loop.time())
         backend.requests += 1
         backend.active_requests += 1
+        upstream = None
         try:
             if timeout <= 0:
                 raise asyncio.TimeoutError
@@ -303,13 +308,23 @@ class Forwarder:
                     headers=headers,
                     data=body,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, connect=proxy.connect_timeout, sock_read=proxy.per_try_timeout),
+                    timeout=self._client_timeout,
                 )
+                if request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200:
+                    data: bytes | None = b""
+                elif upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
+                    data = await upstream.read()
+                else:
+                    data = None
         except asyncio.CancelledError:
             backend.active_requests -= 1
+            if upstream is not None:
+                upstream.release()
             raise
         except Exception as error:
             backend.active_requests -= 1
+            if upstream is not None:
+                upstream.release()
             reason = describe_failure(error)
             if is_connect_failure(error):
                 kind = FailureKind.CONNECT
@@ -323,13 +338,14 @@ class Forwarder:
             self.pool.record_passive_failure(backend, f"status {upstream.status}", unreachable=False)
         else:
             self.pool.record_passive_success(backend)
-        return upstream
+        return upstream, data
 
     async def _respond(
         self,
         request: web.Request,
         backend: Backend,
         upstream: aiohttp.ClientResponse,
+        data: bytes | None,
         request_id: str,
         started: float,
         tries_log: list[str],
@@ -338,15 +354,12 @@ class Forwarder:
             headers = _without_hop_by_hop(upstream.headers, HOP_BY_HOP)
             headers["X-Backend"] = backend.name
             headers[REQUEST_ID_HEADER] = request_id
-            no_body = request.method == "HEAD" or upstream.status in (204, 304) or 100 <= upstream.status < 200
-            length = upstream.content_length
-            if no_body or (length is not None and length <= BUFFER_LIMIT):
-                data = b"" if no_body else await upstream.read()
-                if not no_body:
+            if data is None:
+                response = await self._stream(request, upstream, headers)
+            else:
+                if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
                     headers.pop("Content-Length", None)
                 response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data or None)
-            else:
-                response = await self._stream(request, upstream, headers)
         finally:
             upstream.release()
             backend.active_requests -= 1
