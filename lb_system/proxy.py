@@ -52,14 +52,22 @@ def _is_websocket_upgrade(request: web.Request) -> bool:
     ).lower()
 
 
-async def _limited_stream(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """Stream a request body upstream; past `limit` bytes (when set) the upload is cut."""
-    seen = 0
-    async for chunk in content.iter_chunked(STREAM_CHUNK):
-        seen += len(chunk)
-        if limit and seen > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=seen)
-        yield chunk
+class _LimitedBody:
+    """A request body streamed upstream; past `limit` bytes (when set) the upload is cut and
+    the client gets a 413, not a 502 blaming the backend."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content, self.limit = content, limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.content.iter_chunked(STREAM_CHUNK):
+            seen += len(chunk)
+            if self.limit and seen > self.limit:
+                self.exceeded = True
+                raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=seen)
+            yield chunk
 
 
 async def _pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
@@ -168,7 +176,7 @@ class Forwarder:
         eligible = sum(1 for b in self.pool.backends if b.eligible)
         return eligible * proxy.max_connections_per_backend + proxy.max_pending
 
-    async def _request_body(self, request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+    async def _request_body(self, request: web.Request) -> tuple[bytes | _LimitedBody | None, bool]:
         """The body to send upstream and whether a retry can replay it. Small bodies are read whole;
         larger or chunked ones stream through, counted against `max_body_bytes`."""
         if not request.body_exists:
@@ -179,7 +187,7 @@ class Forwarder:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
         if length is not None and length <= BUFFER_LIMIT:
             return await request.read(), True
-        return _limited_stream(request.content, limit), False
+        return _LimitedBody(request.content, limit), False
 
     async def _forward(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
         self.budget.on_request()
@@ -287,7 +295,7 @@ class Forwarder:
         request: web.Request,
         backend: Backend,
         headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
+        body: bytes | _LimitedBody | None,
         deadline: float,
     ) -> tuple[aiohttp.ClientResponse, bytes | None]:
         """One try. A small answer is read whole here, so a failure while reading it is still a
@@ -325,6 +333,8 @@ class Forwarder:
             backend.active_requests -= 1
             if upstream is not None:
                 upstream.release()
+            if isinstance(body, _LimitedBody) and body.exceeded:
+                raise web.HTTPRequestEntityTooLarge(max_size=body.limit, actual_size=body.limit + 1) from None
             reason = describe_failure(error)
             if is_connect_failure(error):
                 kind = FailureKind.CONNECT

@@ -522,6 +522,20 @@ async def test_a_body_over_the_balancers_limit_is_413(backends, balancer, http) 
         assert r.status == 200
 
 
+async def test_a_streamed_upload_over_the_limit_is_413_not_a_backend_failure(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_body_bytes": 300_000})
+
+    async def chunked_body():  # no Content-Length: the balancer only learns the size as it streams
+        for _ in range(10):
+            yield b"x" * 50_000
+
+    async with http.post(system.balancer_url + "/upload", data=chunked_body()) as r:
+        assert r.status == 413
+        assert r.content_type == "application/problem+json"
+    assert system.pool.get("s").consecutive_failures == 0
+
+
 # --- headers -----------------------------------------------------------------------------
 
 
