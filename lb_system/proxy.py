@@ -55,14 +55,22 @@ def _is_websocket_upgrade(request: web.Request) -> bool:
     ).lower()
 
 
-async def _limited_stream(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """Stream a request body upstream; past `limit` bytes (when set) the upload is cut."""
-    seen = 0
-    async for chunk in content.iter_chunked(STREAM_CHUNK):
-        seen += len(chunk)
-        if limit and seen > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=seen)
-        yield chunk
+class _LimitedBody:
+    """A request body streamed upstream; past `limit` bytes (when set) the upload is cut and
+    the client gets a 413, not a 502 blaming the backend."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content, self.limit = content, limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.content.iter_chunked(STREAM_CHUNK):
+            seen += len(chunk)
+            if self.limit and seen > self.limit:
+                self.exceeded = True
+                raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=seen)
+            yield chunk
 
 
 async def _pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
@@ -147,6 +155,10 @@ class Forwarder:
         self.policy = RetryPolicy(retries=proxy.retries, retry_on_status=frozenset(proxy.retry_on_status))
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
         self.hash_on = config.balancer.hash_on if config.balancer.strategy == "consistent_hash" else None
+        # Waiting for a free pooled connection is not connecting: only the socket connect is bounded here.
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.per_try_timeout
+        )
 
     def _trusted(self, remote: str | None) -> bool:
         if not self.trusted or not remote:
@@ -189,6 +201,10 @@ class Forwarder:
             if _is_websocket_upgrade(request):
                 return await self._websocket(request, request_id, started)
             return await self._forward(request, request_id, started)
+        except web.HTTPException as error:
+            # The client's fault found on the way (a body over the limit): the balancer answers it.
+            self._notify(request.method, error.status, BALANCER, started, [])
+            raise
         finally:
             self.in_flight -= 1
 
@@ -198,7 +214,7 @@ class Forwarder:
         eligible = sum(1 for b in self.pool.backends if b.eligible)
         return eligible * proxy.max_connections_per_backend + proxy.max_pending
 
-    async def _request_body(self, request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+    async def _request_body(self, request: web.Request) -> tuple[bytes | _LimitedBody | None, bool]:
         """The body to send upstream and whether a retry can replay it. Small bodies are read whole;
         larger or chunked ones stream through, counted against `max_body_bytes`."""
         if not request.body_exists:
@@ -209,7 +225,7 @@ class Forwarder:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
         if length is not None and length <= BUFFER_LIMIT:
             return await request.read(), True
-        return _limited_stream(request.content, limit), False
+        return _LimitedBody(request.content, limit), False
 
     async def _forward(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
         self.budget.on_request()
@@ -229,7 +245,7 @@ class Forwarder:
                 tried.append(backend)
                 try_started = time.perf_counter()
                 try:
-                    upstream = await self._send(request, backend, headers, body, deadline)
+                    upstream, data = await self._send(request, backend, headers, body, deadline)
                 except _TryFailed as failure:
                     last_failure = failure
                     tries.append(TryResult(backend.name, None, time.perf_counter() - try_started))
@@ -251,7 +267,7 @@ class Forwarder:
                     backend.active_requests -= 1
                     tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                     continue
-                response = await self._respond(request, backend, upstream, request_id, started, tries_log)
+                response = await self._respond(request, backend, upstream, data, request_id, started, tries_log)
                 tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                 self._notify(request.method, response.status, backend.name, started, tries)
                 return response
@@ -339,16 +355,17 @@ class Forwarder:
         request: web.Request,
         backend: Backend,
         headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
+        body: bytes | _LimitedBody | None,
         deadline: float,
-    ) -> aiohttp.ClientResponse:
-        """One try, up to the response headers. On success the backend's active count stays raised
-        until the response is finished."""
-        proxy = self.config.proxy
+    ) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        """One try. A small answer is read whole here, so a failure while reading it is still a
+        failed try (nothing reached the client); a large one comes back unread (None) to stream.
+        On success the backend's active count stays raised until the response is finished."""
         loop = asyncio.get_running_loop()
-        timeout = min(proxy.per_try_timeout, deadline - loop.time())
+        timeout = min(self.config.proxy.per_try_timeout, deadline - loop.time())
         backend.requests += 1
         backend.active_requests += 1
+        upstream = None
         try:
             if timeout <= 0:
                 raise asyncio.TimeoutError
@@ -359,13 +376,25 @@ class Forwarder:
                     headers=headers,
                     data=body,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, connect=proxy.connect_timeout, sock_read=proxy.per_try_timeout),
+                    timeout=self._client_timeout,
                 )
+                if request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200:
+                    data: bytes | None = b""
+                elif upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
+                    data = await upstream.read()
+                else:
+                    data = None
         except asyncio.CancelledError:
             backend.active_requests -= 1
+            if upstream is not None:
+                upstream.release()
             raise
         except Exception as error:
             backend.active_requests -= 1
+            if upstream is not None:
+                upstream.release()
+            if isinstance(body, _LimitedBody) and body.exceeded:
+                raise web.HTTPRequestEntityTooLarge(max_size=body.limit, actual_size=body.limit + 1) from None
             reason = describe_failure(error)
             if is_connect_failure(error):
                 kind = FailureKind.CONNECT
@@ -379,13 +408,14 @@ class Forwarder:
             self.pool.record_passive_failure(backend, f"status {upstream.status}", unreachable=False)
         else:
             self.pool.record_passive_success(backend)
-        return upstream
+        return upstream, data
 
     async def _respond(
         self,
         request: web.Request,
         backend: Backend,
         upstream: aiohttp.ClientResponse,
+        data: bytes | None,
         request_id: str,
         started: float,
         tries_log: list[str],
@@ -394,15 +424,12 @@ class Forwarder:
             headers = _without_hop_by_hop(upstream.headers, HOP_BY_HOP)
             headers["X-Backend"] = backend.name
             headers[REQUEST_ID_HEADER] = request_id
-            no_body = request.method == "HEAD" or upstream.status in (204, 304) or 100 <= upstream.status < 200
-            length = upstream.content_length
-            if no_body or (length is not None and length <= BUFFER_LIMIT):
-                data = b"" if no_body else await upstream.read()
-                if not no_body:
+            if data is None:
+                response = await self._stream(request, upstream, headers)
+            else:
+                if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
                     headers.pop("Content-Length", None)
                 response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data or None)
-            else:
-                response = await self._stream(request, upstream, headers)
         finally:
             upstream.release()
             backend.active_requests -= 1

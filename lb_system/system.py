@@ -133,7 +133,9 @@ class System:
         )
         self.balancer_app = make_balancer_app(config, pool=self.pool, tracker=self.tracker, logger=self.logger)
         port = balancer_sock.getsockname()[1]
-        self.balancer_runner = await self._serve(self.balancer_app, balancer_sock)
+        self.balancer_runner = await self._serve(
+            self.balancer_app, balancer_sock, keepalive_timeout=config.proxy.idle_timeout
+        )
         self.balancer_url = _url(config.balancer.host, port)
         self.logger.info(
             "started balancer=%s backends=%s",
@@ -144,8 +146,8 @@ class System:
     def _make_backend(self, name: str) -> web.Application:
         return make_backend_app(name, store=self.store, tracker=self.tracker, api=self.config.api, logger=self.logger)
 
-    async def _serve(self, app: web.Application, sock: socket.socket) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    async def _serve(self, app: web.Application, sock: socket.socket, **runner_options: float) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options)
         try:
             await runner.setup()
             await web.SockSite(runner, sock).start()

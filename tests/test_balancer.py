@@ -332,41 +332,12 @@ async def test_nothing_answering_is_502(make_config, start_system, outside_backe
     assert stats["error_types"]["502_BAD_GATEWAY"] == 1
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
-async def test_idempotent_request_dropped_mid_exchange_is_retried_elsewhere(
-    method, make_config, start_system, aiohttp_server, outside_backend, http
-) -> None:
+@pytest.fixture
+async def dropper(aiohttp_server):
+    """A backend that reads each request and then cuts the connection before answering."""
     from aiohttp import web
 
-    async def drop(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        request.transport.close()  # reset after the request arrived, before any response byte
-        return web.Response()
-
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_route("*", "/{tail:.*}", drop)
-    dropper = await aiohttp_server(app)
-    good = await outside_backend("good")
-    system = await start_system(
-        make_config(
-            backends=[{"name": "dropper", "url": str(dropper.make_url("")).rstrip("/")}, {"name": "good", "url": good.url}],
-            health={"interval": 60.0},
-        )
-    )
-    for _ in range(2):
-        async with http.request(method, system.balancer_url + "/tasks/1", json={"title": "x"}) as r:
-            assert r.status == 200
-            assert r.headers["X-Backend"] == "good"
-
-
-async def test_post_dropped_mid_exchange_is_not_retried(make_config, start_system, aiohttp_server, outside_backend, http) -> None:
-    from aiohttp import web
-
-    seen = []
+    seen: list[bytes] = []
 
     async def drop(request: web.Request) -> web.StreamResponse:
         seen.append(await request.read())
@@ -379,14 +350,33 @@ async def test_post_dropped_mid_exchange_is_not_retried(make_config, start_syste
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_route("*", "/{tail:.*}", drop)
-    dropper = await aiohttp_server(app)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/"), seen
+
+
+@pytest.fixture
+async def dropper_and_good(dropper, outside_backend, make_config, start_system):
+    url, seen = dropper
     good = await outside_backend("good")
     system = await start_system(
-        make_config(
-            backends=[{"name": "dropper", "url": str(dropper.make_url("")).rstrip("/")}, {"name": "good", "url": good.url}],
-            health={"interval": 60.0},
-        )
+        make_config(backends=[{"name": "dropper", "url": url}, {"name": "good", "url": good.url}], health={"interval": 60.0})
     )
+    return system, good, seen
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_idempotent_request_dropped_mid_exchange_is_retried_elsewhere(method, dropper_and_good, http) -> None:
+    system, good, seen = dropper_and_good
+    for _ in range(2):
+        async with http.request(method, system.balancer_url + "/tasks/1", json={"title": "x"}) as r:
+            assert r.status == 200
+            assert r.headers["X-Backend"] == "good"
+    assert len(seen) >= 1, "the dropper was tried first at least once"
+    assert good.hits == 2
+
+
+async def test_post_dropped_mid_exchange_is_not_retried(dropper_and_good, http) -> None:
+    system, good, seen = dropper_and_good
     statuses = []
     for _ in range(2):
         async with http.post(system.balancer_url + "/tasks", json={"title": "x"}) as r:
@@ -394,3 +384,12 @@ async def test_post_dropped_mid_exchange_is_not_retried(make_config, start_syste
     assert (502, "balancer") in statuses, "the dropped POST must not be replayed on another backend"
     assert good.hits == 1
     assert len(seen) == 1
+
+
+async def test_the_balancer_reuses_keep_alive_connections(make_config, start_system, outside_backend, http) -> None:
+    remote = await outside_backend("remote-1")
+    system = await start_system(make_config(backends=[{"name": "remote-1", "url": remote.url}], health={"interval": 60.0}))
+    for _ in range(10):
+        async with http.get(system.balancer_url + "/x") as r:
+            assert r.status == 200
+    assert len(remote.peers) <= 2, f"10 sequential requests opened {len(remote.peers)} connections"

@@ -164,3 +164,15 @@ async def test_demo_against_nothing_is_one_clear_line(tmp_path: Path) -> None:
     assert code == 1
     assert "Traceback" not in err
     assert err.strip().count("\n") == 0 and f"nothing answers at http://127.0.0.1:{port}" in err
+
+
+@pytest.mark.skipif(not POSIX, reason="signals are POSIX")
+async def test_the_log_appends_across_restarts(tmp_path: Path, served) -> None:
+    config = write_config(tmp_path)
+    for _ in range(2):
+        server = await served(config)
+        code, _ = await server.stop()
+        assert code == 0
+    log = (tmp_path / "balancer.log").read_text()
+    assert log.count("started balancer=") == 2
+    assert all(re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z (DEBUG|INFO|WARNING|ERROR) ", line) for line in log.splitlines())

@@ -194,3 +194,13 @@ async def test_each_system_has_its_own_registry(make_config, start_system, http)
             assert response.status == 200
     assert (await scrape(http, first.balancer_url)).value("lb_requests_total") == 3
     assert (await scrape(http, second.balancer_url)).value("lb_requests_total") == 0
+
+
+async def test_answers_the_balancer_gives_itself_are_counted_under_balancer(make_config, start_system, http) -> None:
+    system = await start_system(make_config(health=QUIET_HEALTH, proxy={"max_body_bytes": 10}))
+    async with http.post(system.balancer_url + "/tasks", data=b"x" * 100) as response:
+        assert response.status == 413
+    metrics = await scrape(http, system.balancer_url)
+    assert metrics.value("lb_requests_total", backend="balancer", method="POST", code="413") == 1
+    assert metrics.value("lb_errors_total", server="balancer", type="413_REQUEST_ENTITY_TOO_LARGE") == 1
+    assert metrics.value("lb_no_backend_total") == 0

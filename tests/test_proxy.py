@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gzip
+import io
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,28 @@ class TestBackend:
             finally:
                 self.active -= 1
 
+        async def flaky(request: web.Request) -> web.Response:
+            """503 at once on the backend named "first"; held elsewhere."""
+            if self.name == "first":
+                self.hits += 1
+                return web.json_response({"server": self.name}, status=503)
+            return await hold(request)
+
+        async def truncated(request: web.Request) -> web.StreamResponse:
+            self.hits += 1
+            response = web.StreamResponse()
+            response.content_length = 10 * MiB  # large: streamed, so bytes reach the client early
+            await response.prepare(request)
+            await response.write(b"p" * MiB)
+            request.transport.close()
+            return response
+
+        async def drop(request: web.Request) -> web.Response:
+            self.hits += 1
+            await request.read()
+            request.transport.close()
+            return web.Response()
+
         async def download(request: web.Request) -> web.StreamResponse:
             size = int(request.query["bytes"])
             response = web.StreamResponse()
@@ -125,6 +148,9 @@ class TestBackend:
         app.router.add_route("*", "/code/{code}", status)
         app.router.add_get("/hold", hold)
         app.router.add_get("/download", download)
+        app.router.add_get("/flaky", flaky)
+        app.router.add_get("/truncated", truncated)
+        app.router.add_route("*", "/drop", drop)
         app.router.add_post("/upload", upload)
         app.router.add_get("/gzip", gzipped)
         app.router.add_get("/nocontent", no_content)
@@ -281,6 +307,59 @@ async def test_retries_setting_caps_the_tries(backends, balancer, http) -> None:
     async with http.get(system.balancer_url + "/code/504") as r:
         assert r.status == 504
     assert sum(s.hits for s in servers) == 2
+
+
+async def test_every_try_is_in_the_access_log(backends, balancer, http, caplog) -> None:
+    servers = await backends("a", "b")
+    system = await balancer(servers, health={"interval": 60.0, "passive_5xx": False})
+    with caplog.at_level("INFO", logger="lb_system"):
+        async with http.get(system.balancer_url + "/code/503", headers={"X-Request-ID": "retry-log"}) as r:
+            final = r.headers["X-Backend"]
+    (line,) = [r.getMessage() for r in caplog.records if "request_id=retry-log" in r.getMessage()]
+    first = "a" if final == "b" else "b"
+    assert f"backend={final}" in line and f"tries={first}:503,{final}:503" in line
+
+
+async def test_the_retry_budget_caps_concurrent_retries(backends, balancer, http) -> None:
+    first, second = await backends("first", "second")
+    system = await balancer(
+        [first, second],
+        weights={"first": 100},  # every first try goes to "first", every retry to "second"
+        proxy={"retry_budget_percent": 0},
+        health={"interval": 60.0, "passive_5xx": False},
+    )
+    requests = [asyncio.create_task(http.get(system.balancer_url + "/flaky?s=10")) for _ in range(4)]
+    await wait_for(lambda: second.active == 3 and first.hits == 4, message="three retries held, the fourth refused")
+    done, _ = await asyncio.wait(requests, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    (refused,) = done
+    async with await refused as r:
+        assert r.status == 503 and r.headers["X-Backend"] == "first"
+    second.release.set()
+    for task in requests:
+        if task is not refused:
+            async with await task as r:
+                assert r.status == 200 and r.headers["X-Backend"] == "second"
+
+
+async def test_nothing_is_retried_once_the_response_started(backends, balancer, http) -> None:
+    servers = await backends("a", "b")
+    system = await balancer(servers)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(system.balancer_url + "/truncated") as r:
+            assert r.status == 200
+            await r.read()
+    assert sum(s.hits for s in servers) == 1
+
+
+async def test_a_streamed_body_is_not_replayed(backends, balancer, http) -> None:
+    servers = await backends("a", "b")
+    system = await balancer(servers)
+    async with http.put(system.balancer_url + "/drop", data=io.BytesIO(b"x" * (2 * MiB))) as r:
+        assert r.status == 502
+    assert sum(s.hits for s in servers) == 1
+    async with http.put(system.balancer_url + "/drop", data=b"x" * 1000) as r:
+        assert r.status == 502
+    assert sum(s.hits for s in servers) == 3, "a small PUT is buffered, so it is retried once"
 
 
 # --- timeouts ----------------------------------------------------------------------------
@@ -443,6 +522,20 @@ async def test_a_body_over_the_balancers_limit_is_413(backends, balancer, http) 
         assert r.status == 200
 
 
+async def test_a_streamed_upload_over_the_limit_is_413_not_a_backend_failure(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_body_bytes": 300_000})
+
+    async def chunked_body():  # no Content-Length: the balancer only learns the size as it streams
+        for _ in range(10):
+            yield b"x" * 50_000
+
+    async with http.post(system.balancer_url + "/upload", data=chunked_body()) as r:
+        assert r.status == 413
+        assert r.content_type == "application/problem+json"
+    assert system.pool.get("s").consecutive_failures == 0
+
+
 # --- headers -----------------------------------------------------------------------------
 
 
@@ -526,6 +619,57 @@ async def test_past_the_connection_and_pending_caps_requests_are_shed_with_503(b
             assert r.status == 200
     async with http.get(system.balancer_url + "/errors/stats") as r:
         assert (await r.json())["error_types"]["503_SERVICE_UNAVAILABLE"] == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory")
+async def test_memory_stays_flat_under_overload(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_connections_per_backend": 4, "max_pending": 8})
+    held = [asyncio.create_task(http.get(system.balancer_url + "/hold?s=30")) for _ in range(12)]
+    await wait_for(lambda: _forwarder(system).in_flight == 12, message="caps full")
+
+    async def burst() -> collections.Counter:
+        async def one() -> int:
+            async with http.get(system.balancer_url + "/x") as r:
+                await r.read()
+                return r.status
+
+        return collections.Counter(await asyncio.gather(*(one() for _ in range(200))))
+
+    await burst()  # warm-up: connection pools, caches
+    before = rss_bytes()
+    for _ in range(5):
+        assert await burst() == {503: 200}
+    growth = rss_bytes() - before
+    assert growth < 8 * MiB, f"grew {growth / MiB:.1f} MiB while shedding 1000 requests"
+    server.release.set()
+    for task in held:
+        (await task).release()
+
+
+async def test_an_oversized_header_is_refused(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_header_bytes": 1024})
+    async with http.get(system.balancer_url + "/x", headers={"X-Big": "b" * 2000}) as r:
+        assert r.status in (400, 431)
+    async with http.get(system.balancer_url + "/x", headers={"X-Big": "b" * 500}) as r:
+        assert r.status == 200
+
+
+async def test_idle_client_connections_are_closed_after_idle_timeout(backends, balancer) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"idle_timeout": 0.3})
+    host, port = system.balancer_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+    started = time.perf_counter()
+    assert await asyncio.wait_for(reader.read(1), 5) == b"", "the server closed the idle connection"
+    assert time.perf_counter() - started < 3
+    writer.close()
+    await writer.wait_closed()
 
 
 def _forwarder(system):
