@@ -36,10 +36,10 @@ class _ScrapeTimeState(Collector):
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
         return (
-            GaugeMetricFamily("lb_backend_up", "1 when the backend is up (passing health checks), else 0.", labels=["backend"]),
+            GaugeMetricFamily("lb_backend_up", "1 when the backend is up, else 0.", labels=["backend"]),
             GaugeMetricFamily("lb_backend_active_requests", "Requests in flight to the backend.", labels=["backend"]),
             CounterMetricFamily(
-                "lb_errors", "Failed requests (status >= 400) by server and type, as in /errors/stats.", labels=["server", "type"]
+                "lb_errors", "Failed requests (status >= 400) as in /errors/stats.", labels=["server", "type"]
             ),
         )
 
@@ -63,7 +63,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "lb_requests", "Proxied requests by answering backend, method and status code.", ["backend", "method", "code"], registry=r
+            "lb_requests", "Proxied requests by answering backend, method and status.", ["backend", "method", "code"], registry=r
         )
         self.request_duration = Histogram(
             "lb_request_duration_seconds",
@@ -72,12 +72,16 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.health_checks = Counter("lb_health_checks", "Active health checks by result.", ["backend", "result"], registry=r)
+        self.health_checks = Counter("lb_health_checks", "Active health checks.", ["backend", "result"], registry=r)
         self.health_check_duration = Histogram(
-            "lb_health_check_duration_seconds", "Duration of active health checks.", ["backend"], buckets=DURATION_BUCKETS, registry=r
+            "lb_health_check_duration_seconds",
+            "Duration of active health checks.",
+            ["backend"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.transitions = Counter(
-            "lb_backend_transitions", "Backend state changes, the first check's included.", ["backend", "to"], registry=r
+            "lb_backend_transitions", "Backend state changes, the first check included.", ["backend", "to"], registry=r
         )
         self.retries = Counter("lb_retries", "Retries away from a backend whose try failed.", ["backend"], registry=r)
         self.no_backend = Counter("lb_no_backend", "503 answers for want of a healthy backend.", registry=r)

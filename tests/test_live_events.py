@@ -112,7 +112,7 @@ async def test_updates_are_at_most_a_second_apart_by_default(make_config, start_
         started = time.monotonic()
         name, _ = await next_event(stream)
     assert name == "update"
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 1.8  # one interval, with room for a loaded machine
 
 
 async def test_feed_works_only_while_a_client_listens_and_serves_several(make_config, start_system, http) -> None:
