@@ -116,7 +116,7 @@ def make_balancer_app(
     app[METRICS] = observer
     forwarder.listeners += [stats.record, observer.observe_request]
     pool.listeners.append(observer.observe_transition)
-    feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker))
+    feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker), logger=logger)
     app[LIVE_FEED] = feed
 
     async def forward(request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
@@ -46,9 +47,10 @@ class LiveFeed:
     """Serves `GET /events`: a `snapshot` event on connect, then an `update` event every
     `interval` seconds. `close()` (on app shutdown) ends every stream."""
 
-    def __init__(self, snapshot: Snapshot, *, interval: float = 1.0) -> None:
+    def __init__(self, snapshot: Snapshot, *, interval: float = 1.0, logger: logging.Logger | None = None) -> None:
         self._snapshot = snapshot
         self.interval = interval
+        self.logger = logger or logging.getLogger("lb_system.live")
         self._clients: set[_Mailbox] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet finished
@@ -68,7 +70,11 @@ class LiveFeed:
     async def _publish(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            message = self._message()
+            try:
+                message = self._message()
+            except Exception:  # a bug here must not freeze every open dashboard for good
+                self.logger.exception("live feed snapshot failed")
+                continue
             for client in self._clients:
                 client.put(message)
 
