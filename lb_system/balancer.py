@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .admin import AdminControl, add_admin_routes, make_admin_middleware
 from .backend_pool import BackendPool
 from .config import Config
 from .error_tracker import ErrorTracker
 from .health import HealthChecker
-from .keys import BACKEND_POOL, CLIENT_SESSION, ERROR_TRACKER, FORWARDER, HEALTH_CHECKER
+from .keys import ADMIN_CONTROL, BACKEND_POOL, CLIENT_SESSION, ERROR_TRACKER, FORWARDER, HEALTH_CHECKER
 from .problems import CATCH_ALL_VARIABLE, make_problem_middleware
 from .proxy import Forwarder
 from .transport import make_client_session
@@ -35,12 +36,16 @@ async def health(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     pool = request.app[BACKEND_POOL]
+    control = request.app.get(ADMIN_CONTROL)
     return _json(
         {
             "strategy": pool.strategy.name,
             "healthy": pool.healthy_count,
             "total": len(pool.backends),
             "backends": [backend.status_dict() for backend in pool.backends],
+            # Removed by a reload, finishing their in-flight requests.
+            "retiring": [backend.status_dict() for backend in pool.retiring],
+            "config_error": control.config_error if control is not None else None,
         }
     )
 
@@ -69,7 +74,7 @@ async def error_stats(request: web.Request) -> web.Response:
 OWN_ROUTES: dict[str, tuple[str, ...]] = {
     "/health": ("GET", "HEAD"),
     "/status": ("GET", "HEAD"),
-    "/errors/stats": ("GET", "HEAD"),
+    "/errors/stats": ("GET", "HEAD", "DELETE"),
 }
 
 
@@ -79,11 +84,16 @@ def make_balancer_app(
     pool: BackendPool,
     tracker: ErrorTracker,
     logger: logging.Logger,
+    control: AdminControl | None = None,
 ) -> web.Application:
     """The balancer. Its cleanup context owns the shared client session and the health checker:
-    every backend has had one check before the app is ready to accept a request."""
+    every backend has had one check before the app is ready to accept a request. With a
+    `control` (the System) it also serves the admin API."""
+    middlewares = [make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)]
+    if control is not None:
+        middlewares.append(make_admin_middleware(logger))
     app = web.Application(
-        middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)],
+        middlewares=middlewares,
         client_max_size=config.proxy.max_body_bytes or 2**63,
         handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
     )
@@ -120,5 +130,7 @@ def make_balancer_app(
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
     app.router.add_get("/errors/stats", error_stats)
+    if control is not None:
+        add_admin_routes(app, control)
     app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", ":.*}"), forward)
     return app

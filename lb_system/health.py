@@ -74,9 +74,10 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            # Cleared before the round, so a wake() that arrives during it starts the next one at once.
+            self._wakeup.clear()
             await self.check_once()
             delay = max(0.0, self.config.interval - (loop.time() - started))
-            self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), delay)
             except asyncio.TimeoutError:

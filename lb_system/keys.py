@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .admin import AdminControl
     from .backend_pool import BackendPool
     from .error_tracker import ErrorTracker
     from .health import HealthChecker
@@ -23,6 +24,8 @@ BACKEND_POOL = web.AppKey("backend_pool", "BackendPool")
 HEALTH_CHECKER = web.AppKey("health_checker", "HealthChecker")
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", "Forwarder")
+# What the admin API drives (the System); absent when the balancer runs without one.
+ADMIN_CONTROL = web.AppKey("admin_control", "AdminControl")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The problem detail rides on the response so the middleware records it without re-parsing JSON.
