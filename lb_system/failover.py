@@ -77,7 +77,7 @@ async def _get_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any
 def _status_line(status: dict[str, Any]) -> str:
     parts = []
     for b in status["backends"]:
-        health = "up" if b["healthy"] else f"DOWN ({b.get('last_error') or 'failed checks'})"
+        health = "up" if b["healthy"] else f"DOWN ({b.get('last_error') or 'recovering'})"
         extra = "" if b.get("listening") is not False else ", not listening"
         parts.append(f"{b['name']}: {health}, {b['admin_state']}{extra}")
     return f"[STATUS] healthy {status['healthy']}/{status['total']} | " + " | ".join(parts)
