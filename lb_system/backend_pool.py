@@ -170,6 +170,10 @@ class BackendPool:
             return None
         return self.strategy.choose(candidates, key)
 
+    def has_candidate(self, exclude: Sequence[Backend] = ()) -> bool:
+        """Whether a further try could go anywhere (without advancing the strategy)."""
+        return any(b.eligible and b not in exclude for b in self.backends)
+
     # --- what the health checker saw -------------------------------------------------
 
     def record_check(self, backend: Backend, ok: bool, status: str, duration_ms: float | None) -> None:

@@ -126,6 +126,11 @@ def make_balancer_app(
                     await task
             await session.close()
 
+    async def name_the_answerer(request: web.Request, response: web.StreamResponse) -> None:
+        # Forwarded answers already name their backend; everything else the balancer answered itself.
+        response.headers.setdefault("X-Backend", BALANCER)
+
+    app.on_response_prepare.append(name_the_answerer)
     app.cleanup_ctx.append(client_and_health)
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)

@@ -181,7 +181,9 @@ class System:
             config, pool=self.pool, tracker=self.tracker, logger=self.logger, control=self
         )
         port = balancer_sock.getsockname()[1]
-        self.balancer_runner = await self._serve(self.balancer_app, balancer_sock)
+        self.balancer_runner = await self._serve(
+            self.balancer_app, balancer_sock, keepalive_timeout=config.proxy.idle_timeout
+        )
         self.balancer_url = _url(config.balancer.host, port)
         self.logger.info(
             "started balancer=%s backends=%s",
@@ -207,11 +209,10 @@ class System:
     def _make_backend(self, name: str) -> web.Application:
         return make_backend_app(name, store=self.store, tracker=self.tracker, api=self.config.api, logger=self.logger)
 
-    async def _serve(self, app: web.Application, sock: socket.socket) -> web.AppRunner:
+    async def _serve(self, app: web.Application, sock: socket.socket, **runner_options: float) -> web.AppRunner:
         # shutdown_timeout: how long cleanup() lets in-flight requests finish before cancelling them.
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=self.config.balancer.shutdown_grace
-        )
+        runner_options.setdefault("shutdown_timeout", self.config.balancer.shutdown_grace)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options)
         try:
             await runner.setup()
             await web.SockSite(runner, sock).start()

@@ -98,6 +98,7 @@ class OutsideBackend:
         self.name = name
         self.healthy = True
         self.hits = 0
+        self.peers: set[tuple[str, int]] = set()  # client addresses seen: one per connection
         self.server: TestServer | None = None
         self.port: int | None = None
 
@@ -109,7 +110,11 @@ class OutsideBackend:
 
         async def anything(request: web.Request) -> web.Response:
             self.hits += 1
+            if request.transport is not None:
+                self.peers.add(request.transport.get_extra_info("peername")[:2])
             body = await request.read()
+            if request.path.startswith("/code/"):  # /code/404 answers 404
+                return web.json_response({"server": self.name}, status=int(request.path.split("/")[2]))
             return web.json_response(
                 {
                     "server": self.name,
