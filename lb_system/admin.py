@@ -16,6 +16,7 @@ from .backend_pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
 from .config import Config, ConfigError
 from .error_tracker import ErrorTracker
 from .keys import ADMIN_CONTROL
+from .problems import Handler
 
 if TYPE_CHECKING:
     from .reload import ReloadPlan
@@ -92,7 +93,7 @@ def make_admin_middleware(logger: logging.Logger) -> web.middleware:
     errors (404/405) can tell anything, and logs action, target, client and result."""
 
     @web.middleware
-    async def admin_middleware(request: web.Request, handler):  # noqa: ANN001, ANN202 - aiohttp handler
+    async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not is_admin_request(request):
             return await handler(request)
         action, target = _describe(request)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -92,8 +91,14 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             + "; Ctrl-C stops",
             file=sys.stderr,
         )
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await stop.wait()
+        except asyncio.CancelledError:
+            # Windows: Ctrl-C cancels this task. Un-cancel it so the graceful stop below can wait
+            # for in-flight requests instead of being cut short by the pending cancellation.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         system.logger.info(
             "stopping: no new connections; in-flight requests get up to shutdown_grace=%ss",
             config.balancer.shutdown_grace,

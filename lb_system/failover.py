@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -42,7 +43,7 @@ class Traffic:
             self.failures[failure] += 1
         self.progress.set()
 
-    async def wait(self, condition, timeout: float) -> bool:  # noqa: ANN001 - Callable[[], bool]
+    async def wait(self, condition: Callable[[], bool], timeout: float) -> bool:
         """Wait until `condition()` holds, re-checked after each answered request."""
         try:
             async with asyncio.timeout(timeout):

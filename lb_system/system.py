@@ -8,8 +8,10 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -227,7 +229,7 @@ class System:
         assert self.balancer_app is not None
         return self.balancer_app[HEALTH_CHECKER]
 
-    def _spawn(self, coroutine) -> None:  # noqa: ANN001 - a coroutine returning None
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -407,3 +407,25 @@ async def test_removed_and_readded_backend_on_a_fixed_port(config_file, start_sy
     config_file.write(backends=[{"name": "backend-1", "port": 0}, {"name": "backend-2", "port": port}])
     await wait_for(lambda: system.pool.get("backend-2") is not None and system.pool.get("backend-2").eligible)
     assert system.config_error is None
+
+
+async def test_hosted_backend_edited_into_an_outside_one_keeps_its_name_and_counters(
+    config_file, start_system, outside_backend, http
+) -> None:
+    remote = await outside_backend("elsewhere")
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
+    backend = system.pool.get("backend-2")
+    old_url = backend.url
+    async with http.get(system.balancer_url + "/tasks"), http.get(system.balancer_url + "/tasks"):
+        pass
+    requests = backend.requests
+    config_file.write(backends=[{"name": "backend-1", "port": 0}, {"name": "backend-2", "url": remote.url}])
+    await wait_for(lambda: backend.url == remote.url and backend.eligible, message="backend-2 now outside")
+    assert system.pool.get("backend-2") is backend and not backend.hosted and backend.requests == requests
+    assert "backend-2" not in system.hosted
+    await wait_for(lambda: refused(old_url), message="the hosted server closed")
+    hits = remote.hits
+    for _ in range(4):
+        async with http.get(system.balancer_url + "/tasks") as response:
+            assert response.status == 200
+    assert remote.hits == hits + 2
