@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .reload import ReloadPlan
 
 ADMIN_PREFIX = "/admin/"
+DEFAULT_TOKEN_ENV = "LB_ADMIN_TOKEN"
 ACTIONS = ("disable", "enable", "drain", "stop", "start")
 _STATE_FOR = {"disable": DISABLED, "enable": ENABLED, "drain": DRAINING}
 _BACKEND_ACTION = re.compile(r"^/admin/backends/([^/]+)/([^/]+)$")
@@ -69,9 +70,10 @@ def _describe(request: web.Request) -> tuple[str, str]:
 def _authorize(request: web.Request, token_env: str) -> None:
     token = os.environ.get(token_env, "")
     if not token:
+        named = token_env if token_env == DEFAULT_TOKEN_ENV else f"{token_env} (named by [admin] token_env)"
         raise web.HTTPForbidden(
             text=(
-                f"The admin API is off: no token is set. Set the environment variable {token_env} to a secret "
+                f"The admin API is off: no token is set. Set the environment variable {named} to a secret "
                 f"before starting lb_system (for example `export {token_env}=$(openssl rand -hex 16)`, "
                 f"or `set {token_env}=<secret>` on Windows), then send `Authorization: Bearer <secret>`"
             )
