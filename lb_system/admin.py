@@ -55,16 +55,24 @@ def is_admin_request(request: web.Request) -> bool:
     return path == "/admin" or path.startswith(ADMIN_PREFIX) or (path == "/errors/stats" and request.method == "DELETE")
 
 
+_LOGGABLE = re.compile(r"[A-Za-z0-9._/-]{1,128}")
+
+
+def _loggable(value: str) -> str:
+    # Paths come from the client: quote anything that could forge or break a log line.
+    return value if _LOGGABLE.fullmatch(value) else repr(value[:128])
+
+
 def _describe(request: web.Request) -> tuple[str, str]:
     """(action, target) for the admin log line."""
     match = _BACKEND_ACTION.match(request.path)
     if match:
-        return match.group(2), match.group(1)
+        return _loggable(match.group(2)), _loggable(match.group(1))
     if request.path == "/admin/reload":
         return "reload", "config"
     if request.path == "/errors/stats":
         return "reset_errors", "/errors/stats"
-    return "unknown", request.path
+    return "unknown", _loggable(request.path)
 
 
 def _authorize(request: web.Request, token_env: str) -> None:

@@ -253,3 +253,10 @@ async def test_delete_error_stats_resets_the_counters(make_config, start_system,
     assert body["total_errors"] == 0 and body["by_server"] == {}
     async with http.put(system.balancer_url + "/errors/stats") as response:
         assert response.status == 405 and {m.strip() for m in response.headers["Allow"].split(",")} == {"GET", "HEAD", "DELETE"}
+
+
+async def test_a_forged_path_cannot_break_the_admin_log_line(make_config, start_system, http, admin_token, lb_log) -> None:
+    system = await start_system(make_config())
+    await post(http, system.balancer_url + "/admin/backends/x%0Aadmin%20action=stop/disable")
+    (line,) = [m for m in lb_log.messages() if m.startswith("admin ")]
+    assert "\n" not in line and line.endswith("result=404")
