@@ -24,6 +24,7 @@ LIVE_KEYS: frozenset[tuple[str, str]] = frozenset(
         ("proxy", "per_try_timeout"),
         ("proxy", "request_timeout"),
         ("proxy", "trusted_proxies"),
+        ("proxy", "max_pending"),
     }
 )
 LIVE_SECTIONS: frozenset[str] = frozenset({"health"})

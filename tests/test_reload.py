@@ -430,3 +430,24 @@ async def test_hosted_backend_edited_into_an_outside_one_keeps_its_name_and_coun
         async with http.get(system.balancer_url + "/tasks") as response:
             assert response.status == 200
     assert remote.hits == hits + 2
+
+
+async def test_watcher_reports_each_settled_edit_once(tmp_path) -> None:
+    from lb_system.config_watch import ConfigWatcher
+
+    path = tmp_path / "config.toml"
+    path.write_text("a = 1\n")
+    seen: list[str] = []
+
+    async def on_change() -> None:
+        seen.append(path.read_text())
+
+    watcher = ConfigWatcher(path, on_change, interval=0.01)
+    watcher.start()
+    try:
+        path.write_text("a = 2\n")
+        await wait_for(lambda: seen == ["a = 2\n"])
+        path.write_text("a = 3\n")
+        await wait_for(lambda: seen == ["a = 2\n", "a = 3\n"])
+    finally:
+        await watcher.stop()
