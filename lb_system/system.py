@@ -121,7 +121,9 @@ class System:
         # Membership changes (reload, admin stop/start) happen one at a time.
         self._changes = asyncio.Lock()
         self._stopping = False
-        self._draining_runners: set[web.AppRunner] = set()  # removed backends' servers, awaiting their drain
+        # Removed backends' servers awaiting their drain, and the backend each one served.
+        self._draining_runners: dict[web.AppRunner, HostedBackend] = {}
+        self._reload_after_drain = False  # an edit was refused because a draining server held its port
         self._closing: set[asyncio.Task[None]] = set()  # runner cleanups in progress: awaited, never cancelled
         self._tasks: set[asyncio.Task[None]] = set()  # waits (drains, signalled reloads): cancelled on stop
 
@@ -236,7 +238,7 @@ class System:
 
     def _close_soon(self, runner: web.AppRunner) -> asyncio.Task[None]:
         """Close a server in the background; stop() waits for it rather than cancelling it halfway."""
-        self._draining_runners.discard(runner)
+        self._draining_runners.pop(runner, None)
         task = asyncio.create_task(runner.cleanup())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -289,7 +291,8 @@ class System:
                     sockets[backend.name] = self._bind(backend)
                 except StartupError as error:
                     raise ConfigError(
-                        f"{self.config_path}: [[backends]] ({backend.name}) port: {error}; the edit was not applied"
+                        f"{self.config_path}: [[backends]] ({backend.name}) port: {error}{self._held_by(backend)}; "
+                        "the edit was not applied"
                     ) from None
             for backend in wanted:
                 started[backend.name] = await self._start_hosted(backend, sockets.pop(backend.name))
@@ -350,7 +353,8 @@ class System:
             hosted = self.hosted.pop(name, None)
             runner = hosted.runner if hosted is not None else None
             if runner is not None:
-                self._draining_runners.add(runner)
+                assert hosted is not None
+                self._draining_runners[runner] = hosted
             self._spawn(self._retire(backend, runner))
         if plan.added or any(e.moved for e in plan.edited):
             self.health_checker.wake()
@@ -383,6 +387,21 @@ class System:
         if backend in self.pool.retiring:
             self.pool.retiring.remove(backend)
         self.logger.info("backend removed backend=%s", backend.name)
+        if runner is not None and self._reload_after_drain:
+            # The port a refused edit wanted is free now: apply the saved file again.
+            self._reload_after_drain = False
+            self.request_reload("drained")
+
+    def _held_by(self, backend: BackendConfig) -> str:
+        """Why a port is busy, when it is a removed backend still draining."""
+        for hosted in self._draining_runners.values():
+            if hosted.port == backend.port and hosted.host == (backend.host or self.config.balancer.host):
+                self._reload_after_drain = True
+                return (
+                    f" (held by {hosted.config.name}, removed and still draining; "
+                    "the edit is applied again once it has drained)"
+                )
+        return ""
 
     # --- admin actions -------------------------------------------------------------------
 
@@ -455,7 +474,7 @@ class System:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
         backend_runners = [h.runner for h in self.hosted.values() if h.runner is not None]
-        backend_runners += list(self._draining_runners)
+        backend_runners += list(self._draining_runners.keys())
         balancer_runner, self.balancer_runner = self.balancer_runner, None
         for runner in [balancer_runner, *backend_runners]:
             if runner is not None:

@@ -451,3 +451,37 @@ async def test_watcher_reports_each_settled_edit_once(tmp_path) -> None:
         await wait_for(lambda: seen == ["a = 2\n", "a = 3\n"])
     finally:
         await watcher.stop()
+
+
+async def test_readding_a_backend_whose_port_is_still_draining_applies_once_it_drained(
+    config_file, start_system
+) -> None:
+    port = free_port()
+    config_file.write(backends=[{"name": "backend-2", "port": port}])
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
+    backend = system.pool.get("backend-2")
+    # An upload that the client has not finished sending: in flight through the balancer on backend-2.
+    host, balancer_port = system.balancer_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(balancer_port))
+    writer.write(
+        b"POST /tasks HTTP/1.1\r\nHost: lb\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"7\r\n" + b'{"title' + b"\r\n"
+    )
+    await writer.drain()
+    await wait_for(lambda: backend.active_requests == 1, message="the upload in flight on backend-2")
+
+    config_file.write(backends=[{"name": "backend-1", "port": 0}])
+    await wait_for(lambda: backend in system.pool.retiring)
+    config_file.write(backends=[{"name": "backend-1", "port": 0}, {"name": "backend-2", "port": port}])
+    await wait_for(lambda: system.config_error is not None)
+    assert "held by backend-2, removed and still draining" in system.config_error
+
+    rest = b'": "drained"}'
+    writer.write(f"{len(rest):x}\r\n".encode() + rest + b"\r\n0\r\n\r\n")
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 201")
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: system.pool.get("backend-2") is not None, message="the edit applied after the drain")
+    await wait_for(lambda: system.pool.get("backend-2").eligible)
+    assert system.config_error is None and system.pool.get("backend-2") is not backend
