@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .admin import AdminControl, add_admin_routes, make_admin_middleware
 from .backend_pool import BackendPool
 from .config import Config
 from .dashboard import dashboard_snapshot, make_page_handler
 from .error_tracker import ErrorTracker
 from .health import HealthChecker
 from .keys import (
+    ADMIN_CONTROL,
     BACKEND_POOL,
     CLIENT_SESSION,
     ERROR_TRACKER,
@@ -48,7 +50,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return _json(status_document(request.app[BACKEND_POOL], request.app[REQUEST_STATS]))
+    control = request.app.get(ADMIN_CONTROL)
+    return _json(
+        status_document(
+            request.app[BACKEND_POOL],
+            request.app[REQUEST_STATS],
+            config_error=control.config_error if control is not None else None,
+        )
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -83,7 +92,7 @@ async def error_stats(request: web.Request) -> web.Response:
 OWN_ROUTES: dict[str, tuple[str, ...]] = {
     "/health": ("GET", "HEAD"),
     "/status": ("GET", "HEAD"),
-    "/errors/stats": ("GET", "HEAD"),
+    "/errors/stats": ("GET", "HEAD", "DELETE"),
     "/metrics": ("GET", "HEAD"),
     "/": ("GET", "HEAD"),
     "/events": ("GET",),
@@ -96,11 +105,16 @@ def make_balancer_app(
     pool: BackendPool,
     tracker: ErrorTracker,
     logger: logging.Logger,
+    control: AdminControl | None = None,
 ) -> web.Application:
     """The balancer. Its cleanup context owns the shared client session and the health checker:
-    every backend has had one check before the app is ready to accept a request."""
+    every backend has had one check before the app is ready to accept a request. With a
+    `control` (the System) it also serves the admin API."""
+    middlewares = [make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)]
+    if control is not None:
+        middlewares.append(make_admin_middleware(logger))
     app = web.Application(
-        middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)],
+        middlewares=middlewares,
         client_max_size=config.proxy.max_body_bytes or 2**63,
         handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
     )
@@ -161,5 +175,7 @@ def make_balancer_app(
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
     app.router.add_get("/errors/stats", error_stats)
+    if control is not None:
+        add_admin_routes(app, control)
     app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", ":.*}"), forward)
     return app

@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .admin import AdminControl
     from .backend_pool import BackendPool
     from .error_tracker import ErrorTracker
     from .health import HealthChecker
@@ -29,6 +30,8 @@ FORWARDER = web.AppKey("forwarder", "Forwarder")
 METRICS = web.AppKey("metrics", "Metrics")
 REQUEST_STATS = web.AppKey("request_stats", "RequestStats")
 LIVE_FEED = web.AppKey("live_feed", "LiveFeed")
+# What the admin API drives (the System); absent when the balancer runs without one.
+ADMIN_CONTROL = web.AppKey("admin_control", "AdminControl")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The problem detail rides on the response so the middleware records it without re-parsing JSON.
