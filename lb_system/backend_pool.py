@@ -60,13 +60,27 @@ class Backend:
     requests: int = 0
     active_requests: int = 0
     state_since: float = field(default_factory=time.time)
+    # Time spent down before the current state began; the current stretch is added on read.
+    past_downtime: float = 0.0
     transitions: deque[Transition] = field(default_factory=lambda: deque(maxlen=10))
+    # Set by `enable` and by an address change: no traffic until a good check on the (new) address.
+    awaiting_check: bool = False
+    # When a draining backend's last in-flight request finished; None while requests remain.
+    drained_at: float | None = None
+    # Hosted backends: whether the listening socket is open (admin stop/start); None for outside ones.
+    listening: bool | None = None
 
     @property
     def eligible(self) -> bool:
-        return self.healthy and self.admin_state == ENABLED
+        return self.healthy and self.admin_state == ENABLED and not self.awaiting_check
 
-    def status_dict(self) -> dict[str, object]:
+    def downtime_s(self, now: float) -> float:
+        """Total seconds spent down since the first check, the current stretch included."""
+        current = max(0.0, now - self.state_since) if self.checked and not self.healthy else 0.0
+        return round(self.past_downtime + current, 3)
+
+    def status_dict(self, now: float | None = None) -> dict[str, object]:
+        now = time.time() if now is None else now
         return {
             "name": self.name,
             "url": self.url,
@@ -81,10 +95,14 @@ class Backend:
             "last_error": self.last_error,
             "requests": self.requests,
             "active_requests": self.active_requests,
+            "drained_at": iso_utc(self.drained_at),
+            "awaiting_check": self.awaiting_check,
+            "listening": self.listening,
             "checks_ok": self.checks_ok,
             "checks_failed": self.checks_failed,
             "ejections": self.ejections,
             "state_since": iso_utc(self.state_since),
+            "downtime_s": self.downtime_s(now),
             "transitions": [t.as_dict() for t in reversed(self.transitions)],
         }
 
@@ -111,6 +129,8 @@ class BackendPool:
         self.logger = logger or logging.getLogger("lb_system.pool")
         self.clock = clock
         self.listeners: list[TransitionListener] = []
+        # Removed from the config, finishing their in-flight requests: never chosen, still shown.
+        self.retiring: list[Backend] = []
 
     @classmethod
     def from_config(cls, configs: Sequence[BackendConfig], urls: dict[str, str], **kwargs) -> BackendPool:
@@ -119,6 +139,28 @@ class BackendPool:
 
     def get(self, name: str) -> Backend | None:
         return next((b for b in self.backends if b.name == name), None)
+
+    def set_backends(self, backends: Iterable[Backend]) -> None:
+        """Replace the membership in one step (a reload); the strategy forgets removed names."""
+        self.backends = list(backends)
+        self.strategy.set_backends(self.backends)
+
+    def set_strategy(self, strategy: str | Strategy) -> None:
+        self.strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.strategy.set_backends(self.backends)
+
+    def set_admin_state(self, backend: Backend, state: str) -> bool:
+        """enabled / disabled / draining; False when it already was. Enabling waits for a good check."""
+        if state not in (ENABLED, DISABLED, DRAINING):
+            raise ValueError(f"unknown admin state {state!r}")
+        if backend.admin_state == state:
+            return False
+        backend.admin_state = state
+        backend.drained_at = self.clock() if state == DRAINING and backend.active_requests == 0 else None
+        if state == ENABLED:
+            backend.awaiting_check = True
+        self.logger.info("backend admin state backend=%s state=%s", backend.name, state)
+        return True
 
     @property
     def healthy_count(self) -> int:
@@ -137,6 +179,10 @@ class BackendPool:
             return None
         return self.strategy.choose(candidates, key)
 
+    def has_candidate(self, exclude: Sequence[Backend] = ()) -> bool:
+        """Whether a further try could go anywhere (without advancing the strategy)."""
+        return any(b.eligible and b not in exclude for b in self.backends)
+
     # --- what the health checker saw -------------------------------------------------
 
     def record_check(self, backend: Backend, ok: bool, status: str, duration_ms: float | None) -> None:
@@ -151,6 +197,7 @@ class BackendPool:
             backend.consecutive_failures = 0
             backend.passive_failures = 0
             backend.last_error = None
+            backend.awaiting_check = False
             if not backend.checked or (not backend.healthy and backend.consecutive_successes >= self.health.rise):
                 self._transition(backend, up=True, reason="health check passed")
         else:
@@ -198,7 +245,10 @@ class BackendPool:
         if not changed and not first:
             return
         now = self.clock()
-        if changed:
+        if changed and up and not first:
+            backend.past_downtime += max(0.0, now - backend.state_since)
+        if changed or first:
+            # The first check is a transition too: the state it sets starts now.
             backend.state_since = now
         transition = Transition(at=now, to="up" if up else "down", reason=reason)
         backend.transitions.append(transition)

@@ -10,13 +10,29 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .admin import AdminControl, add_admin_routes, make_admin_middleware
 from .backend_pool import BackendPool
 from .config import Config
+from .dashboard import dashboard_snapshot, make_page_handler
 from .error_tracker import ErrorTracker
 from .health import HealthChecker
-from .keys import BACKEND_POOL, CLIENT_SESSION, ERROR_TRACKER, FORWARDER, HEALTH_CHECKER
+from .keys import (
+    ADMIN_CONTROL,
+    BACKEND_POOL,
+    CLIENT_SESSION,
+    ERROR_TRACKER,
+    FORWARDER,
+    HEALTH_CHECKER,
+    LIVE_FEED,
+    METRICS,
+    REQUEST_STATS,
+)
+from .live import LiveFeed
+from .metrics import CONTENT_TYPE, Metrics
 from .problems import CATCH_ALL_VARIABLE, make_problem_middleware
 from .proxy import Forwarder
+from .request_stats import RequestStats
+from .status import status_document
 from .transport import make_client_session
 
 BALANCER = "balancer"
@@ -34,15 +50,22 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    pool = request.app[BACKEND_POOL]
+    control = request.app.get(ADMIN_CONTROL)
     return _json(
-        {
-            "strategy": pool.strategy.name,
-            "healthy": pool.healthy_count,
-            "total": len(pool.backends),
-            "backends": [backend.status_dict() for backend in pool.backends],
-        }
+        status_document(
+            request.app[BACKEND_POOL],
+            request.app[REQUEST_STATS],
+            config_error=control.config_error if control is not None else None,
+        )
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    return await request.app[LIVE_FEED].handle(request)
 
 
 def _positive_int_query(request: web.Request, name: str) -> int | None:
@@ -69,7 +92,10 @@ async def error_stats(request: web.Request) -> web.Response:
 OWN_ROUTES: dict[str, tuple[str, ...]] = {
     "/health": ("GET", "HEAD"),
     "/status": ("GET", "HEAD"),
-    "/errors/stats": ("GET", "HEAD"),
+    "/errors/stats": ("GET", "HEAD", "DELETE"),
+    "/metrics": ("GET", "HEAD"),
+    "/": ("GET", "HEAD"),
+    "/events": ("GET",),
 }
 
 
@@ -79,11 +105,16 @@ def make_balancer_app(
     pool: BackendPool,
     tracker: ErrorTracker,
     logger: logging.Logger,
+    control: AdminControl | None = None,
 ) -> web.Application:
     """The balancer. Its cleanup context owns the shared client session and the health checker:
-    every backend has had one check before the app is ready to accept a request."""
+    every backend has had one check before the app is ready to accept a request. With a
+    `control` (the System) it also serves the admin API."""
+    middlewares = [make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)]
+    if control is not None:
+        middlewares.append(make_admin_middleware(logger))
     app = web.Application(
-        middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)],
+        middlewares=middlewares,
         client_max_size=config.proxy.max_body_bytes or 2**63,
         handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
     )
@@ -92,6 +123,15 @@ def make_balancer_app(
 
     forwarder = Forwarder(pool, lambda: app[CLIENT_SESSION], config, logger=logger)
     app[FORWARDER] = forwarder
+
+    stats = RequestStats(clock=pool.clock)
+    app[REQUEST_STATS] = stats
+    observer = Metrics(pool, tracker)
+    app[METRICS] = observer
+    forwarder.listeners += [stats.record, observer.observe_request]
+    pool.listeners.append(observer.observe_transition)
+    feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker), logger=logger)
+    app[LIVE_FEED] = feed
 
     async def forward(request: web.Request) -> web.StreamResponse:
         allowed = OWN_ROUTES.get(request.path)
@@ -103,6 +143,7 @@ def make_balancer_app(
         session = make_client_session(config.proxy)
         app[CLIENT_SESSION] = session
         checker = HealthChecker(pool, session, logger=logger)
+        checker.listeners.append(observer.observe_check)
         app[HEALTH_CHECKER] = checker
         task = None
         try:
@@ -110,15 +151,31 @@ def make_balancer_app(
             task = asyncio.create_task(checker.run(), name="health-checker")
             yield
         finally:
+            await feed.close()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await session.close()
 
+    async def name_the_answerer(request: web.Request, response: web.StreamResponse) -> None:
+        # Forwarded answers already name their backend; everything else the balancer answered itself.
+        response.headers.setdefault("X-Backend", BALANCER)
+
+    async def end_streams(app: web.Application) -> None:
+        # Open event streams would otherwise hold shutdown for its whole timeout.
+        await feed.close()
+
+    app.on_response_prepare.append(name_the_answerer)
     app.cleanup_ctx.append(client_and_health)
+    app.on_shutdown.append(end_streams)
+    app.router.add_get("/", make_page_handler())
+    app.router.add_get("/events", events, allow_head=False)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
     app.router.add_get("/errors/stats", error_stats)
+    if control is not None:
+        add_admin_routes(app, control)
     app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", ":.*}"), forward)
     return app

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import os
 import signal
@@ -13,6 +12,7 @@ from collections.abc import Callable
 
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .demo import Unreachable, run_demo
+from .failover import run_failover
 from .log import configure_logging
 from .system import StartupError, System
 
@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="config file (default: %(default)s)")
     parser.add_argument("--url", help="demo: the balancer's URL (default: from the config)")
+    parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="demo: rehearse a failover: stop a hosted backend through the admin API under steady traffic, then start it",
+    )
+    parser.add_argument("--backend", default="backend-2", help="demo --failover: the backend to stop (default: %(default)s)")
     return parser
 
 
@@ -66,11 +72,25 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-async def serve(config: Config) -> int:
+def _install_reload_signal(loop: asyncio.AbstractEventLoop, reload: Callable[[], None]) -> list[int]:
+    """SIGHUP reloads the config where the platform has it (not on Windows: the file watcher
+    and POST /admin/reload do the same there)."""
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is None:
+        return []
+    try:
+        loop.add_signal_handler(sighup, reload)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return []
+    return [sighup]
+
+
+async def serve(config: Config, config_path: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed = _install_stop_signals(loop, stop.set)
-    system = System(config)
+    system = System(config, config_path=config_path)
+    installed += _install_reload_signal(loop, lambda: system.request_reload("SIGHUP"))
     try:
         try:
             await system.start()
@@ -84,9 +104,18 @@ async def serve(config: Config) -> int:
             + "; Ctrl-C stops",
             file=sys.stderr,
         )
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await stop.wait()
-        system.logger.info("stopping")
+        except asyncio.CancelledError:
+            # Windows: Ctrl-C cancels this task. Un-cancel it so the graceful stop below can wait
+            # for in-flight requests instead of being cut short by the pending cancellation.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        system.logger.info(
+            "stopping: no new connections; in-flight requests get up to shutdown_grace=%ss",
+            config.balancer.shutdown_grace,
+        )
         return 0
     finally:
         await system.stop()
@@ -123,6 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         url = args.url or f"http://{config.balancer.host}:{config.balancer.port}"
         try:
+            if args.failover:
+                token_env = config.admin.token_env if config is not None else "LB_ADMIN_TOKEN"
+                token = os.environ.get(token_env, "")
+                if not token:
+                    print(
+                        f"error: the failover demo drives the admin API: set {token_env} to the token "
+                        "the system was started with",
+                        file=sys.stderr,
+                    )
+                    return 2
+                return asyncio.run(run_failover(url, token, backend=args.backend))
             return asyncio.run(run_demo(url))
         except Unreachable as error:
             print(f"error: {error}", file=sys.stderr)
@@ -131,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     listener = configure_logging(config.log)
     try:
         with asyncio.Runner(loop_factory=_new_event_loop_factory()) as runner:
-            return runner.run(serve(config))
+            return runner.run(serve(config, args.config))
     except KeyboardInterrupt:
         return 0
     finally:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from http import HTTPStatus
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 __all__ = ["ErrorTracker", "error_type"]
 
@@ -56,15 +56,9 @@ def _iso_utc(ts: float) -> str:
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _Record(NamedTuple):
-    ts: float
-    status: int
-    type: str
-    method: str
-    path: str
-    server: str
-    detail: str
-    request_id: str
+# (timestamp, status, type, method, path, server, detail, request_id); a plain
+# tuple because building a NamedTuple costs a quarter of record().
+_Record = tuple[float, int, str, str, str, str, str, str]
 
 
 class ErrorTracker:
@@ -130,7 +124,7 @@ class ErrorTracker:
         etype = error_type(status)
         if len(detail) > MAX_DETAIL_CHARS:
             detail = detail[:MAX_DETAIL_CHARS]
-        self._records.append(_Record(now, status, etype, method, path, server, detail, request_id))
+        self._records.append((now, status, etype, method, path, server, detail, request_id))
         self._total += 1
 
         key = (server, etype)
@@ -199,21 +193,23 @@ class ErrorTracker:
         out: list[dict[str, Any]] = []
         if limit == 0:
             return out
-        for rec in reversed(self._records):
-            if server is not None and rec.server != server:
+        for ts, rec_status, etype, method, path, rec_server, detail, request_id in reversed(
+            self._records
+        ):
+            if server is not None and rec_server != server:
                 continue
-            if status is not None and rec.status != status:
+            if status is not None and rec_status != status:
                 continue
             out.append(
                 {
-                    "timestamp": _iso_utc(rec.ts),
-                    "status": rec.status,
-                    "type": rec.type,
-                    "method": rec.method,
-                    "path": rec.path,
-                    "server": rec.server,
-                    "detail": rec.detail,
-                    "request_id": rec.request_id,
+                    "timestamp": _iso_utc(ts),
+                    "status": rec_status,
+                    "type": etype,
+                    "method": method,
+                    "path": path,
+                    "server": rec_server,
+                    "detail": detail,
+                    "request_id": request_id,
                 }
             )
             if limit is not None and len(out) >= limit:
@@ -226,10 +222,10 @@ class ErrorTracker:
         by_type: dict[str, dict[str, int]] = {name: {} for name, _ in _WINDOWS}
         for bucket_sec, bucket in zip(self._bucket_secs, self._buckets):
             age = now_sec - bucket_sec
+            # A negative age means the wall clock stepped back: a little, and these are
+            # still the newest errors (counted in every window); a lot, and they are noise.
             if not bucket or age <= -_BUCKET_COUNT:
                 continue
-            # The wall clock stepped back a little: these are still the newest errors.
-            age = max(age, 0)
             for name, seconds in _WINDOWS:
                 if age < seconds:
                     counts = by_type[name]
@@ -240,6 +236,17 @@ class ErrorTracker:
             name: {"total": totals[name], "by_type": dict(sorted(by_type[name].items()))}
             for name, _ in _WINDOWS
         }
+
+    def per_second(self, seconds: int = 300) -> list[int]:
+        """Errors per second over the last ``seconds`` (at most 900), oldest first, ending now."""
+        if not 0 < seconds <= _BUCKET_COUNT:
+            raise ValueError(f"seconds must be 1-{_BUCKET_COUNT}, not {seconds}")
+        now_sec = math.floor(self._clock())
+        out = []
+        for sec in range(now_sec - seconds + 1, now_sec + 1):
+            slot = sec % _BUCKET_COUNT
+            out.append(sum(self._buckets[slot].values()) if self._bucket_secs[slot] == sec else 0)
+        return out
 
     def reset(self) -> None:
         """Forget every record and counter; ``since`` becomes now."""

@@ -70,14 +70,14 @@ class HealthChecker:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Check forever; cancelled on shutdown."""
+        """Check every `interval` seconds after the first round (done at start-up); cancelled on shutdown."""
         loop = asyncio.get_running_loop()
+        next_round = loop.time() + self.config.interval
         while True:
-            started = loop.time()
-            await self.check_once()
-            delay = max(0.0, self.config.interval - (loop.time() - started))
-            self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), delay)
+                await asyncio.wait_for(self._wakeup.wait(), max(0.0, next_round - loop.time()))
             except asyncio.TimeoutError:
                 pass
+            self._wakeup.clear()
+            next_round = loop.time() + self.config.interval
+            await self.check_once()

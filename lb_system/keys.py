@@ -9,10 +9,14 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .admin import AdminControl
     from .backend_pool import BackendPool
     from .error_tracker import ErrorTracker
     from .health import HealthChecker
+    from .live import LiveFeed
+    from .metrics import Metrics
     from .proxy import Forwarder
+    from .request_stats import RequestStats
     from .task_store import TaskStore
 
 ERROR_TRACKER = web.AppKey("error_tracker", "ErrorTracker")
@@ -23,6 +27,11 @@ BACKEND_POOL = web.AppKey("backend_pool", "BackendPool")
 HEALTH_CHECKER = web.AppKey("health_checker", "HealthChecker")
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", "Forwarder")
+METRICS = web.AppKey("metrics", "Metrics")
+REQUEST_STATS = web.AppKey("request_stats", "RequestStats")
+LIVE_FEED = web.AppKey("live_feed", "LiveFeed")
+# What the admin API drives (the System); absent when the balancer runs without one.
+ADMIN_CONTROL = web.AppKey("admin_control", "AdminControl")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The problem detail rides on the response so the middleware records it without re-parsing JSON.

@@ -10,7 +10,8 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,11 @@ _NOT_FORWARDED = HOP_BY_HOP | {"expect"}
 BUFFER_LIMIT = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 NO_BACKEND = "No healthy backend available"
+# Who answered when no backend did, as in X-Backend and the error records.
+BALANCER = "balancer"
+OVERLOADED = "Too many requests waiting for a backend connection"
+# The client's handshake headers are the client's; aiohttp makes fresh ones towards the backend.
+_WEBSOCKET_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
 
 
 def _without_hop_by_hop(headers, also_drop: frozenset[str]) -> CIMultiDict[str]:
@@ -42,6 +48,79 @@ def _without_hop_by_hop(headers, also_drop: frozenset[str]) -> CIMultiDict[str]:
     }
     drop = also_drop | connection_tokens if connection_tokens else also_drop
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def _is_websocket_upgrade(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in request.headers.get(
+        "Connection", ""
+    ).lower()
+
+
+class _LimitedBody:
+    """A request body streamed upstream; past `limit` bytes (when set) the upload is cut and
+    the client gets a 413, not a 502 blaming the backend."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content, self.limit = content, limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.content.iter_chunked(STREAM_CHUNK):
+            seen += len(chunk)
+            if self.limit and seen > self.limit:
+                self.exceeded = True
+                raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=seen)
+            yield chunk
+
+
+async def _pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    async def pump(source, sink) -> None:  # noqa: ANN001 - either side's websocket
+        async for message in source:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            else:
+                break
+        await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+
+    tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class TryResult:
+    """One try of a forwarded request on one backend."""
+
+    backend: str
+    status: int | None  # None: no answer (refused, reset, timed out)
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ProxiedRequest:
+    """What one forwarded request came to, reported to the forwarder's listeners."""
+
+    method: str
+    status: int
+    backend: str  # the backend that answered, or "balancer" for its own 502/503/504
+    duration_s: float
+    tries: tuple[TryResult, ...]
+    no_backend: bool = False  # a 503 for want of a healthy backend
+
+    @property
+    def retried_from(self) -> tuple[str, ...]:
+        """Backends whose try was followed by another try on a different backend."""
+        return tuple(t.backend for t in self.tries[:-1])
+
+
+RequestListener = Callable[[ProxiedRequest], None]
 
 
 class _TryFailed(Exception):
@@ -68,6 +147,9 @@ class Forwarder:
         self._access = LineLogger(logger)
         self.apply_config(config)
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
+        self.in_flight = 0
+        self.shed = 0
+        self.listeners: list[RequestListener] = []
 
     def apply_config(self, config: Config) -> None:
         proxy = config.proxy
@@ -75,6 +157,10 @@ class Forwarder:
         self.policy = RetryPolicy(retries=proxy.retries, retry_on_status=frozenset(proxy.retry_on_status))
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
         self.hash_on = config.balancer.hash_on if config.balancer.strategy == "consistent_hash" else None
+        # Waiting for a free pooled connection is not connecting: only the socket connect is bounded here.
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.per_try_timeout
+        )
 
     def _trusted(self, remote: str | None) -> bool:
         if not self.trusted or not remote:
@@ -105,60 +191,90 @@ class Forwarder:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request[REQUEST_ID]
-        self.budget.on_request()
-        proxy = self.config.proxy
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + proxy.request_timeout
+        if self.in_flight >= self._capacity():
+            self.shed += 1
+            self._access_log(request, 503, "-", started, request_id, ["shed"])
+            self._notify(request.method, 503, BALANCER, started, [])
+            return problem_response(
+                503, OVERLOADED, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
+            )
+        self.in_flight += 1
+        try:
+            if _is_websocket_upgrade(request):
+                return await self._websocket(request, request_id, started)
+            return await self._forward(request, request_id, started)
+        except web.HTTPException as error:
+            # The client's fault found on the way (a body over the limit): the balancer answers it.
+            self._notify(request.method, error.status, BALANCER, started, [])
+            raise
+        finally:
+            self.in_flight -= 1
 
-        body: bytes | aiohttp.StreamReader | None = None
-        replayable = True
-        if request.body_exists:
-            length = request.content_length
-            if length is not None and length <= BUFFER_LIMIT:
-                body = await request.read()
-            else:
-                body, replayable = request.content, False
+    def _capacity(self) -> int:
+        """Requests past every eligible backend's connection cap wait, up to `max_pending`; more are shed."""
+        proxy = self.config.proxy
+        eligible = sum(1 for b in self.pool.backends if b.eligible)
+        return eligible * proxy.max_connections_per_backend + proxy.max_pending
+
+    async def _request_body(self, request: web.Request) -> tuple[bytes | _LimitedBody | None, bool]:
+        """The body to send upstream and whether a retry can replay it. Small bodies are read whole;
+        larger or chunked ones stream through, counted against `max_body_bytes`."""
+        if not request.body_exists:
+            return None, True
+        limit = self.config.proxy.max_body_bytes
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+        if length is not None and length <= BUFFER_LIMIT:
+            return await request.read(), True
+        return _LimitedBody(request.content, limit), False
+
+    async def _forward(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
+        self.budget.on_request()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.proxy.request_timeout
+        body, replayable = await self._request_body(request)
         headers = self.upstream_headers(request, request_id)
-        key = None
-        if self.hash_on is not None:
-            key = hash_key(self.hash_on, client_ip=request.remote or "", path=request.path, headers=request.headers)
+        key = self._hash_key(request)
 
         tried: list[Backend] = []
         tries_log: list[str] = []
+        tries: list[TryResult] = []
         last_failure: _TryFailed | None = None
-        retrying = False
+        holding_budget = False
         try:
-            while True:
-                backend = self.pool.choose(key, exclude=tried)
-                if backend is None:
-                    break
+            while (backend := self.pool.choose(key, exclude=tried)) is not None:
                 tried.append(backend)
+                try_started = time.perf_counter()
                 try:
-                    upstream = await self._send(request, backend, headers, body, deadline)
+                    upstream, data = await self._send(request, backend, headers, body, deadline)
                 except _TryFailed as failure:
                     last_failure = failure
+                    tries.append(TryResult(backend.name, None, time.perf_counter() - try_started))
                     tries_log.append(f"{backend.name}:{failure.reason}")
-                    if not self._may_retry(request.method, failure.kind, len(tried), replayable):
-                        break
-                    retrying = self._acquire_retry(retrying)
-                    if not retrying:
+                    if not (
+                        self._may_retry(request.method, failure.kind, len(tried), replayable)
+                        and (holding_budget := holding_budget or self.budget.try_acquire())
+                    ):
                         break
                     continue
-                if self.policy.retryable_status(upstream.status) and self._may_retry(
-                    request.method, FailureKind.STATUS, len(tried), replayable
-                ):
-                    if self.pool.choose(key, exclude=tried) is not None:
-                        next_retrying = self._acquire_retry(retrying)
-                        if next_retrying:
-                            retrying = True
-                            tries_log.append(f"{backend.name}:{upstream.status}")
-                            upstream.release()
-                            backend.active_requests -= 1
-                            continue
                 tries_log.append(f"{backend.name}:{upstream.status}")
-                return await self._respond(request, backend, upstream, request_id, started, tries_log)
+                if (
+                    self.policy.retryable_status(upstream.status)
+                    and self._may_retry(request.method, FailureKind.STATUS, len(tried), replayable)
+                    and self.pool.has_candidate(exclude=tried)
+                    and (holding_budget := holding_budget or self.budget.try_acquire())
+                ):
+                    upstream.release()
+                    backend.active_requests -= 1
+                    tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
+                    continue
+                response = await self._respond(request, backend, upstream, data, request_id, started, tries_log)
+                tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
+                self._notify(request.method, response.status, backend.name, started, tries)
+                return response
         finally:
-            if retrying:
+            if holding_budget:  # one budget slot covers all the retries of one request
                 self.budget.release()
 
         if last_failure is None:
@@ -171,32 +287,87 @@ class Forwarder:
             response = problem_response(
                 502, f"No backend answered: {last_failure.reason}", instance=request.path, request_id=request_id
             )
-        response.headers["X-Backend"] = "balancer"
         self._access_log(request, response.status, "-", started, request_id, tries_log)
+        self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None)
         return response
+
+    def _notify(
+        self, method: str, status: int, backend: str, started: float, tries: list[TryResult], *, no_backend: bool = False
+    ) -> None:
+        if self.listeners:
+            done = ProxiedRequest(method, status, backend, time.perf_counter() - started, tuple(tries), no_backend)
+            for listener in self.listeners:
+                listener(done)
+
+    def _hash_key(self, request: web.Request) -> str | None:
+        if self.hash_on is None:
+            return None
+        return hash_key(self.hash_on, client_ip=request.remote or "", path=request.path, headers=request.headers)
+
+    async def _websocket(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
+        """Tunnel a WebSocket to one backend, message by message, until either side closes."""
+        backend = self.pool.choose(self._hash_key(request))
+        if backend is None:
+            self._notify(request.method, 503, BALANCER, started, [], no_backend=True)
+            return problem_response(
+                503, NO_BACKEND, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
+            )
+        headers = self.upstream_headers(request, request_id)
+        for name in _WEBSOCKET_HANDSHAKE:
+            headers.popall(name, None)
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        backend.requests += 1
+        backend.active_requests += 1
+        try:
+            try:
+                upstream = await self._session().ws_connect(
+                    backend.url + request.raw_path,
+                    headers=headers,
+                    protocols=protocols,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=self.config.proxy.connect_timeout),
+                )
+            except Exception as error:
+                reason = describe_failure(error)
+                self.pool.record_passive_failure(backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError))
+                self._access_log(request, 502, backend.name, started, request_id, [f"{backend.name}:{reason}"])
+                failed = TryResult(backend.name, None, time.perf_counter() - started)
+                self._notify(request.method, 502, BALANCER, started, [failed])
+                return problem_response(
+                    502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
+                )
+            async with upstream:
+                client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else ())
+                client.headers["X-Backend"] = backend.name
+                client.headers[REQUEST_ID_HEADER] = request_id
+                await client.prepare(request)
+                # Counted at the handshake: the session that follows may last for hours.
+                opened = TryResult(backend.name, 101, time.perf_counter() - started)
+                self._notify(request.method, 101, backend.name, started, [opened])
+                await _pump_both_ways(client, upstream)
+                self._access_log(request, 101, backend.name, started, request_id, [f"{backend.name}:101"])
+                return client
+        finally:
+            backend.active_requests -= 1
 
     def _may_retry(self, method: str, kind: FailureKind, attempts: int, replayable: bool) -> bool:
         return self.policy.should_retry(method=method, failure=kind, attempt=attempts, body_replayable=replayable)
-
-    def _acquire_retry(self, already_holding: bool) -> bool:
-        """One budget slot covers all the retries of one request."""
-        return already_holding or self.budget.try_acquire()
 
     async def _send(
         self,
         request: web.Request,
         backend: Backend,
         headers: CIMultiDict[str],
-        body: bytes | aiohttp.StreamReader | None,
+        body: bytes | _LimitedBody | None,
         deadline: float,
-    ) -> aiohttp.ClientResponse:
-        """One try, up to the response headers. On success the backend's active count stays raised
-        until the response is finished."""
-        proxy = self.config.proxy
+    ) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        """One try. A small answer is read whole here, so a failure while reading it is still a
+        failed try (nothing reached the client); a large one comes back unread (None) to stream.
+        On success the backend's active count stays raised until the response is finished."""
         loop = asyncio.get_running_loop()
-        timeout = min(proxy.per_try_timeout, deadline - loop.time())
+        timeout = min(self.config.proxy.per_try_timeout, deadline - loop.time())
         backend.requests += 1
         backend.active_requests += 1
+        upstream = None
         try:
             if timeout <= 0:
                 raise asyncio.TimeoutError
@@ -207,13 +378,25 @@ class Forwarder:
                     headers=headers,
                     data=body,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, connect=proxy.connect_timeout, sock_read=proxy.per_try_timeout),
+                    timeout=self._client_timeout,
                 )
+                if request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200:
+                    data: bytes | None = b""
+                elif upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
+                    data = await upstream.read()
+                else:
+                    data = None
         except asyncio.CancelledError:
             backend.active_requests -= 1
+            if upstream is not None:
+                upstream.release()
             raise
         except Exception as error:
             backend.active_requests -= 1
+            if upstream is not None:
+                upstream.release()
+            if isinstance(body, _LimitedBody) and body.exceeded:
+                raise web.HTTPRequestEntityTooLarge(max_size=body.limit, actual_size=body.limit + 1) from None
             reason = describe_failure(error)
             if is_connect_failure(error):
                 kind = FailureKind.CONNECT
@@ -227,13 +410,14 @@ class Forwarder:
             self.pool.record_passive_failure(backend, f"status {upstream.status}", unreachable=False)
         else:
             self.pool.record_passive_success(backend)
-        return upstream
+        return upstream, data
 
     async def _respond(
         self,
         request: web.Request,
         backend: Backend,
         upstream: aiohttp.ClientResponse,
+        data: bytes | None,
         request_id: str,
         started: float,
         tries_log: list[str],
@@ -242,15 +426,12 @@ class Forwarder:
             headers = _without_hop_by_hop(upstream.headers, HOP_BY_HOP)
             headers["X-Backend"] = backend.name
             headers[REQUEST_ID_HEADER] = request_id
-            no_body = request.method == "HEAD" or upstream.status in (204, 304) or 100 <= upstream.status < 200
-            length = upstream.content_length
-            if no_body or (length is not None and length <= BUFFER_LIMIT):
-                data = b"" if no_body else await upstream.read()
-                if not no_body:
+            if data is None:
+                response = await self._stream(request, upstream, headers)
+            else:
+                if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
                     headers.pop("Content-Length", None)
                 response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data or None)
-            else:
-                response = await self._stream(request, upstream, headers)
         finally:
             upstream.release()
             backend.active_requests -= 1

@@ -76,8 +76,10 @@ class RetryPolicy:
 
 
 class RetryBudget:
-    """Envoy-style: retries in flight/recent may add at most `percent` of the requests of the last `window` seconds, plus a floor of `min_concurrent` concurrent retries.
+    """Envoy-style retry budget.
 
+    Retries in flight/recent may add at most `percent` of the requests of the
+    last `window` seconds, plus a floor of `min_concurrent` concurrent retries.
     Counts live in per-second buckets (so the window has 1 s granularity and
     memory is bounded by the window length, not by traffic).
     """

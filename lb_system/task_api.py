@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
@@ -16,6 +16,7 @@ from .problems import make_problem_middleware
 from .task_store import TaskStore
 
 MALFORMED_BODY = "Empty or malformed JSON body"
+ModelT = TypeVar("ModelT", bound=BaseModel)
 _MAX_ID = 2**63 - 1
 
 Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -106,11 +107,15 @@ async def health(request: web.Request) -> web.Response:
     return _json({"status": "ok", "server": name})
 
 
-async def create_task(request: web.Request) -> web.Response:
+async def _validated(request: web.Request, model: type[ModelT]) -> ModelT:
     try:
-        fields = TaskFields.model_validate(await _json_object(request))
+        return model.model_validate(await _json_object(request))
     except ValidationError as error:
         raise _bad_request(_field_error(error)) from None
+
+
+async def create_task(request: web.Request) -> web.Response:
+    fields = await _validated(request, TaskFields)
     task = await request.app[TASK_STORE].create(fields.title, fields.description, fields.done)
     return _json(task, status=201, headers={"Location": f"/tasks/{task['id']}"})
 
@@ -137,28 +142,23 @@ async def get_task(request: web.Request) -> web.Response:
     return _json(task)
 
 
-async def replace_task(request: web.Request) -> web.Response:
-    task_id = _task_id(request)
-    try:
-        fields = TaskFields.model_validate(await _json_object(request))
-    except ValidationError as error:
-        raise _bad_request(_field_error(error)) from None
-    task = await request.app[TASK_STORE].update(task_id, fields.model_dump())
+async def _update(request: web.Request, task_id: int, changes: dict[str, Any]) -> web.Response:
+    task = await request.app[TASK_STORE].update(task_id, changes)
     if task is None:
         raise _not_found(task_id)
     return _json(task)
+
+
+async def replace_task(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    fields = await _validated(request, TaskFields)
+    return await _update(request, task_id, fields.model_dump())
 
 
 async def patch_task(request: web.Request) -> web.Response:
     task_id = _task_id(request)
-    try:
-        patch = TaskPatch.model_validate(await _json_object(request))
-    except ValidationError as error:
-        raise _bad_request(_field_error(error)) from None
-    task = await request.app[TASK_STORE].update(task_id, patch.model_dump(include=patch.model_fields_set))
-    if task is None:
-        raise _not_found(task_id)
-    return _json(task)
+    patch = await _validated(request, TaskPatch)
+    return await _update(request, task_id, patch.model_dump(include=patch.model_fields_set))
 
 
 async def delete_task(request: web.Request) -> web.Response:

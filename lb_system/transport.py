@@ -26,7 +26,7 @@ def make_client_session(proxy: ProxyConfig) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=_SKIPPED_AUTO_HEADERS,
-        timeout=aiohttp.ClientTimeout(total=None, connect=proxy.connect_timeout),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout),
         raise_for_status=False,
     )
 

@@ -4,9 +4,10 @@ wait-for-condition instead of sleeps."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from lb_system import Config, System, parse_config
+from lb_system import Config, System, load_config, parse_config
 
 # Fast health checks so state changes show within a fraction of a second.
 FAST_HEALTH = {"interval": 0.05, "timeout": 0.5, "rise": 1, "fall": 1}
@@ -68,11 +69,11 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
 
 @pytest.fixture
 async def start_system() -> AsyncIterator[Callable[[Config], Awaitable[System]]]:
-    """Start Systems; every one is stopped at the end of the test."""
+    """Start Systems (keyword options go to System); every one is stopped at the end of the test."""
     systems: list[System] = []
 
-    async def start(config: Config) -> System:
-        system = System(config, logger=logging.getLogger("lb_system"))
+    async def start(config: Config, **options: Any) -> System:
+        system = System(config, logger=logging.getLogger("lb_system"), **options)
         await system.start()
         systems.append(system)
         return system
@@ -97,6 +98,7 @@ class OutsideBackend:
         self.name = name
         self.healthy = True
         self.hits = 0
+        self.peers: set[tuple[str, int]] = set()  # client addresses seen: one per connection
         self.server: TestServer | None = None
         self.port: int | None = None
 
@@ -108,7 +110,11 @@ class OutsideBackend:
 
         async def anything(request: web.Request) -> web.Response:
             self.hits += 1
+            if request.transport is not None:
+                self.peers.add(request.transport.get_extra_info("peername")[:2])
             body = await request.read()
+            if request.path.startswith("/code/"):  # /code/404 answers 404
+                return web.json_response({"server": self.name}, status=int(request.path.split("/")[2]))
             return web.json_response(
                 {
                     "server": self.name,
@@ -152,3 +158,141 @@ async def outside_backend() -> AsyncIterator[Callable[[str], Awaitable[OutsideBa
     yield start
     for backend in started:
         await backend.stop()
+
+
+# --- config files edited while a system runs, and servers that hold requests ----------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_text(data: dict[str, Any]) -> str:
+    """The TOML for a config dict: sections of scalars, and [[backends]]."""
+    lines: list[str] = []
+    for section, values in data.items():
+        if section != "backends":
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    for backend in data.get("backends", []):
+        lines.append("[[backends]]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in backend.items()]
+    return "\n".join(lines) + "\n"
+
+
+class ConfigFile:
+    """A config.toml in tmp_path, on free ports, that a test rewrites while the system runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {
+            "balancer": {"port": 0},
+            "health": dict(FAST_HEALTH),
+            "database": {"path": "tasks.db"},
+            "log": {"file": "balancer.log"},
+            "backends": [{"name": "backend-1", "port": 0}, {"name": "backend-2", "port": 0}],
+        }
+
+    def write(self, backends: list[dict[str, Any]] | None = None, **sections: Any) -> None:
+        """Merge the given sections (and replace the backends) into the file, then save it."""
+        data = _merge(self.data, sections)
+        if backends is not None:
+            data["backends"] = backends
+        self.data = data
+        self.write_text(toml_text(data))
+
+    def write_text(self, text: str) -> None:
+        self.path.write_text(text, encoding="utf-8")
+
+    def load(self) -> Config:
+        return load_config(self.path)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> ConfigFile:
+    config = ConfigFile(tmp_path / "config.toml")
+    config.write()
+    return config
+
+
+class GatedBackend(OutsideBackend):
+    """An outside backend whose `/slow` requests wait until the test opens the gate."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    def make_app(self) -> web.Application:
+        async def slow(request: web.Request) -> web.Response:
+            self.hits += 1
+            self.waiting += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.waiting -= 1
+            return web.json_response({"server": self.name, "slow": True})
+
+        async def health(request: web.Request) -> web.Response:
+            status = 200 if self.healthy else 503
+            return web.json_response({"status": "ok" if self.healthy else "sick", "server": self.name}, status=status)
+
+        async def anything(request: web.Request) -> web.Response:
+            self.hits += 1
+            return web.json_response({"server": self.name, "path": request.path_qs})
+
+        app = web.Application()
+        app.router.add_get("/slow", slow)
+        app.router.add_get("/health", health)
+        app.router.add_route("*", "/{tail:.*}", anything)
+        return app
+
+
+@pytest.fixture
+async def gated_backend() -> AsyncIterator[Callable[[str], Awaitable[GatedBackend]]]:
+    started: list[GatedBackend] = []
+
+    async def start(name: str = "gated") -> GatedBackend:
+        backend = GatedBackend(name)
+        await backend.start()
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.gate.set()
+        await backend.stop()
+
+
+class LogRecords(logging.Handler):
+    """Records of the lb_system logger at INFO and above, whatever the logging setup."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.INFO) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+@pytest.fixture
+def lb_log() -> Iterator[LogRecords]:
+    logger = logging.getLogger("lb_system")
+    handler = LogRecords()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -1,0 +1,187 @@
+"""The admin API under /admin/ on the balancer: bearer-token authorisation, backend actions,
+reload, and resetting the error counters. Every admin request is logged, never its token."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+from .backend_pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
+from .config import Config, ConfigError
+from .error_tracker import ErrorTracker
+from .keys import ADMIN_CONTROL
+from .problems import Handler
+
+if TYPE_CHECKING:
+    from .reload import ReloadPlan
+
+ADMIN_PREFIX = "/admin/"
+DEFAULT_TOKEN_ENV = "LB_ADMIN_TOKEN"
+ACTIONS = ("disable", "enable", "drain", "stop", "start")
+_STATE_FOR = {"disable": DISABLED, "enable": ENABLED, "drain": DRAINING}
+_BACKEND_ACTION = re.compile(r"^/admin/backends/([^/]+)/([^/]+)$")
+_KNOWN_POST_PATHS = re.compile(r"^/admin/(reload|backends/[^/]+/(" + "|".join(ACTIONS) + "))$")
+
+
+class ActionRefused(Exception):
+    """An admin action that cannot be done now (a port taken meanwhile); answered with 409."""
+
+
+class AdminControl(Protocol):
+    """What the admin API drives; the System implements it."""
+
+    config: Config
+    pool: BackendPool | None
+    tracker: ErrorTracker
+    config_error: str | None
+
+    async def reload(self, origin: str = ...) -> ReloadPlan: ...
+
+    def set_admin_state(self, backend: Backend, state: str) -> bool: ...
+
+    async def stop_backend(self, name: str) -> bool: ...
+
+    async def start_backend(self, name: str) -> bool: ...
+
+
+def is_admin_request(request: web.Request) -> bool:
+    path = request.path
+    return path == "/admin" or path.startswith(ADMIN_PREFIX) or (path == "/errors/stats" and request.method == "DELETE")
+
+
+_LOGGABLE = re.compile(r"[A-Za-z0-9._/-]{1,128}")
+
+
+def _loggable(value: str) -> str:
+    # Paths come from the client: quote anything that could forge or break a log line.
+    return value if _LOGGABLE.fullmatch(value) else repr(value[:128])
+
+
+def _describe(request: web.Request) -> tuple[str, str]:
+    """(action, target) for the admin log line."""
+    match = _BACKEND_ACTION.match(request.path)
+    if match:
+        return _loggable(match.group(2)), _loggable(match.group(1))
+    if request.path == "/admin/reload":
+        return "reload", "config"
+    if request.path == "/errors/stats":
+        return "reset_errors", "/errors/stats"
+    return "unknown", _loggable(request.path)
+
+
+def _authorize(request: web.Request, token_env: str) -> None:
+    token = os.environ.get(token_env, "")
+    if not token:
+        named = token_env if token_env == DEFAULT_TOKEN_ENV else f"{token_env} (named by [admin] token_env)"
+        raise web.HTTPForbidden(
+            text=(
+                f"The admin API is off: no token is set. Set the environment variable {named} to a secret "
+                f"before starting lb_system (for example `export {token_env}=$(openssl rand -hex 16)`, "
+                f"or `set {token_env}=<secret>` on Windows), then send `Authorization: Bearer <secret>`"
+            )
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Constant-time: the comparison must not tell an attacker how much of the token was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        challenge = 'Bearer realm="lb_system"'
+        if scheme:
+            challenge += ', error="invalid_token"'
+        raise web.HTTPUnauthorized(
+            text="Missing or invalid admin token: send `Authorization: Bearer <token>`",
+            headers={"WWW-Authenticate": challenge},
+        )
+
+
+def make_admin_middleware(logger: logging.Logger) -> web.middleware:
+    """Sits inside the problem middleware: authorises every admin request before routing
+    errors (404/405) can tell anything, and logs action, target, client and result."""
+
+    @web.middleware
+    async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not is_admin_request(request):
+            return await handler(request)
+        action, target = _describe(request)
+        status = 500
+        try:
+            _authorize(request, request.app[ADMIN_CONTROL].config.admin.token_env)
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            level = logging.INFO if status < 400 else logging.WARNING
+            logger.log(
+                level,
+                "admin action=%s target=%s client=%s result=%d",
+                action,
+                target,
+                request.remote or "-",
+                status,
+            )
+
+    return admin_middleware
+
+
+def _json(data: object) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), content_type="application/json")
+
+
+async def backend_action(request: web.Request) -> web.Response:
+    control = request.app[ADMIN_CONTROL]
+    name, action = request.match_info["name"], request.match_info["action"]
+    assert control.pool is not None
+    backend = control.pool.get(name)
+    if backend is None:
+        raise web.HTTPNotFound(text=f"Backend '{name}' not found")
+    if action in _STATE_FOR:
+        changed = control.set_admin_state(backend, _STATE_FOR[action])
+    else:
+        if not backend.hosted:
+            raise web.HTTPConflict(
+                text=f"Backend '{name}' is an outside server ({backend.url}): only backends hosted here can {action}"
+            )
+        try:
+            changed = await (control.stop_backend(name) if action == "stop" else control.start_backend(name))
+        except ActionRefused as error:
+            raise web.HTTPConflict(text=f"Backend '{name}' cannot {action}: {error}") from None
+    return _json({"action": action, "backend": name, "changed": changed, "status": backend.status_dict()})
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    control = request.app[ADMIN_CONTROL]
+    try:
+        plan = await control.reload(f"admin({request.remote or '-'})")
+    except ConfigError as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+    return _json({"reloaded": True, **plan.summary()})
+
+
+async def reset_error_stats(request: web.Request) -> web.Response:
+    tracker = request.app[ADMIN_CONTROL].tracker
+    cleared = tracker.total
+    tracker.reset()
+    return _json({"reset": True, "cleared_errors": cleared})
+
+
+async def unknown_admin_path(request: web.Request) -> web.Response:
+    # Never forwarded to a backend: /admin/ belongs to the balancer.
+    if _KNOWN_POST_PATHS.match(request.path):
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+    raise web.HTTPNotFound(text=f"Unknown admin endpoint {request.path}")
+
+
+def add_admin_routes(app: web.Application, control: AdminControl) -> None:
+    app[ADMIN_CONTROL] = control
+    app.router.add_post("/admin/backends/{name}/{action:" + "|".join(ACTIONS) + "}", backend_action)
+    app.router.add_post("/admin/reload", reload_config)
+    app.router.add_delete("/errors/stats", reset_error_stats)
+    app.router.add_route("*", "/admin", unknown_admin_path)
+    app.router.add_route("*", "/admin/{tail:.*}", unknown_admin_path)

@@ -1,0 +1,117 @@
+"""Prometheus metrics for one system, in a registry of its own (never the library's global one,
+so several systems in one process, as in the tests, do not collide).
+
+Events (proxied requests, health checks, transitions) are counted as they happen through the
+listeners of the forwarder, the checker and the pool. State (up/down, active requests) and the
+error counts are read at scrape time, so they always agree with `/status` and `/errors/stats`.
+Labels stay low-cardinality: backend and server names come from the config, methods outside
+the standard set are "OTHER", never a raw path or id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .backend_pool import Backend, BackendPool, Transition
+from .error_tracker import ErrorTracker
+from .proxy import ProxiedRequest
+
+__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+class _ScrapeTimeState(Collector):
+    """Gauges and error counters computed from the live objects on each scrape."""
+
+    def __init__(self, pool: BackendPool, tracker: ErrorTracker) -> None:
+        self.pool = pool
+        self.tracker = tracker
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
+        return (
+            GaugeMetricFamily("lb_backend_up", "1 when the backend is up, else 0.", labels=["backend"]),
+            GaugeMetricFamily("lb_backend_active_requests", "Requests in flight to the backend.", labels=["backend"]),
+            CounterMetricFamily(
+                "lb_errors", "Failed requests (status >= 400) as in /errors/stats.", labels=["server", "type"]
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        up, active, errors = self._families()
+        for backend in self.pool.backends:
+            up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
+            active.add_metric([backend.name], float(backend.active_requests))
+        for (server, etype), count in sorted(self.tracker.counts_by_server_and_type().items()):
+            errors.add_metric([server, etype], float(count))
+        return (up, active, errors)
+
+
+class Metrics:
+    """Every `lb_*` metric of one system, and its text exposition for `GET /metrics`."""
+
+    def __init__(self, pool: BackendPool, tracker: ErrorTracker) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lb_requests", "Proxied requests by answering backend, method and status.", ["backend", "method", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "lb_request_duration_seconds",
+            "Time from receiving a proxied request to finishing its response.",
+            ["backend"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.health_checks = Counter("lb_health_checks", "Active health checks.", ["backend", "result"], registry=r)
+        self.health_check_duration = Histogram(
+            "lb_health_check_duration_seconds",
+            "Duration of active health checks.",
+            ["backend"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.transitions = Counter(
+            "lb_backend_transitions", "Backend state changes, the first check included.", ["backend", "to"], registry=r
+        )
+        self.retries = Counter("lb_retries", "Retries away from a backend whose try failed.", ["backend"], registry=r)
+        self.no_backend = Counter("lb_no_backend", "503 answers for want of a healthy backend.", registry=r)
+        r.register(_ScrapeTimeState(pool, tracker))
+        # Zero series from the start, so rate() and alerts see the first increase.
+        for backend in pool.backends:
+            for result in ("ok", "failed"):
+                self.health_checks.labels(backend.name, result)
+            for to in ("up", "down"):
+                self.transitions.labels(backend.name, to)
+            self.retries.labels(backend.name)
+
+    def observe_request(self, done: ProxiedRequest) -> None:
+        """A forwarder listener."""
+        method = done.method if done.method in _METHODS else "OTHER"
+        self.requests.labels(done.backend, method, str(done.status)).inc()
+        self.request_duration.labels(done.backend).observe(done.duration_s)
+        for name in done.retried_from:
+            self.retries.labels(name).inc()
+        if done.no_backend:
+            self.no_backend.inc()
+
+    def observe_check(self, backend: Backend, ok: bool, duration_s: float) -> None:
+        """A health checker listener."""
+        self.health_checks.labels(backend.name, "ok" if ok else "failed").inc()
+        self.health_check_duration.labels(backend.name).observe(duration_s)
+
+    def observe_transition(self, backend: Backend, transition: Transition) -> None:
+        """A pool listener."""
+        self.transitions.labels(backend.name, transition.to).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,123 @@
+"""Hot reload, the policy half: what changed between the running config and an edited one,
+and whether all of it can be applied live. No I/O here; the System applies a plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import BackendConfig, Config, ConfigError
+
+# (section, key) pairs a running system applies without a restart. Everything else, including
+# sections added later, needs one: refusing an edit is safe, silently ignoring part of it is not.
+LIVE_KEYS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("balancer", "strategy"),
+        ("balancer", "hash_on"),
+        ("balancer", "drain_timeout"),
+        ("errors", "recent"),
+        ("log", "level"),
+        ("admin", "token_env"),
+        # The forwarder reads these per request (Forwarder.apply_config).
+        ("proxy", "retries"),
+        ("proxy", "retry_on_status"),
+        ("proxy", "connect_timeout"),
+        ("proxy", "per_try_timeout"),
+        ("proxy", "request_timeout"),
+        ("proxy", "trusted_proxies"),
+        ("proxy", "max_pending"),
+    }
+)
+LIVE_SECTIONS: frozenset[str] = frozenset({"health"})
+
+
+class RestartRequired(ConfigError):
+    """The edit touches a key that only a restart can apply; nothing of it was applied."""
+
+
+@dataclass(frozen=True)
+class BackendEdit:
+    """A backend kept by name whose settings changed."""
+
+    old: BackendConfig
+    new: BackendConfig
+
+    @property
+    def name(self) -> str:
+        return self.new.name
+
+    @property
+    def moved(self) -> bool:
+        """Its address changed: a hosted one listens elsewhere, an outside one is another server."""
+        old, new = self.old, self.new
+        return (old.port, old.host, old.url) != (new.port, new.host, new.url)
+
+    @property
+    def fields(self) -> list[str]:
+        old, new = self.old.model_dump(), self.new.model_dump()
+        return [key for key in new if old[key] != new[key]]
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What applying `config` over the running one does."""
+
+    config: Config
+    added: tuple[BackendConfig, ...] = ()
+    removed: tuple[str, ...] = ()
+    edited: tuple[BackendEdit, ...] = ()
+    settings: tuple[str, ...] = ()  # "[health] interval: 2.0 -> 0.5"
+    order_changed: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.edited or self.settings or self.order_changed)
+
+    def changes(self) -> list[str]:
+        """One line per change, for the log and the admin API."""
+        lines = [f"backend added: {b.name}" for b in self.added]
+        lines += [f"backend removed: {name}" for name in self.removed]
+        for edit in self.edited:
+            parts = ", ".join(f"{key} {getattr(edit.old, key)!r} -> {getattr(edit.new, key)!r}" for key in edit.fields)
+            lines.append(f"backend edited: {edit.name} ({parts})")
+        if self.order_changed and not (self.added or self.removed):
+            lines.append("backend order changed")
+        return lines + list(self.settings)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "changed": not self.empty,
+            "added": [b.name for b in self.added],
+            "removed": list(self.removed),
+            "edited": [{"name": e.name, "fields": e.fields} for e in self.edited],
+            "settings": list(self.settings),
+            "changes": self.changes(),
+        }
+
+
+def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
+    """Diff two configs; raise RestartRequired naming the first key that needs a restart."""
+    old, new = running.model_dump(exclude={"backends"}), edited.model_dump(exclude={"backends"})
+    settings: list[str] = []
+    for section in sorted(old.keys() | new.keys()):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(before.keys() | after.keys()):
+            if before.get(key) == after.get(key):
+                continue
+            if section not in LIVE_SECTIONS and (section, key) not in LIVE_KEYS:
+                raise RestartRequired(
+                    f"{source}: [{section}] {key}: changing it needs a restart "
+                    f"({before.get(key)!r} -> {after.get(key)!r}); the edit was not applied"
+                )
+            settings.append(f"[{section}] {key}: {before.get(key)!r} -> {after.get(key)!r}")
+
+    running_backends = {b.name: b for b in running.backends}
+    edited_names = {b.name for b in edited.backends}
+    added = tuple(b for b in edited.backends if b.name not in running_backends)
+    removed = tuple(b.name for b in running.backends if b.name not in edited_names)
+    edits = tuple(
+        BackendEdit(running_backends[b.name], b)
+        for b in edited.backends
+        if b.name in running_backends and running_backends[b.name] != b
+    )
+    order_changed = [b.name for b in running.backends] != [b.name for b in edited.backends]
+    return ReloadPlan(edited, added, removed, edits, tuple(settings), order_changed)

@@ -1,0 +1,24 @@
+"""The `/status` document: the pool's state, with each backend's latency and error rate."""
+
+from __future__ import annotations
+
+from .backend_pool import BackendPool
+from .request_stats import RequestStats
+
+
+def backend_statuses(pool: BackendPool, stats: RequestStats, *, retiring: bool = False) -> list[dict[str, object]]:
+    now = pool.clock()
+    backends = pool.retiring if retiring else pool.backends
+    return [backend.status_dict(now) | stats.backend_fields(backend.name) for backend in backends]
+
+
+def status_document(pool: BackendPool, stats: RequestStats, *, config_error: str | None = None) -> dict[str, object]:
+    return {
+        "strategy": pool.strategy.name,
+        "healthy": pool.healthy_count,
+        "total": len(pool.backends),
+        "backends": backend_statuses(pool, stats),
+        # Removed by a reload, finishing their in-flight requests.
+        "retiring": backend_statuses(pool, stats, retiring=True),
+        "config_error": config_error,
+    }

@@ -1,0 +1,206 @@
+"""GET /metrics over real sockets: parsed with prometheus_client's own parser and checked
+against /errors/stats and /status after known sequences of requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import wait_for
+
+# Health checks only at start-up: the counts stay put while a test compares them.
+QUIET_HEALTH = {"interval": 3600, "rise": 1, "fall": 1}
+ALLOWED_LABELS = {"backend", "method", "code", "result", "to", "server", "type", "le"}
+
+
+class Scrape:
+    """One parsed exposition: samples by name, each a (labels, value) list."""
+
+    def __init__(self, text: str) -> None:
+        self.families = {family.name: family for family in text_string_to_metric_families(text)}
+        self.samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in self.families.values():
+            for sample in family.samples:
+                self.samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+    def value(self, name: str, **labels: str) -> float:
+        matches = [v for found, v in self.samples.get(name, []) if all(found.get(k) == x for k, x in labels.items())]
+        return sum(matches)
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        totals: Counter[str] = Counter()
+        for found, value in self.samples.get(name, []):
+            totals[found[label]] += value
+        return {k: v for k, v in totals.items() if v}
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> Scrape:
+    async with http.get(url + "/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        return Scrape(await response.text())
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as response:
+        assert response.status == 200
+        return await response.json()
+
+
+async def test_metrics_agree_with_errors_stats_and_status_after_a_known_sequence(make_config, start_system, http) -> None:
+    system = await start_system(make_config(health=QUIET_HEALTH))
+    url = system.balancer_url
+    sent: Counter[int] = Counter()
+    for path in ["/tasks"] * 4 + ["/tasks/999001", "/tasks/999002", "/tasks/999003", "/debug/crash"]:
+        async with http.get(url + path) as response:
+            sent[response.status] += 1
+    async with http.post(url + "/tasks", data=b"", headers={"Content-Type": "application/json"}) as response:
+        sent[response.status] += 1
+    assert sent == {200: 4, 404: 3, 500: 1, 400: 1}
+    async with http.post(url + "/metrics") as response:  # the balancer's own 405, not proxied
+        assert response.status == 405
+    direct = system.hosted["backend-1"].url
+    async with http.get(direct + "/tasks/424242") as response:  # an error that skips the balancer
+        assert response.status == 404
+
+    before = await get_json(http, url + "/status")
+    metrics = await scrape(http, url)
+    stats = await get_json(http, url + "/errors/stats")
+    status = await get_json(http, url + "/status")
+
+    # lb_errors_total is /errors/stats, cut by server and type.
+    assert metrics.value("lb_errors_total") == stats["total_errors"] == 7
+    assert metrics.by("lb_errors_total", "type") == {t: n for t, n in stats["error_types"].items() if n}
+    assert metrics.by("lb_errors_total", "server") == stats["by_server"]
+    assert metrics.value("lb_errors_total", server="balancer", type="405_METHOD_NOT_ALLOWED") == 1
+
+    # lb_requests_total: every proxied request once, by exact code; per backend as /status counts.
+    assert metrics.by("lb_requests_total", "code") == {str(code): n for code, n in sent.items()}
+    for backend, earlier in zip(status["backends"], before["backends"]):
+        name = backend["name"]
+        assert metrics.value("lb_requests_total", backend=name) == backend["requests"] > 0
+        assert metrics.value("lb_request_duration_seconds_count", backend=name) == backend["requests"]
+        assert metrics.value("lb_backend_up", backend=name) == (1.0 if backend["healthy"] else 0.0)
+        assert metrics.value("lb_backend_active_requests", backend=name) == backend["active_requests"] == 0
+        # A check may land between two reads; each read of /status brackets the scrape.
+        checks = metrics.value("lb_health_checks_total", backend=name, result="ok")
+        assert 1 <= earlier["checks_ok"] <= checks <= backend["checks_ok"]
+        assert metrics.value("lb_health_checks_total", backend=name, result="failed") == backend["checks_failed"] == 0
+        assert metrics.value("lb_health_check_duration_seconds_count", backend=name) == checks
+        assert metrics.value("lb_backend_transitions_total", backend=name, to="up") == len(backend["transitions"]) == 1
+        assert metrics.value("lb_retries_total", backend=name) == 0
+    assert metrics.value("lb_no_backend_total") == 0
+
+
+async def test_metric_names_types_buckets_and_labels_follow_the_contract(make_config, start_system, http) -> None:
+    system = await start_system(make_config(health=QUIET_HEALTH))
+    async with http.request("PROPFIND", system.balancer_url + "/tasks") as response:
+        assert response.status == 405
+    async with http.get(system.balancer_url + "/tasks/1?secret=abc") as response:
+        assert response.status == 404
+    metrics = await scrape(http, system.balancer_url)
+    types = {name: f.type for name, f in metrics.families.items() if name.startswith("lb_") and not name.endswith("_created")}
+    assert types == {
+        "lb_requests": "counter",
+        "lb_request_duration_seconds": "histogram",
+        "lb_backend_up": "gauge",
+        "lb_backend_active_requests": "gauge",
+        "lb_health_checks": "counter",
+        "lb_health_check_duration_seconds": "histogram",
+        "lb_backend_transitions": "counter",
+        "lb_errors": "counter",
+        "lb_retries": "counter",
+        "lb_no_backend": "counter",
+    }
+    buckets = sorted({float(labels["le"]) for labels, _ in metrics.samples["lb_request_duration_seconds_bucket"]})
+    assert buckets[0] == 0.005 and buckets[-2] == 10.0 and buckets[-1] == float("inf")
+    # Low cardinality: no path, id or query ever becomes a label; unknown methods fold into OTHER.
+    for name, samples in metrics.samples.items():
+        for labels, _ in samples:
+            assert set(labels) <= ALLOWED_LABELS, (name, labels)
+            assert not any("/" in value or "secret" in value for value in labels.values())
+    assert metrics.value("lb_requests_total", method="OTHER", code="405") == 1
+
+
+async def test_no_backend_transitions_and_checks_are_counted(make_config, start_system, outside_backend, http) -> None:
+    outside = await outside_backend("outside")
+    system = await start_system(make_config(backends=[{"name": "outside", "url": outside.url}]))
+    await outside.stop()
+    await wait_for(lambda: not system.pool.backends[0].healthy, message="the outside backend to go down")
+    async with http.get(system.balancer_url + "/anything") as response:
+        assert response.status == 503
+    metrics = await scrape(http, system.balancer_url)
+    status = await get_json(http, system.balancer_url + "/status")
+    backend = status["backends"][0]
+    assert metrics.value("lb_no_backend_total") == 1
+    assert metrics.value("lb_requests_total", backend="balancer", code="503") == 1
+    assert metrics.value("lb_backend_up", backend="outside") == 0
+    assert metrics.value("lb_backend_transitions_total", backend="outside", to="down") == 1
+    assert metrics.value("lb_backend_transitions_total", backend="outside", to="up") == 1
+    # Checks keep running between the two reads: the scrape came first, so it can only be behind.
+    assert 1 <= metrics.value("lb_health_checks_total", backend="outside", result="failed") <= backend["checks_failed"]
+    assert metrics.value("lb_errors_total", server="balancer", type="503_SERVICE_UNAVAILABLE") == 1
+
+
+@contextlib.asynccontextmanager
+async def hang_up_server() -> AsyncIterator[str]:
+    """Passes health checks, but hangs up on every other request before answering."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /health "):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_retries_are_counted_on_the_backend_that_failed(make_config, start_system, outside_backend, http) -> None:
+    alive = await outside_backend("alive")
+    async with hang_up_server() as flaky_url:
+        system = await start_system(
+            make_config(backends=[{"name": "alive", "url": alive.url}, {"name": "flaky", "url": flaky_url}], health=QUIET_HEALTH)
+        )
+        for _ in range(2):  # round robin: one of the two goes to flaky first
+            async with http.get(system.balancer_url + "/thing") as response:
+                assert response.status == 200
+                assert response.headers["X-Backend"] == "alive"
+        metrics = await scrape(http, system.balancer_url)
+        await system.stop()
+    assert metrics.value("lb_retries_total", backend="flaky") == 1
+    assert metrics.value("lb_retries_total", backend="alive") == 0
+    assert metrics.value("lb_requests_total", backend="alive", code="200") == 2
+    assert metrics.value("lb_requests_total", backend="flaky") == 0
+
+
+async def test_each_system_has_its_own_registry(make_config, start_system, http) -> None:
+    first = await start_system(make_config(health=QUIET_HEALTH, database={"path": "one.db"}, log={"file": "one.log"}))
+    second = await start_system(make_config(health=QUIET_HEALTH, database={"path": "two.db"}, log={"file": "two.log"}))
+    for _ in range(3):
+        async with http.get(first.balancer_url + "/tasks") as response:
+            assert response.status == 200
+    assert (await scrape(http, first.balancer_url)).value("lb_requests_total") == 3
+    assert (await scrape(http, second.balancer_url)).value("lb_requests_total") == 0
+
+
+async def test_answers_the_balancer_gives_itself_are_counted_under_balancer(make_config, start_system, http) -> None:
+    system = await start_system(make_config(health=QUIET_HEALTH, proxy={"max_body_bytes": 10}))
+    async with http.post(system.balancer_url + "/tasks", data=b"x" * 100) as response:
+        assert response.status == 413
+    metrics = await scrape(http, system.balancer_url)
+    assert metrics.value("lb_requests_total", backend="balancer", method="POST", code="413") == 1
+    assert metrics.value("lb_errors_total", server="balancer", type="413_REQUEST_ENTITY_TOO_LARGE") == 1
+    assert metrics.value("lb_no_backend_total") == 0

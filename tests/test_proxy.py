@@ -1,0 +1,678 @@
+"""The proxy engine through a real balancer: strategies, retries, timeouts, passive ejection,
+streaming, headers, WebSockets and load shedding, against real misbehaving servers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gzip
+import io
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from conftest import wait_for
+
+MiB = 1024 * 1024
+
+
+class TestBackend:
+    """An outside backend with routes that misbehave on request."""
+
+    __test__ = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.hits = 0
+        self.active = 0
+        self.uploaded = 0
+        self.seen_headers: list[dict[str, str]] = []
+        self.release = asyncio.Event()
+        self.healthy = True
+        self.server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def app(self) -> web.Application:
+        async def health(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok" if self.healthy else "sick"}, status=200 if self.healthy else 503)
+
+        async def echo(request: web.Request) -> web.Response:
+            self.hits += 1
+            self.seen_headers.append(dict(request.headers))
+            return web.json_response({"server": self.name, "headers": {k: v for k, v in request.headers.items()}})
+
+        async def status(request: web.Request) -> web.Response:
+            self.hits += 1
+            return web.json_response({"server": self.name}, status=int(request.match_info["code"]))
+
+        async def hold(request: web.Request) -> web.Response:
+            """Answers only when the test releases it (or after `s` seconds)."""
+            self.hits += 1
+            self.active += 1
+            try:
+                seconds = float(request.query.get("s", "30"))
+                try:
+                    await asyncio.wait_for(self.release.wait(), seconds)
+                except asyncio.TimeoutError:
+                    pass
+                return web.json_response({"server": self.name})
+            finally:
+                self.active -= 1
+
+        async def flaky(request: web.Request) -> web.Response:
+            """503 at once on the backend named "first"; held elsewhere."""
+            if self.name == "first":
+                self.hits += 1
+                return web.json_response({"server": self.name}, status=503)
+            return await hold(request)
+
+        async def truncated(request: web.Request) -> web.StreamResponse:
+            self.hits += 1
+            response = web.StreamResponse()
+            response.content_length = 10 * MiB  # large: streamed, so bytes reach the client early
+            await response.prepare(request)
+            await response.write(b"p" * MiB)
+            request.transport.close()
+            return response
+
+        async def drop(request: web.Request) -> web.Response:
+            self.hits += 1
+            await request.read()
+            request.transport.close()
+            return web.Response()
+
+        async def download(request: web.Request) -> web.StreamResponse:
+            size = int(request.query["bytes"])
+            response = web.StreamResponse()
+            if request.query.get("chunked"):
+                response.enable_chunked_encoding()
+            else:
+                response.content_length = size
+            await response.prepare(request)
+            if request.method == "HEAD":
+                await response.write_eof()
+                return response
+            block = b"x" * (256 * 1024)
+            sent = 0
+            while sent < size:
+                part = block[: min(len(block), size - sent)]
+                await response.write(part)
+                sent += len(part)
+            await response.write_eof()
+            return response
+
+        async def upload(request: web.Request) -> web.Response:
+            total = 0
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                total += len(chunk)
+            self.uploaded = total
+            return web.json_response({"received": total})
+
+        async def gzipped(request: web.Request) -> web.Response:
+            return web.Response(body=GZIPPED, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+
+        async def no_content(request: web.Request) -> web.Response:
+            return web.Response(status=204, headers={"X-Extra": "1"})
+
+        async def not_modified(request: web.Request) -> web.Response:
+            return web.Response(status=304, headers={"ETag": '"v1"'})
+
+        async def hop_by_hop(request: web.Request) -> web.Response:
+            return web.Response(
+                text="ok",
+                headers={"Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "leak", "Keep-Alive": "timeout=5",
+                         "X-End-To-End": "kept"},
+            )
+
+        async def websocket(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse(protocols=("chat",))
+            await ws.prepare(request)
+            async for message in ws:
+                if message.type is aiohttp.WSMsgType.TEXT:
+                    await ws.send_str(f"{self.name}:{message.data}")
+                elif message.type is aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(message.data[::-1])
+            return ws
+
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_get("/health", health)
+        app.router.add_route("*", "/code/{code}", status)
+        app.router.add_get("/hold", hold)
+        app.router.add_get("/download", download)
+        app.router.add_get("/flaky", flaky)
+        app.router.add_get("/truncated", truncated)
+        app.router.add_route("*", "/drop", drop)
+        app.router.add_post("/upload", upload)
+        app.router.add_get("/gzip", gzipped)
+        app.router.add_get("/nocontent", no_content)
+        app.router.add_get("/notmodified", not_modified)
+        app.router.add_get("/hop", hop_by_hop)
+        app.router.add_get("/ws", websocket)
+        app.router.add_route("*", "/{tail:.*}", echo)
+        return app
+
+    async def start(self) -> None:
+        self.server = TestServer(self.app(), host="127.0.0.1")
+        await self.server.start_server()
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self.server is not None:
+            await self.server.close()
+
+
+GZIPPED = gzip.compress(b"hello, compressed world " * 100)
+
+
+@pytest.fixture
+async def backends() -> Callable[..., Awaitable[list[TestBackend]]]:
+    started: list[TestBackend] = []
+
+    async def start(*names: str) -> list[TestBackend]:
+        new = [TestBackend(name) for name in names]
+        for backend in new:
+            await backend.start()
+        started.extend(new)
+        return new
+
+    yield start
+    for backend in started:
+        await backend.stop()
+
+
+@pytest.fixture
+def balancer(make_config, start_system):
+    """Start a system in front of the given outside backends."""
+
+    async def start(servers: list[TestBackend], weights: dict[str, int] | None = None, **sections):
+        entries = [{"name": s.name, "url": s.url, "weight": (weights or {}).get(s.name, 1)} for s in servers]
+        sections.setdefault("health", {"interval": 60.0})
+        return await start_system(make_config(backends=entries, **sections))
+
+    return start
+
+
+async def names(http: aiohttp.ClientSession, url: str, count: int, **kwargs) -> list[str]:
+    result = []
+    for _ in range(count):
+        async with http.get(url, **kwargs) as r:
+            assert r.status == 200
+            result.append(r.headers["X-Backend"])
+    return result
+
+
+# --- strategies through the balancer --------------------------------------------------
+
+
+async def test_weighted_round_robin_gives_3_to_1_interleaved(backends, balancer, http) -> None:
+    servers = await backends("heavy", "light")
+    system = await balancer(servers, weights={"heavy": 3})
+    seen = await names(http, system.balancer_url + "/x", 16)
+    assert collections.Counter(seen) == {"heavy": 12, "light": 4}
+    assert "heavy" * 4 not in "".join(seen).replace("light", "-"), "never 4 in a row to one server"
+    for start in range(0, 16, 4):
+        assert seen[start : start + 4].count("light") == 1
+
+
+async def test_least_connections_avoids_the_busy_backend(backends, balancer, http) -> None:
+    busy, idle = await backends("busy", "idle")
+    system = await balancer([busy, idle], balancer={"strategy": "least_connections"})
+    held = asyncio.create_task(http.get(system.balancer_url + "/hold?s=10"))
+    await wait_for(lambda: busy.active + idle.active == 1, message="one request held")
+    holder = busy if busy.active else idle
+    other = idle if holder is busy else busy
+    assert await names(http, system.balancer_url + "/x", 5) == [other.name] * 5
+    holder.release.set()
+    (await held).release()
+
+
+async def test_power_of_two_prefers_the_less_busy_of_two(backends, balancer, http) -> None:
+    busy, idle = await backends("busy", "idle")
+    idle.healthy = False
+    system = await balancer([busy, idle], balancer={"strategy": "power_of_two"})
+    held = [asyncio.create_task(http.get(system.balancer_url + "/hold?s=10")) for _ in range(2)]
+    await wait_for(lambda: busy.active == 2, message="two requests held on the only backend up")
+    idle.healthy = True
+    await system.health_checker.check_once()
+    assert set(await names(http, system.balancer_url + "/x", 5)) == {"idle"}
+    busy.release.set()
+    for task in held:
+        (await task).release()
+
+
+async def test_random_spreads_by_weight(backends, balancer, http) -> None:
+    servers = await backends("a", "b")
+    system = await balancer(servers, weights={"a": 4}, balancer={"strategy": "random"})
+    counts = collections.Counter(await names(http, system.balancer_url + "/x", 200))
+    assert set(counts) == {"a", "b"}
+    assert 0.65 < counts["a"] / 200 < 0.95
+
+
+async def test_consistent_hash_on_a_header_sticks_and_fails_over(backends, balancer, http) -> None:
+    servers = await backends("a", "b", "c", "d")
+    system = await balancer(servers, balancer={"strategy": "consistent_hash", "hash_on": "header:X-User"})
+    homes = {}
+    for user in range(20):
+        seen = await names(http, system.balancer_url + "/x", 3, headers={"X-User": f"user-{user}"})
+        assert len(set(seen)) == 1, "one key, one backend"
+        homes[user] = seen[0]
+    assert len(set(homes.values())) >= 3
+    victim = next(s for s in servers if s.name == homes[0])
+    await victim.stop()
+    for user, home in homes.items():
+        (now,) = set(await names(http, system.balancer_url + "/x", 2, headers={"X-User": f"user-{user}"}))
+        if home != victim.name:
+            assert now == home, "keys of healthy backends do not move"
+        else:
+            assert now != victim.name
+
+
+# --- retries -----------------------------------------------------------------------------
+
+
+async def test_a_503_is_retried_on_another_backend_for_get_only(backends, balancer, http) -> None:
+    sick, good = await backends("sick", "good")
+    system = await balancer([sick, good], health={"interval": 60.0, "passive_5xx": False})
+    # /code/503 answers 503 on every backend, so the retry also gets 503: it shows in the tries.
+    for _ in range(2):
+        async with http.get(system.balancer_url + "/code/503") as r:
+            assert r.status == 503
+    assert sick.hits == 2 and good.hits == 2, "each GET tried both backends"
+    sick.hits = good.hits = 0
+    async with http.post(system.balancer_url + "/code/503") as r:
+        assert r.status == 503
+    assert sick.hits + good.hits == 1, "a POST answered 503 is not replayed"
+
+
+async def test_retries_never_land_on_a_backend_already_tried(backends, balancer, http) -> None:
+    servers = await backends("a", "b", "c")
+    system = await balancer(servers, proxy={"retries": 5}, health={"interval": 60.0, "passive_5xx": False})
+    async with http.get(system.balancer_url + "/code/502") as r:
+        assert r.status == 502
+    assert [s.hits for s in servers] == [1, 1, 1]
+
+
+async def test_retries_setting_caps_the_tries(backends, balancer, http) -> None:
+    servers = await backends("a", "b", "c")
+    system = await balancer(servers, proxy={"retries": 1}, health={"interval": 60.0, "passive_5xx": False})
+    async with http.get(system.balancer_url + "/code/504") as r:
+        assert r.status == 504
+    assert sum(s.hits for s in servers) == 2
+
+
+async def test_every_try_is_in_the_access_log(backends, balancer, http, caplog) -> None:
+    servers = await backends("a", "b")
+    system = await balancer(servers, health={"interval": 60.0, "passive_5xx": False})
+    with caplog.at_level("INFO", logger="lb_system"):
+        async with http.get(system.balancer_url + "/code/503", headers={"X-Request-ID": "retry-log"}) as r:
+            final = r.headers["X-Backend"]
+    (line,) = [r.getMessage() for r in caplog.records if "request_id=retry-log" in r.getMessage()]
+    first = "a" if final == "b" else "b"
+    assert f"backend={final}" in line and f"tries={first}:503,{final}:503" in line
+
+
+async def test_the_retry_budget_caps_concurrent_retries(backends, balancer, http) -> None:
+    first, second = await backends("first", "second")
+    system = await balancer(
+        [first, second],
+        weights={"first": 100},  # every first try goes to "first", every retry to "second"
+        proxy={"retry_budget_percent": 0},
+        health={"interval": 60.0, "passive_5xx": False},
+    )
+    requests = [asyncio.create_task(http.get(system.balancer_url + "/flaky?s=10")) for _ in range(4)]
+    await wait_for(lambda: second.active == 3 and first.hits == 4, message="three retries held, the fourth refused")
+    done, _ = await asyncio.wait(requests, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    (refused,) = done
+    async with await refused as r:
+        assert r.status == 503 and r.headers["X-Backend"] == "first"
+    second.release.set()
+    for task in requests:
+        if task is not refused:
+            async with await task as r:
+                assert r.status == 200 and r.headers["X-Backend"] == "second"
+
+
+async def test_nothing_is_retried_once_the_response_started(backends, balancer, http) -> None:
+    servers = await backends("a", "b")
+    system = await balancer(servers)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(system.balancer_url + "/truncated") as r:
+            assert r.status == 200
+            await r.read()
+    assert sum(s.hits for s in servers) == 1
+
+
+async def test_a_streamed_body_is_not_replayed(backends, balancer, http) -> None:
+    servers = await backends("a", "b")
+    system = await balancer(servers)
+    async with http.put(system.balancer_url + "/drop", data=io.BytesIO(b"x" * (2 * MiB))) as r:
+        assert r.status == 502
+    assert sum(s.hits for s in servers) == 1
+    async with http.put(system.balancer_url + "/drop", data=b"x" * 1000) as r:
+        assert r.status == 502
+    assert sum(s.hits for s in servers) == 3, "a small PUT is buffered, so it is retried once"
+
+
+# --- timeouts ----------------------------------------------------------------------------
+
+
+async def test_a_slow_backend_costs_only_its_own_requests(backends, balancer, http) -> None:
+    slow, fast = await backends("slow", "fast")
+    system = await balancer(
+        [slow, fast], proxy={"per_try_timeout": 0.3, "retries": 0}, balancer={"strategy": "least_connections"}
+    )
+    # The held request goes to one backend; with retries off it gets a 504 from the per-try timeout.
+    started = time.perf_counter()
+    async with http.get(system.balancer_url + "/hold?s=10") as r:
+        assert r.status == 504
+        assert r.content_type == "application/problem+json"
+    assert time.perf_counter() - started < 2.0
+
+    holder = asyncio.create_task(http.get(system.balancer_url + "/hold?s=10"))
+    await wait_for(lambda: slow.active + fast.active == 1, message="a request held")
+    latencies = []
+    for _ in range(20):
+        begun = time.perf_counter()
+        async with http.get(system.balancer_url + "/x") as r:
+            assert r.status == 200
+        latencies.append(time.perf_counter() - begun)
+    assert max(latencies) < 0.25, "other requests keep their usual latency"
+    async with await holder as r:
+        assert r.status == 504
+
+
+async def test_request_timeout_bounds_all_tries(backends, balancer, http) -> None:
+    servers = await backends("a", "b", "c")
+    system = await balancer(servers, proxy={"per_try_timeout": 0.4, "request_timeout": 0.6, "retries": 5})
+    started = time.perf_counter()
+    async with http.get(system.balancer_url + "/hold?s=10") as r:
+        assert r.status == 504
+    assert time.perf_counter() - started < 1.5
+    assert sum(s.hits for s in servers) == 2, "the second try ran out of the request's time"
+
+
+# --- passive health ----------------------------------------------------------------------
+
+
+async def test_consecutive_proxied_failures_eject_before_the_next_check(backends, balancer, http) -> None:
+    sick, good = await backends("sick", "good")
+    system = await balancer([sick, good], health={"interval": 60.0, "passive_fall": 2, "fall": 10})
+    for _ in range(4):
+        async with http.get(system.balancer_url + "/code/500") as r:
+            assert r.status == 500
+    backend = system.pool.get("sick")
+    # Both answered 500; whichever reached passive_fall first is ejected, the cap keeps the other.
+    ejected = [b for b in system.pool.backends if not b.healthy]
+    assert len(ejected) == 1
+    async with http.get(system.balancer_url + "/status") as r:
+        status = {b["name"]: b for b in (await r.json())["backends"]}
+    assert status[ejected[0].name]["ejections"] == 1
+    assert "ejected after 2 failed requests: status 500" in status[ejected[0].name]["transitions"][0]["reason"]
+    del backend
+
+
+async def test_ejection_never_takes_the_last_eligible_backend(backends, balancer, http) -> None:
+    a, b, c, d = await backends("a", "b", "c", "d")
+    system = await balancer([a, b, c, d], health={"interval": 60.0, "passive_fall": 1, "max_ejection_percent": 50})
+    for _ in range(12):
+        async with http.get(system.balancer_url + "/code/500") as r:
+            assert r.status == 500
+    assert system.pool.healthy_count == 2, "50% of 4 backends at most"
+
+
+async def test_an_ejected_backend_returns_through_active_checks(backends, balancer, http) -> None:
+    sick, good = await backends("sick", "good")
+    system = await balancer([sick, good], health={"interval": 60.0, "passive_fall": 1, "rise": 1, "passive_5xx": True})
+    async with http.get(system.balancer_url + "/code/500") as r:
+        ejected = r.headers["X-Backend"]
+    assert not system.pool.get(ejected).healthy
+    await system.health_checker.check_once()
+    assert system.pool.get(ejected).healthy
+
+
+# --- streaming and bodies ------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory")
+async def test_a_200_mib_download_and_100_mib_upload_stream_in_bounded_memory(backends, balancer, http) -> None:
+    (server,) = await backends("big")
+    system = await balancer([server])
+    before = rss_bytes()
+    received = 0
+    async with http.get(system.balancer_url + f"/download?bytes={200 * MiB}") as r:
+        assert r.status == 200 and r.headers["Content-Length"] == str(200 * MiB)
+        async for chunk in r.content.iter_chunked(256 * 1024):
+            received += len(chunk)
+    assert received == 200 * MiB
+
+    async def body():
+        block = b"u" * (256 * 1024)
+        for _ in range(400):
+            yield block
+
+    async with http.post(system.balancer_url + "/upload", data=body()) as r:
+        assert r.status == 200
+        assert (await r.json())["received"] == 100 * MiB
+    growth = rss_bytes() - before
+    assert growth < 50 * MiB, f"memory grew by {growth / MiB:.0f} MiB"
+
+
+async def test_chunked_stays_chunked_and_lengths_are_kept(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+    async with http.get(system.balancer_url + f"/download?bytes={3 * MiB}&chunked=1") as r:
+        assert r.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in r.headers
+        assert len(await r.read()) == 3 * MiB
+    async with http.get(system.balancer_url + "/download?bytes=1000") as r:
+        assert r.headers["Content-Length"] == "1000" and len(await r.read()) == 1000
+
+
+async def test_head_204_and_304_have_no_body(backends, balancer) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+    host, port = system.balancer_url.removeprefix("http://").split(":")
+    for request, status in (
+        (b"HEAD /download?bytes=5000 HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+        (b"GET /nocontent HTTP/1.1\r\nHost: x\r\n\r\n", b"204"),
+        (b"GET /notmodified HTTP/1.1\r\nHost: x\r\n\r\n", b"304"),
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.split()[1] == status
+        if status == b"200":
+            assert b"Content-Length: 5000" in head
+        # Nothing follows the head: the next bytes would be a body.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.2)
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_compressed_bodies_pass_byte_for_byte(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+    async with http.get(system.balancer_url + "/gzip", headers={"Accept-Encoding": "gzip"}) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert await r.read() == GZIPPED
+        assert r.headers["Content-Length"] == str(len(GZIPPED))
+
+
+async def test_a_body_over_the_balancers_limit_is_413(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_body_bytes": 1000})
+    async with http.post(system.balancer_url + "/upload", data=b"x" * 2000) as r:
+        assert r.status == 413
+        assert r.content_type == "application/problem+json"
+    async with http.post(system.balancer_url + "/upload", data=b"x" * 500) as r:
+        assert r.status == 200
+
+
+async def test_a_streamed_upload_over_the_limit_is_413_not_a_backend_failure(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_body_bytes": 300_000})
+
+    async def chunked_body():  # no Content-Length: the balancer only learns the size as it streams
+        for _ in range(10):
+            yield b"x" * 50_000
+
+    async with http.post(system.balancer_url + "/upload", data=chunked_body()) as r:
+        assert r.status == 413
+        assert r.content_type == "application/problem+json"
+    assert system.pool.get("s").consecutive_failures == 0
+
+
+# --- headers -----------------------------------------------------------------------------
+
+
+async def test_forwarding_headers_are_set_and_host_passes_through(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+    async with http.get(
+        system.balancer_url + "/x",
+        headers={"Host": "shop.example", "X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "evil", "Via": "1.0 edge"},
+    ) as r:
+        seen = (await r.json())["headers"]
+    assert seen["Host"] == "shop.example"
+    assert seen["X-Forwarded-For"] == "127.0.0.1", "an untrusted client's X-Forwarded-For is replaced"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == "shop.example"
+    assert seen["Via"] == "1.0 edge, 1.1 lb_system"
+
+
+async def test_a_trusted_proxys_forwarded_for_is_appended(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"trusted_proxies": ["127.0.0.0/8"]})
+    async with http.get(
+        system.balancer_url + "/x", headers={"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https"}
+    ) as r:
+        seen = (await r.json())["headers"]
+    assert seen["X-Forwarded-For"] == "6.6.6.6, 127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "https"
+
+
+async def test_hop_by_hop_headers_are_dropped_both_ways(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+    async with http.get(
+        system.balancer_url + "/x",
+        headers={"Connection": "keep-alive, X-Client-Hop", "X-Client-Hop": "1", "TE": "trailers",
+                 "Proxy-Authorization": "Basic eA==", "X-Kept": "yes"},
+    ) as r:
+        seen = (await r.json())["headers"]
+    for name in ("X-Client-Hop", "TE", "Proxy-Authorization"):
+        assert name not in seen
+    assert seen["X-Kept"] == "yes"
+    async with http.get(system.balancer_url + "/hop") as r:
+        assert "X-Secret-Hop" not in r.headers and "Keep-Alive" not in r.headers
+        assert r.headers["X-End-To-End"] == "kept"
+
+
+# --- websockets --------------------------------------------------------------------------
+
+
+async def test_websockets_are_proxied_both_ways(backends, balancer, http) -> None:
+    (server,) = await backends("ws-backend")
+    system = await balancer([server])
+    async with http.ws_connect(system.balancer_url + "/ws", protocols=("chat",)) as ws:
+        assert ws.protocol == "chat"
+        await ws.send_str("hello")
+        assert (await ws.receive_str(timeout=5)) == "ws-backend:hello"
+        await ws.send_bytes(b"abc")
+        assert (await ws.receive_bytes(timeout=5)) == b"cba"
+    await wait_for(lambda: system.pool.get("ws-backend").active_requests == 0, message="tunnel closed")
+
+
+# --- limits --------------------------------------------------------------------------------
+
+
+async def test_past_the_connection_and_pending_caps_requests_are_shed_with_503(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_connections_per_backend": 2, "max_pending": 2})
+    held = [asyncio.create_task(http.get(system.balancer_url + "/hold?s=10")) for _ in range(4)]
+    await wait_for(lambda: system.balancer_app is not None and server.active == 2, message="two connections busy")
+    await asyncio.sleep(0)  # the other two are queued for a connection
+    await wait_for(lambda: _forwarder(system).in_flight == 4, message="four in flight")
+    started = time.perf_counter()
+    async with http.get(system.balancer_url + "/x") as r:
+        assert r.status == 503
+        assert r.headers["Retry-After"] == "1"
+        assert "Too many requests" in (await r.json(content_type=None))["detail"]
+    assert time.perf_counter() - started < 0.5, "shed at once, not queued"
+    server.release.set()
+    for task in held:
+        async with await task as r:
+            assert r.status == 200
+    async with http.get(system.balancer_url + "/errors/stats") as r:
+        assert (await r.json())["error_types"]["503_SERVICE_UNAVAILABLE"] == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory")
+async def test_memory_stays_flat_under_overload(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_connections_per_backend": 4, "max_pending": 8})
+    held = [asyncio.create_task(http.get(system.balancer_url + "/hold?s=30")) for _ in range(12)]
+    await wait_for(lambda: _forwarder(system).in_flight == 12, message="caps full")
+
+    async def burst() -> collections.Counter:
+        async def one() -> int:
+            async with http.get(system.balancer_url + "/x") as r:
+                await r.read()
+                return r.status
+
+        return collections.Counter(await asyncio.gather(*(one() for _ in range(200))))
+
+    await burst()  # warm-up: connection pools, caches
+    before = rss_bytes()
+    for _ in range(5):
+        assert await burst() == {503: 200}
+    growth = rss_bytes() - before
+    assert growth < 8 * MiB, f"grew {growth / MiB:.1f} MiB while shedding 1000 requests"
+    server.release.set()
+    for task in held:
+        (await task).release()
+
+
+async def test_an_oversized_header_is_refused(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"max_header_bytes": 1024})
+    async with http.get(system.balancer_url + "/x", headers={"X-Big": "b" * 2000}) as r:
+        assert r.status in (400, 431)
+    async with http.get(system.balancer_url + "/x", headers={"X-Big": "b" * 500}) as r:
+        assert r.status == 200
+
+
+async def test_idle_client_connections_are_closed_after_idle_timeout(backends, balancer) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"idle_timeout": 0.3})
+    host, port = system.balancer_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+    started = time.perf_counter()
+    assert await asyncio.wait_for(reader.read(1), 5) == b"", "the server closed the idle connection"
+    assert time.perf_counter() - started < 3
+    writer.close()
+    await writer.wait_closed()
+
+
+def _forwarder(system):
+    from lb_system.keys import FORWARDER
+
+    return system.balancer_app[FORWARDER]

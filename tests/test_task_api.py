@@ -1,0 +1,226 @@
+"""The task REST API of one backend, over a real socket, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from lb_system import ErrorTracker, TaskStore, make_backend_app
+from lb_system.config import ApiConfig
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    store = TaskStore(tmp_path / "tasks.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def tracker() -> ErrorTracker:
+    return ErrorTracker(50)
+
+
+@pytest.fixture
+async def client(aiohttp_client, store, tracker) -> TestClient:
+    app = make_backend_app(
+        "backend-1", store=store, tracker=tracker, api=ApiConfig(max_body_bytes=4096), logger=logging.getLogger("t")
+    )
+    return await aiohttp_client(app)
+
+
+async def assert_problem(response, status: int, detail: str | None = None) -> dict:
+    assert response.status == status
+    assert response.content_type == PROBLEM
+    body = await response.json(content_type=PROBLEM)
+    assert body["status"] == status
+    assert body["type"] == "about:blank"
+    assert body["instance"] == response.url.path
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    if detail is not None:
+        assert body["detail"] == detail
+    return body
+
+
+async def test_health_names_the_server(client) -> None:
+    response = await client.get("/health")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok", "server": "backend-1"}
+
+
+async def test_health_is_503_when_the_database_is_gone(client, store) -> None:
+    await store.close()
+    await assert_problem(await client.get("/health"), 503)
+
+
+async def test_create_returns_201_location_and_the_task(client) -> None:
+    response = await client.post("/tasks", json={"title": "  Write tests  ", "description": "real ones"})
+    assert response.status == 201
+    task = await response.json()
+    assert response.headers["Location"] == f"/tasks/{task['id']}"
+    assert task["title"] == "Write tests"
+    assert task["description"] == "real ones"
+    assert task["done"] is False
+    assert task["created_at"].endswith("Z") and task["created_at"] == task["updated_at"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"   ", b"{not json", b"[]", b"{}", b'"a string"', b"null", b"\xff\xfe"],
+    ids=["empty", "blank", "malformed", "array", "empty-object", "string", "null", "not-utf8"],
+)
+async def test_bad_json_bodies_are_400_empty_or_malformed(client, body: bytes) -> None:
+    response = await client.post("/tasks", data=body, headers={"Content-Type": "application/json"})
+    await assert_problem(response, 400, "Empty or malformed JSON body")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"description": "no title"}, "title"),
+        ({"title": ""}, "title"),
+        ({"title": "   "}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"title": 5}, "title"),
+        ({"title": "ok", "description": "d" * 2001}, "description"),
+        ({"title": "ok", "done": "yes"}, "done"),
+        ({"title": "ok", "owner": "me"}, "owner"),
+    ],
+)
+async def test_invalid_fields_are_400_naming_the_field(client, body: dict, field: str) -> None:
+    problem = await assert_problem(await client.post("/tasks", json=body), 400)
+    assert f"'{field}'" in problem["detail"]
+
+
+async def test_non_json_content_type_is_415(client) -> None:
+    response = await client.post("/tasks", data="title=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    await assert_problem(response, 415)
+
+
+async def test_body_over_max_body_bytes_is_413(client) -> None:
+    response = await client.post("/tasks", json={"title": "x", "description": "d" * 5000})
+    await assert_problem(response, 413)
+
+
+async def test_get_unknown_task_is_404_with_detail(client) -> None:
+    await assert_problem(await client.get("/tasks/999999"), 404, "Task 999999 not found")
+    await assert_problem(await client.get("/tasks/abc"), 404, "Task abc not found")
+
+
+async def test_list_filters_pages_and_counts_in_id_order(client) -> None:
+    for index in range(5):
+        await client.post("/tasks", json={"title": f"t{index}", "done": index % 2 == 0})
+    body = await (await client.get("/tasks")).json()
+    assert [t["title"] for t in body["tasks"]] == ["t0", "t1", "t2", "t3", "t4"]
+    assert (body["total"], body["limit"], body["offset"]) == (5, 100, 0)
+    done = await (await client.get("/tasks", params={"done": "true", "limit": "2", "offset": "1"})).json()
+    assert [t["title"] for t in done["tasks"]] == ["t2", "t4"]
+    assert (done["total"], done["limit"], done["offset"]) == (3, 2, 1)
+    beyond = await (await client.get("/tasks", params={"offset": "10"})).json()
+    assert beyond["tasks"] == [] and beyond["total"] == 5
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [({"done": "maybe"}, "done"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "x"}, "limit"), ({"offset": "-1"}, "offset")],
+)
+async def test_bad_query_values_are_400_naming_them(client, query: dict, name: str) -> None:
+    problem = await assert_problem(await client.get("/tasks", params=query), 400)
+    assert f"'{name}'" in problem["detail"]
+
+
+async def test_put_replaces_and_patch_updates_a_subset(client) -> None:
+    task = await (await client.post("/tasks", json={"title": "a", "description": "keep?", "done": True})).json()
+    replaced = await client.put(f"/tasks/{task['id']}", json={"title": "b"})
+    assert replaced.status == 200
+    body = await replaced.json()
+    assert (body["title"], body["description"], body["done"]) == ("b", "", False)
+    patched = await (await client.patch(f"/tasks/{task['id']}", json={"done": True})).json()
+    assert (patched["title"], patched["done"]) == ("b", True)
+    assert patched["updated_at"] >= patched["created_at"]
+    await assert_problem(await client.put(f"/tasks/{task['id']}", json={"done": True}), 400)
+    await assert_problem(await client.patch(f"/tasks/{task['id']}", json={"title": None}), 400)
+    await assert_problem(await client.patch("/tasks/424242", json={"done": True}), 404, "Task 424242 not found")
+
+
+async def test_delete_is_204_then_404(client) -> None:
+    task = await (await client.post("/tasks", json={"title": "gone soon"})).json()
+    response = await client.delete(f"/tasks/{task['id']}")
+    assert response.status == 204
+    assert await response.read() == b""
+    await assert_problem(await client.delete(f"/tasks/{task['id']}"), 404)
+    await assert_problem(await client.get(f"/tasks/{task['id']}"), 404)
+
+
+async def test_crash_is_500_without_traceback_and_logged(client, caplog) -> None:
+    with caplog.at_level(logging.ERROR, logger="t"):
+        response = await client.get("/debug/crash")
+        problem = await assert_problem(response, 500, "Internal server error")
+    assert "ZeroDivisionError" not in str(problem)
+    assert any("ZeroDivisionError" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+async def test_crash_endpoint_is_404_when_debug_endpoints_are_off(aiohttp_client, store, tracker) -> None:
+    app = make_backend_app(
+        "b", store=store, tracker=tracker, api=ApiConfig(debug_endpoints=False), logger=logging.getLogger("t")
+    )
+    client = await aiohttp_client(app)
+    await assert_problem(await client.get("/debug/crash"), 404)
+
+
+async def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(client) -> None:
+    await assert_problem(await client.get("/nope"), 404)
+    response = await client.post("/tasks/1", json={"title": "x"})
+    await assert_problem(response, 405)
+    assert set(response.headers["Allow"].split(",")) >= {"GET", "PUT", "PATCH", "DELETE"}
+
+
+async def test_every_failed_request_is_recorded_once(client, tracker) -> None:
+    await client.post("/tasks", data=b"", headers={"Content-Type": "application/json"})
+    await client.get("/tasks/999999")
+    await client.get("/debug/crash")
+    await client.get("/tasks")
+    stats = tracker.stats()
+    assert stats["total_errors"] == 3
+    assert stats["error_types"]["400_BAD_REQUEST"] == 1
+    assert stats["error_types"]["404_NOT_FOUND"] == 1
+    assert stats["error_types"]["500_INTERNAL_ERROR"] == 1
+    assert stats["by_server"] == {"backend-1": 3}
+    newest = stats["recent_errors"][0]
+    assert (newest["status"], newest["path"], newest["method"]) == (500, "/debug/crash", "GET")
+
+
+async def test_client_request_id_is_kept_when_valid_and_replaced_otherwise(client) -> None:
+    kept = await client.get("/tasks/5", headers={"X-Request-ID": "abc.DEF_123-x"})
+    assert kept.headers["X-Request-ID"] == "abc.DEF_123-x"
+    for bad in ("has space", "x" * 129, "semi;colon"):
+        replaced = await client.get("/tasks/5", headers={"X-Request-ID": bad})
+        assert replaced.headers["X-Request-ID"] != bad
+        assert 1 <= len(replaced.headers["X-Request-ID"]) <= 128
+
+
+async def test_concurrent_creation_gives_unique_ids(client) -> None:
+    responses = await asyncio.gather(*(client.post("/tasks", json={"title": f"t{i}"}) for i in range(50)))
+    ids = [(await r.json())["id"] for r in responses]
+    assert all(r.status == 201 for r in responses)
+    assert len(set(ids)) == 50
+
+
+async def test_tasks_survive_a_restart_of_the_store(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.db")
+    await store.open()
+    created = await store.create("persist me")
+    await store.close()
+    reopened = TaskStore(tmp_path / "tasks.db")
+    await reopened.open()
+    try:
+        assert await reopened.get(created["id"]) == created
+    finally:
+        await reopened.close()
