@@ -85,6 +85,9 @@ class Metrics:
         )
         self.retries = Counter("lb_retries", "Retries away from a backend whose try failed.", ["backend"], registry=r)
         self.no_backend = Counter("lb_no_backend", "503 answers for want of a healthy backend.", registry=r)
+        # (backend, method, status) -> its two series: labels() locks and validates on every call.
+        # As bounded as the labels themselves (config names, standard methods, status codes).
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         r.register(_ScrapeTimeState(pool, tracker))
         # Zero series from the start, so rate() and alerts see the first increase.
         for backend in pool.backends:
@@ -97,8 +100,15 @@ class Metrics:
     def observe_request(self, done: ProxiedRequest) -> None:
         """A forwarder listener."""
         method = done.method if done.method in _METHODS else "OTHER"
-        self.requests.labels(done.backend, method, str(done.status)).inc()
-        self.request_duration.labels(done.backend).observe(done.duration_s)
+        key = (done.backend, method, done.status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (
+                self.requests.labels(done.backend, method, str(done.status)),
+                self.request_duration.labels(done.backend),
+            )
+        series[0].inc()
+        series[1].observe(done.duration_s)
         for name in done.retried_from:
             self.retries.labels(name).inc()
         if done.no_backend:
