@@ -28,6 +28,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -374,16 +375,46 @@ def start_server(workdir: Path, placement: Placement) -> tuple[subprocess.Popen,
     return process, json.loads(line)
 
 
-def measure_case(gen: Generator, name: str, url: str, pids: list[int], args: argparse.Namespace) -> dict:
-    """32 connections (with the CPU the serving processes spent per request), 1 connection, fixed rate."""
+def throughput_rounds(gen: Generator, urls: dict[str, str], pids: dict[str, list[int]], args: argparse.Namespace) -> dict:
+    """32 connections, every case once per round, rounds interleaved: a neighbour's load on a
+    shared machine then falls on all cases alike instead of on whichever ran at that moment."""
+    per_case: dict[str, list[dict]] = {name: [] for name in urls}
+    window = args.duration / args.rounds
+    for number in range(1, args.rounds + 1):
+        print(f"  round {number}/{args.rounds}: {args.connections} connections, {window:g} s per case ...", flush=True)
+        for name, url in urls.items():
+            if args.warmup > 0:
+                gen.closed_loop(url, args.connections, args.warmup, 0)
+            before = cpu_seconds(pids[name])
+            run = gen.closed_loop(url, args.connections, window, 0)
+            run["cpu_s"] = cpu_seconds(pids[name]) - before
+            per_case[name].append(run)
+    results = {}
+    for name, runs in per_case.items():
+        requests = sum(r["requests"] for r in runs)
+        seconds = sum(r["seconds"] for r in runs)
+        results[name] = {
+            "generator": runs[0]["generator"],
+            "connections": args.connections,
+            "rounds": len(runs),
+            "seconds": round(seconds, 3),
+            "requests": requests,
+            "rps": round(requests / seconds, 1),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p90_ms": statistics.median(r["p90_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "max_ms": max(r["max_ms"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+            "non_2xx": sum(r["non_2xx"] for r in runs),
+            "cpu_us_per_request": round(sum(r["cpu_s"] for r in runs) / max(1, requests) * 1e6, 1),
+            "rounds_rps": [r["rps"] for r in runs],
+        }
+    return results
+
+
+def latency_case(gen: Generator, name: str, url: str, args: argparse.Namespace) -> dict:
+    """One connection (closed loop), and the fixed moderate rate (bundled generator)."""
     result: dict[str, dict] = {}
-    print(f"  {LABELS[name]}: {args.connections} connections ...", flush=True)
-    if args.warmup > 0:
-        gen.closed_loop(url, args.connections, args.warmup, 0)
-    before = cpu_seconds(pids)
-    result["c32"] = gen.closed_loop(url, args.connections, args.duration, 0)
-    spent = cpu_seconds(pids) - before
-    result["c32"]["cpu_us_per_request"] = round(spent / max(1, result["c32"]["requests"]) * 1e6, 1)
     print(f"  {LABELS[name]}: 1 connection ...", flush=True)
     result["c1"] = gen.closed_loop(url, 1, args.latency_duration, 0.5)
     if args.rate:
@@ -446,6 +477,13 @@ def summarize(results: dict) -> dict:
             added[name]["rate_p50_ms"] = round(case["rate"]["p50_ms"] - cases["direct"]["rate"]["p50_ms"], 3)
             added[name]["rate_p99_ms"] = round(case["rate"]["p99_ms"] - cases["direct"]["rate"]["p99_ms"], 3)
     summary["added_latency_ms"] = added
+    # The same ratios round by round (each round ran every case back to back).
+    per_round: dict[str, list[float]] = {}
+    for a, b in (("balancer", "direct"), ("balancer", "nginx"), ("balancer", "haproxy"), ("balancer", "bare")):
+        if a in cases and b in cases:
+            pairs = zip(cases[a]["c32"]["rounds_rps"], cases[b]["c32"]["rounds_rps"])
+            per_round[f"{a}/{b}"] = [round(x / y, 3) for x, y in pairs if y]
+    summary["ratios_per_round"] = per_round
     return summary
 
 
@@ -496,7 +534,8 @@ def render(results: dict) -> str:
     rate = results["settings"]["rate"]
     lines = [
         f"lb_system benchmark: GET {PATH} ({results['settings']['body_bytes']} bytes), "
-        f"{results['settings']['connections']} connections for {results['settings']['duration']:g} s per case",
+        f"{results['settings']['connections']} connections for {results['settings']['duration']:g} s per case "
+        f"in {results['settings']['rounds']} interleaved rounds",
         f"generator: {results['machine']['generator']}; server loop: {results['machine']['loop']}; "
         f"{results['machine']['cpus']} CPUs, {results['machine']['placement']}",
         "",
@@ -524,10 +563,12 @@ def render(results: dict) -> str:
     lines.append("")
     lines.append(
         "CPU µs/req: CPU time of the serving processes (the system process, plus nginx's or HAProxy's) per request "
-        "at 32 connections; unlike req/s it hardly moves when something else shares the machine."
+        "at 32 connections; it moves less than req/s when something else shares the machine."
     )
     ratios = ", ".join(f"{k} {v:.2f}" for k, v in summary["ratios"].items() if v is not None)
     lines.append(f"ratios (req/s): {ratios}")
+    rounds = "; ".join(f"{k} {', '.join(f'{v:.2f}' for v in vs)}" for k, vs in summary["ratios_per_round"].items())
+    lines.append(f"per round: {rounds}")
     memory = results["memory"]
     lines.append(
         f"system RSS: {memory['start_mib']} MiB at start, {memory['end_mib']} MiB after "
@@ -550,8 +591,9 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per case at 32 connections")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measurement")
+    parser.add_argument("--duration", type=float, default=9.0, help="measured seconds per case at 32 connections")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the --duration is split into")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measured window")
     parser.add_argument("--latency-duration", type=float, default=3.0, help="seconds at 1 connection and at --rate")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--high-connections", type=int, default=256, help="the balancer's overload check")
@@ -632,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                         "body_bytes": len(expected),
                         "connections": args.connections,
                         "duration": args.duration,
+                        "rounds": args.rounds,
                         "warmup": args.warmup,
                         "latency_duration": args.latency_duration,
                         "rate": args.rate,
@@ -643,14 +686,14 @@ def main(argv: list[str] | None = None) -> int:
                 pids = {name: [server.pid] for name in urls}
                 for name, process in proxies.items():
                     pids[name] += process_tree(process.pid)
-                for name in CASES:
-                    if name in urls and name in wanted:
-                        results["cases"][name] = measure_case(gen, name, urls[name], pids[name], args)
-                        served += sum(part["requests"] for part in results["cases"][name].values())
+                measured = {name: urls[name] for name in CASES if name in urls and name in wanted}
+                for name, c32 in throughput_rounds(gen, measured, pids, args).items():
+                    results["cases"][name] = {"c32": c32}
+                for name, url in measured.items():
+                    results["cases"][name].update(latency_case(gen, name, url, args))
+                    served += sum(part["requests"] for part in results["cases"][name].values())
                 print(f"  {LABELS['balancer']}: {args.high_connections} connections ...", flush=True)
-                results["balancer_high"] = gen.closed_loop(
-                    urls["balancer"], args.high_connections, args.duration / 2, args.warmup / 2
-                )
+                results["balancer_high"] = gen.closed_loop(urls["balancer"], args.high_connections, 5, args.warmup)
                 served += results["balancer_high"]["requests"]
                 results["memory"] = {
                     "start_mib": round(rss_start / 1024, 1) if rss_start else None,
