@@ -165,7 +165,17 @@ class LeastConnections:
         return chosen
 
 
-class PowerOfTwo:
+class _Randomized:
+    """Shared by the strategies that draw at random: an injectable rng, no membership state."""
+
+    def __init__(self, *, rng: random.Random | None = None) -> None:
+        self._rng = rng if rng is not None else random.Random()
+
+    def set_backends(self, all_backends: Sequence[BackendView]) -> None:
+        """No-op: this strategy needs only the candidates."""
+
+
+class PowerOfTwo(_Randomized):
     """Power of two choices.
 
     Draws two distinct candidates, each draw weighted by `weight` (sampling
@@ -175,12 +185,6 @@ class PowerOfTwo:
     """
 
     name = "power_of_two"
-
-    def __init__(self, *, rng: random.Random | None = None) -> None:
-        self._rng = rng if rng is not None else random.Random()
-
-    def set_backends(self, all_backends: Sequence[BackendView]) -> None:
-        """No-op: this strategy needs only the candidates."""
 
     def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
         """Pick the less busy of two weighted random draws; `key` is ignored."""
@@ -194,16 +198,10 @@ class PowerOfTwo:
         return second if second.active_requests < first.active_requests else first
 
 
-class RandomChoice:
+class RandomChoice(_Randomized):
     """Random pick weighted by `weight`."""
 
     name = "random"
-
-    def __init__(self, *, rng: random.Random | None = None) -> None:
-        self._rng = rng if rng is not None else random.Random()
-
-    def set_backends(self, all_backends: Sequence[BackendView]) -> None:
-        """No-op: this strategy needs only the candidates."""
 
     def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
         """Pick a backend with probability proportional to its weight; `key` is ignored."""

@@ -38,6 +38,39 @@ async def wait_for(
         await asyncio.sleep(0.01)
 
 
+async def refused(url: str) -> bool:
+    """True when nothing accepts connections at the URL's host and port."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
+
+
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+class FakeClock:
+    """A clock whose time only moves when a test sets or advances ``now``."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():

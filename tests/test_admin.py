@@ -8,7 +8,7 @@ import logging
 import aiohttp
 import pytest
 
-from conftest import wait_for
+from conftest import refused, wait_for
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -19,16 +19,6 @@ def admin_token(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("LB_ADMIN_TOKEN", TOKEN)
     return TOKEN
 
-
-async def refused(url: str) -> bool:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    try:
-        _, writer = await asyncio.open_connection(host, int(port))
-    except OSError:
-        return True
-    writer.close()
-    await writer.wait_closed()
-    return False
 
 
 async def post(http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = AUTH) -> tuple[int, dict]:

@@ -8,28 +8,10 @@ from typing import Any
 
 import pytest
 
+from conftest import T0, FakeClock
+
 from lb_system import error_tracker as et
 from lb_system.error_tracker import ErrorTracker, error_type
-
-T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
-
-
-class FakeClock:
-    """A clock whose time only moves when a test sets or advances ``now``."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from lb_system.cli import _install_reload_signal
 from lb_system.config import parse_config
 from lb_system.reload import RestartRequired, plan_reload
 
-from conftest import FAST_HEALTH, wait_for
+from conftest import FAST_HEALTH, refused, wait_for
 
 WATCH = 0.05  # seconds between polls of the file in these tests
 
@@ -32,16 +32,6 @@ async def status(http: aiohttp.ClientSession, system) -> dict:
 def names(data: dict) -> list[str]:
     return [b["name"] for b in data["backends"]]
 
-
-async def refused(url: str) -> bool:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    try:
-        _, writer = await asyncio.open_connection(host, int(port))
-    except OSError:
-        return True
-    writer.close()
-    await writer.wait_closed()
-    return False
 
 
 def free_port() -> int:

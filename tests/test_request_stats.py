@@ -5,29 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import T0, FakeClock
+
 from lb_system.backend_pool import Backend, BackendPool
 from lb_system.config import HealthConfig
 from lb_system.error_tracker import ErrorTracker
 from lb_system.proxy import ProxiedRequest, TryResult
 from lb_system.request_stats import LATENCY_SAMPLES, RequestStats, SecondRing, percentile
-
-T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def answered(backend: str, status: int, ms: float) -> ProxiedRequest:

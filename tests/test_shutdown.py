@@ -13,21 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import FAST_HEALTH, toml_text, wait_for
+from conftest import FAST_HEALTH, refused, toml_text, wait_for
 from lb_system import System
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-async def refused(url: str) -> bool:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    try:
-        _, writer = await asyncio.open_connection(host, int(port))
-    except OSError:
-        return True
-    writer.close()
-    await writer.wait_closed()
-    return False
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no SIGTERM to deliver to a child gracefully")
