@@ -281,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         work = fixed_rate(args.url, args.connections, args.duration, args.warmup, args.rate)
     else:
         work = closed_loop(args.url, args.connections, args.duration, args.warmup)
-    with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-        result = runner.run(work)
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
+            result = runner.run(work)
+    except OSError as error:
+        print(f"loadgen: cannot reach {args.url}: {error}", file=sys.stderr)
+        return 1
     result["loop"] = "uvloop" if new_event_loop_factory() else "asyncio"
     json.dump(result, sys.stdout)
     print()

@@ -427,13 +427,15 @@ def long_run(gen: Generator, url: str, pid: int, args: argparse.Namespace) -> di
     """RSS after a warm-up, then while a million requests go through the balancer, in chunks."""
     print(f"  warm-up: {args.long_warmup:,} requests through the balancer ...", flush=True)
     warmed = 0
-    while warmed < args.long_warmup:
+    for _ in range(10):  # bounded even if the balancer answers nothing
         warmed += gen.closed_loop(url, args.connections, 10, 0)["requests"]
+        if warmed >= args.long_warmup:
+            break
     baseline = rss_kib(pid)
     samples = [{"requests": 0, "rss_kib": baseline}]
     total, errors = 0, 0
     started_at = time.monotonic()
-    while total < args.long_requests:
+    while total < args.long_requests and time.monotonic() - started_at < args.long_max_seconds:
         chunk = gen.closed_loop(url, args.connections, 30, 0)
         total += chunk["requests"]
         errors += chunk["errors"]
@@ -605,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="also measure RSS growth over --long-requests (minutes)")
     parser.add_argument("--long-requests", type=int, default=1_000_000)
     parser.add_argument("--long-warmup", type=int, default=100_000)
+    parser.add_argument("--long-max-seconds", type=float, default=1800, help="stop the long run after this long anyway")
     parser.add_argument("--json", type=Path, help="where to write the JSON (default: benchmarks/results/)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
     args = parser.parse_args(argv)
