@@ -4,7 +4,6 @@ reload, and resetting the error counters. Every admin request is logged, never i
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import os
 import re
@@ -16,7 +15,7 @@ from .backend_pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
 from .config import Config, ConfigError
 from .error_tracker import ErrorTracker
 from .keys import ADMIN_CONTROL
-from .problems import Handler
+from .problems import Handler, json_response
 
 if TYPE_CHECKING:
     from .reload import ReloadPlan
@@ -130,10 +129,6 @@ def make_admin_middleware(logger: logging.Logger) -> web.middleware:
     return admin_middleware
 
 
-def _json(data: object) -> web.Response:
-    return web.Response(body=json.dumps(data).encode(), content_type="application/json")
-
-
 async def backend_action(request: web.Request) -> web.Response:
     control = request.app[ADMIN_CONTROL]
     name, action = request.match_info["name"], request.match_info["action"]
@@ -152,7 +147,7 @@ async def backend_action(request: web.Request) -> web.Response:
             changed = await (control.stop_backend(name) if action == "stop" else control.start_backend(name))
         except ActionRefused as error:
             raise web.HTTPConflict(text=f"Backend '{name}' cannot {action}: {error}") from None
-    return _json({"action": action, "backend": name, "changed": changed, "status": backend.status_dict()})
+    return json_response({"action": action, "backend": name, "changed": changed, "status": backend.status_dict()})
 
 
 async def reload_config(request: web.Request) -> web.Response:
@@ -161,14 +156,14 @@ async def reload_config(request: web.Request) -> web.Response:
         plan = await control.reload(f"admin({request.remote or '-'})")
     except ConfigError as error:
         raise web.HTTPBadRequest(text=str(error)) from None
-    return _json({"reloaded": True, **plan.summary()})
+    return json_response({"reloaded": True, **plan.summary()})
 
 
 async def reset_error_stats(request: web.Request) -> web.Response:
     tracker = request.app[ADMIN_CONTROL].tracker
     cleared = tracker.total
     tracker.reset()
-    return _json({"reset": True, "cleared_errors": cleared})
+    return json_response({"reset": True, "cleared_errors": cleared})
 
 
 async def unknown_admin_path(request: web.Request) -> web.Response:

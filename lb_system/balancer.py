@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -29,29 +28,24 @@ from .keys import (
 )
 from .live import LiveFeed
 from .metrics import CONTENT_TYPE, Metrics
-from .problems import CATCH_ALL_VARIABLE, make_problem_middleware
-from .proxy import Forwarder
+from .problems import CATCH_ALL_VARIABLE, json_response, make_problem_middleware
+from .proxy import BALANCER, Forwarder
 from .request_stats import RequestStats
 from .status import status_document
 from .transport import make_client_session
 
-BALANCER = "balancer"
-
-
-def _json(data: object) -> web.Response:
-    return web.Response(body=json.dumps(data).encode(), content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
     pool = request.app[BACKEND_POOL]
-    return _json(
+    return json_response(
         {"status": pool.health_word(), "healthy_backends": pool.healthy_count, "total_backends": len(pool.backends)}
     )
 
 
 async def status(request: web.Request) -> web.Response:
     control = request.app.get(ADMIN_CONTROL)
-    return _json(
+    return json_response(
         status_document(
             request.app[BACKEND_POOL],
             request.app[REQUEST_STATS],
@@ -72,7 +66,7 @@ def _positive_int_query(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None:
         return None
-    if not raw.isdigit() or not 0 < int(raw) < 1_000_000:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or not 0 < int(raw) < 1_000_000:
         raise web.HTTPBadRequest(text=f"Invalid query parameter '{name}': must be a positive integer, got {raw!r}")
     return int(raw)
 
@@ -85,7 +79,7 @@ async def error_stats(request: web.Request) -> web.Response:
     if status_filter is not None and not 400 <= status_filter <= 599:
         raise web.HTTPBadRequest(text=f"Invalid query parameter 'status': must be 400-599, got {status_filter}")
     limit = _positive_int_query(request, "limit")
-    return _json(request.app[ERROR_TRACKER].stats(server=server, status=status_filter, limit=limit))
+    return json_response(request.app[ERROR_TRACKER].stats(server=server, status=status_filter, limit=limit))
 
 
 # The balancer's own paths: a wrong method there is the balancer's 405, never forwarded.
@@ -177,5 +171,5 @@ def make_balancer_app(
     app.router.add_get("/errors/stats", error_stats)
     if control is not None:
         add_admin_routes(app, control)
-    app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", ":.*}"), forward)
+    app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", r":[\s\S]*}"), forward)
     return app

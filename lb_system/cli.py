@@ -14,7 +14,7 @@ from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .demo import Unreachable, run_demo
 from .failover import run_failover
 from .log import configure_logging
-from .system import StartupError, System
+from .system import StartupError, System, dial_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "demo":
-        url = args.url or f"http://{config.balancer.host}:{config.balancer.port}"
+        url = args.url or dial_url(config.balancer.host, config.balancer.port)
         try:
             if args.failover:
-                token_env = config.admin.token_env if config is not None else "LB_ADMIN_TOKEN"
+                token_env = (config or Config()).admin.token_env
                 token = os.environ.get(token_env, "")
                 if not token:
                     print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
 ERROR_TRACKER = web.AppKey("error_tracker", "ErrorTracker")
 TASK_STORE = web.AppKey("task_store", "TaskStore")
 SERVER_NAME = web.AppKey("server_name", str)
-LOGGER = web.AppKey("logger", logging.Logger)
 BACKEND_POOL = web.AppKey("backend_pool", "BackendPool")
 HEALTH_CHECKER = web.AppKey("health_checker", "HealthChecker")
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)

@@ -255,7 +255,3 @@ def configure_logging(config: LogConfig, *, console: bool = True) -> logging.han
     logger.propagate = False
     listener.start()
     return listener
-
-
-def set_level(level: str) -> None:
-    logging.getLogger(LOGGER_NAME).setLevel(level)

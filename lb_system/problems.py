@@ -40,6 +40,11 @@ def status_title(status: int) -> str:
         return "Error"
 
 
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer (aiohttp's json_response, without its per-call keyword plumbing)."""
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json", headers=headers)
+
+
 def problem_body(status: int, detail: str, *, instance: str, request_id: str, **extra: object) -> bytes:
     body = {
         "type": "about:blank",
@@ -104,7 +109,7 @@ def make_problem_middleware(
         try:
             response = await handler(request)
         except web.HTTPException as error:
-            if error.status < 400:
+            if error.status < 400 or request.writer.output_size > 0:
                 raise
             headers = {k: v for k, v in error.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
             response = problem_response(
@@ -122,6 +127,8 @@ def make_problem_middleware(
                 request.path,
                 request_id,
             )
+            if request.writer.output_size > 0:
+                raise  # bytes already went out: aiohttp cuts the connection, the only honest signal left
             response = problem_response(500, "Internal server error", instance=request.path, request_id=request_id)
         if response.status >= 400 and not response.get(UPSTREAM_RECORDED, False):
             tracker.record(

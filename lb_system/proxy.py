@@ -7,6 +7,7 @@ retry policy; this module only moves bytes and reports what happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -129,6 +130,10 @@ class ProxiedRequest:
 RequestListener = Callable[[ProxiedRequest], None]
 
 
+def _no_backend(request: web.Request, request_id: str) -> web.Response:
+    return problem_response(503, NO_BACKEND, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
+
+
 class _TryFailed(Exception):
     def __init__(self, kind: FailureKind, reason: str) -> None:
         super().__init__(reason)
@@ -154,7 +159,6 @@ class Forwarder:
         self.apply_config(config)
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
         self.in_flight = 0
-        self.shed = 0
         self.listeners: list[RequestListener] = []
 
     def apply_config(self, config: Config) -> None:
@@ -197,8 +201,8 @@ class Forwarder:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request[REQUEST_ID]
-        if self.in_flight >= self._capacity():
-            self.shed += 1
+        # Capacity is never below max_pending: the scan over backends only runs near overload.
+        if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
             self._access_log(request, 503, "-", started, request_id, ["shed"])
             self._notify(request.method, 503, BALANCER, started, [])
             return problem_response(
@@ -284,9 +288,7 @@ class Forwarder:
                 self.budget.release()
 
         if last_failure is None:
-            response = problem_response(
-                503, NO_BACKEND, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
-            )
+            response = _no_backend(request, request_id)
         elif last_failure.kind is FailureKind.TIMEOUT:
             response = problem_response(504, "Backend did not answer in time", instance=request.path, request_id=request_id)
         else:
@@ -315,9 +317,7 @@ class Forwarder:
         backend = self.pool.choose(self._hash_key(request))
         if backend is None:
             self._notify(request.method, 503, BALANCER, started, [], no_backend=True)
-            return problem_response(
-                503, NO_BACKEND, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
-            )
+            return _no_backend(request, request_id)
         headers = self.upstream_headers(request, request_id)
         for name in _WEBSOCKET_HANDSHAKE:
             headers.popall(name, None)
@@ -326,12 +326,13 @@ class Forwarder:
         backend.active_requests += 1
         try:
             try:
-                upstream = await self._session().ws_connect(
-                    backend.url + request.raw_path,
-                    headers=headers,
-                    protocols=protocols,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=self.config.proxy.connect_timeout),
-                )
+                async with asyncio.timeout(self.config.proxy.per_try_timeout):
+                    upstream = await self._session().ws_connect(
+                        backend.url + request.raw_path,
+                        headers=headers,
+                        protocols=protocols,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=self.config.proxy.connect_timeout),
+                    )
             except Exception as error:
                 reason = describe_failure(error)
                 self.pool.record_passive_failure(backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError))
@@ -371,6 +372,9 @@ class Forwarder:
         On success the backend's active count stays raised until the response is finished."""
         loop = asyncio.get_running_loop()
         timeout = min(self.config.proxy.per_try_timeout, deadline - loop.time())
+        # With the backend's pool full, this try first waits for a connection: a timeout then
+        # says the balancer is busy, not that the backend is sick.
+        queued = backend.active_requests >= self.config.proxy.max_connections_per_backend
         backend.requests += 1
         backend.active_requests += 1
         upstream = None
@@ -392,15 +396,12 @@ class Forwarder:
                     data = await upstream.read()
                 else:
                     data = None
-        except asyncio.CancelledError:
+        except BaseException as error:
             backend.active_requests -= 1
             if upstream is not None:
                 upstream.release()
-            raise
-        except Exception as error:
-            backend.active_requests -= 1
-            if upstream is not None:
-                upstream.release()
+            if not isinstance(error, Exception):  # cancelled: the client left or the server stops
+                raise
             if isinstance(body, _LimitedBody) and body.exceeded:
                 raise web.HTTPRequestEntityTooLarge(max_size=body.limit, actual_size=body.limit + 1) from None
             reason = describe_failure(error)
@@ -410,7 +411,8 @@ class Forwarder:
                 kind = FailureKind.TIMEOUT
             else:
                 kind = FailureKind.RESET
-            self.pool.record_passive_failure(backend, reason)
+            if not (queued and kind is FailureKind.TIMEOUT):
+                self.pool.record_passive_failure(backend, reason)
             raise _TryFailed(kind, reason) from None
         if upstream.status >= 500 and self.pool.health.passive_5xx:
             self.pool.record_passive_failure(backend, f"status {upstream.status}", unreachable=False)
@@ -459,8 +461,11 @@ class Forwarder:
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
-                await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                try:
+                    await response.write(chunk)
+                except ConnectionResetError:
+                    return response  # the client left: nothing to tell anyone
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError) as error:
             # The status line is gone already: the only honest signal left is a cut connection.
             self.logger.warning(
                 "upstream body failed method=%s path=%s reason=%r request_id=%s",
@@ -472,7 +477,8 @@ class Forwarder:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
         return response
 
     def _access_log(

@@ -7,7 +7,6 @@ import errno
 import logging
 import socket
 import sys
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,8 @@ def _dial_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def _url(host: str, port: int) -> str:
+def dial_url(host: str, port: int) -> str:
+    """The URL that reaches a server bound on `host`:`port` (0.0.0.0 is not an address to dial on Windows)."""
     host = _dial_host(host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -188,7 +188,7 @@ class System:
         self.balancer_runner = await self._serve(
             self.balancer_app, balancer_sock, keepalive_timeout=config.proxy.idle_timeout
         )
-        self.balancer_url = _url(config.balancer.host, port)
+        self.balancer_url = dial_url(config.balancer.host, port)
         self.logger.info(
             "started balancer=%s backends=%s",
             self.balancer_url,
@@ -208,7 +208,7 @@ class System:
         host = backend.host or self.config.balancer.host
         port = sock.getsockname()[1]
         runner = await self._serve(self._make_backend(backend.name), sock)
-        return HostedBackend(backend, runner, _url(host, port), port, host)
+        return HostedBackend(backend, runner, dial_url(host, port), port, host)
 
     def _make_backend(self, name: str) -> web.Application:
         return make_backend_app(name, store=self.store, tracker=self.tracker, api=self.config.api, logger=self.logger)
@@ -288,7 +288,8 @@ class System:
         try:
             for backend in wanted:
                 try:
-                    sockets[backend.name] = self._bind(backend)
+                    # In a thread: a host name means a DNS lookup, never on the loop while serving.
+                    sockets[backend.name] = await asyncio.to_thread(self._bind, backend)
                 except StartupError as error:
                     raise ConfigError(
                         f"{self.config_path}: [[backends]] ({backend.name}) port: {error}{self._held_by(backend)}; "
@@ -337,6 +338,7 @@ class System:
         pool.set_backends(members)
         if new.health != old.health:
             pool.health = new.health
+            self.health_checker.wake()  # the next round follows the new interval, not the old one
         if new.balancer.strategy != old.balancer.strategy:
             pool.set_strategy(new.balancer.strategy)
         if new.errors.recent != old.errors.recent:
@@ -371,7 +373,7 @@ class System:
         then its server, if hosted here, stops listening."""
         timeout = self.config.balancer.drain_timeout
         if await wait_idle(backend, timeout):
-            backend.drained_at = time.time()
+            backend.drained_at = self.pool.clock()
             self.logger.info("backend drained backend=%s", backend.name)
         else:
             self.logger.warning(
@@ -419,7 +421,7 @@ class System:
         while backend.admin_state == DRAINING and backend.active_requests > 0:
             await wait_idle(backend, 0.5)
         if backend.admin_state == DRAINING and backend.drained_at is None:
-            backend.drained_at = time.time()
+            backend.drained_at = self.pool.clock()
             self.logger.info("backend drained backend=%s", backend.name)
 
     async def stop_backend(self, name: str) -> bool:
@@ -446,7 +448,7 @@ class System:
             if hosted.runner is not None or self._stopping:
                 return False
             try:
-                sock = bind_socket(hosted.host, hosted.port)
+                sock = await asyncio.to_thread(bind_socket, hosted.host, hosted.port)
             except StartupError as error:
                 raise ActionRefused(str(error)) from None
             hosted.runner = await self._serve(self._make_backend(name), sock)

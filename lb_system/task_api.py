@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 from .config import ApiConfig
 from .error_tracker import ErrorTracker
 from .keys import ERROR_TRACKER, SERVER_NAME, TASK_STORE
-from .problems import make_problem_middleware
+from .problems import json_response, make_problem_middleware
 from .task_store import TaskStore
 
 MALFORMED_BODY = "Empty or malformed JSON body"
@@ -74,8 +74,9 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 def _task_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or int(raw) > _MAX_ID:
-        raise web.HTTPNotFound(text=f"Task {raw} not found")
+    # isascii: str.isdigit also accepts "²", which int() refuses; the length keeps int() cheap.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > _MAX_ID:
+        raise _not_found(raw)
     return int(raw)
 
 
@@ -96,15 +97,11 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json", headers=headers)
-
-
 async def health(request: web.Request) -> web.Response:
     name = request.app[SERVER_NAME]
     if not await request.app[TASK_STORE].ping():
         raise web.HTTPServiceUnavailable(text="Database unavailable")
-    return _json({"status": "ok", "server": name})
+    return json_response({"status": "ok", "server": name})
 
 
 async def _validated(request: web.Request, model: type[ModelT]) -> ModelT:
@@ -117,7 +114,7 @@ async def _validated(request: web.Request, model: type[ModelT]) -> ModelT:
 async def create_task(request: web.Request) -> web.Response:
     fields = await _validated(request, TaskFields)
     task = await request.app[TASK_STORE].create(fields.title, fields.description, fields.done)
-    return _json(task, status=201, headers={"Location": f"/tasks/{task['id']}"})
+    return json_response(task, status=201, headers={"Location": f"/tasks/{task['id']}"})
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -131,7 +128,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     limit = _query_int(request, "limit", 100, 1, 1000)
     offset = _query_int(request, "offset", 0, 0, _MAX_ID)
     tasks, total = await request.app[TASK_STORE].list(done=done, limit=limit, offset=offset)
-    return _json({"tasks": tasks, "total": total, "limit": limit, "offset": offset})
+    return json_response({"tasks": tasks, "total": total, "limit": limit, "offset": offset})
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -139,14 +136,14 @@ async def get_task(request: web.Request) -> web.Response:
     task = await request.app[TASK_STORE].get(task_id)
     if task is None:
         raise _not_found(task_id)
-    return _json(task)
+    return json_response(task)
 
 
 async def _update(request: web.Request, task_id: int, changes: dict[str, Any]) -> web.Response:
     task = await request.app[TASK_STORE].update(task_id, changes)
     if task is None:
         raise _not_found(task_id)
-    return _json(task)
+    return json_response(task)
 
 
 async def replace_task(request: web.Request) -> web.Response:

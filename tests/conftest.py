@@ -160,7 +160,7 @@ class OutsideBackend:
 
         app = web.Application()
         app.router.add_get("/health", health)
-        app.router.add_route("*", "/{tail:.*}", anything)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", anything)
         return app
 
     @property
@@ -285,7 +285,7 @@ class GatedBackend(OutsideBackend):
         app = web.Application()
         app.router.add_get("/slow", slow)
         app.router.add_get("/health", health)
-        app.router.add_route("*", "/{tail:.*}", anything)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", anything)
         return app
 
 

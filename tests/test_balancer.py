@@ -393,3 +393,19 @@ async def test_the_balancer_reuses_keep_alive_connections(make_config, start_sys
         async with http.get(system.balancer_url + "/x") as r:
             assert r.status == 200
     assert len(remote.peers) <= 2, f"10 sequential requests opened {len(remote.peers)} connections"
+
+
+async def test_odd_query_numbers_are_400_not_500(make_config, start_system, http) -> None:
+    system = await start_system(make_config())
+    for raw in ("%C2%B2", "1" * 5000):
+        async with http.get(system.balancer_url + f"/errors/stats?limit={raw}") as r:
+            assert r.status == 400
+            assert "'limit'" in (await r.json(content_type=None))["detail"]
+
+
+async def test_a_path_with_an_encoded_newline_is_still_forwarded(make_config, start_system, outside_backend, http) -> None:
+    remote = await outside_backend("remote-1")
+    system = await start_system(make_config(backends=[{"name": "remote-1", "url": remote.url}]))
+    async with http.get(system.balancer_url + "/files/a%0Ab") as r:
+        assert r.status == 200
+        assert r.headers["X-Backend"] == "remote-1"

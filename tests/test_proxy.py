@@ -90,6 +90,20 @@ class TestBackend:
             request.transport.close()
             return web.Response()
 
+        async def trickle(request: web.Request) -> web.StreamResponse:
+            """A large answer whose headers come at once and whose body drips until released."""
+            self.active += 1
+            try:
+                response = web.StreamResponse()
+                response.content_length = 10 * MiB
+                await response.prepare(request)
+                while not self.release.is_set():
+                    await response.write(b"t" * 1024)
+                    await asyncio.sleep(0.05)
+                return response
+            finally:
+                self.active -= 1
+
         async def download(request: web.Request) -> web.StreamResponse:
             size = int(request.query["bytes"])
             response = web.StreamResponse()
@@ -149,6 +163,7 @@ class TestBackend:
         app.router.add_get("/hold", hold)
         app.router.add_get("/download", download)
         app.router.add_get("/flaky", flaky)
+        app.router.add_get("/trickle", trickle)
         app.router.add_get("/truncated", truncated)
         app.router.add_route("*", "/drop", drop)
         app.router.add_post("/upload", upload)
@@ -676,3 +691,70 @@ def _forwarder(system):
     from lb_system.keys import FORWARDER
 
     return system.balancer_app[FORWARDER]
+
+
+async def test_a_websocket_handshake_that_never_answers_times_out(make_config, start_system, http) -> None:
+    """A backend that accepts the connection and then says nothing must not hold the tunnel open."""
+    silent_connections: list[asyncio.StreamWriter] = []
+
+    async def accept_and_ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_connections.append(writer)
+        request = await reader.read(65536)
+        if request.startswith(b"GET /health"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    silent = await asyncio.start_server(accept_and_ignore, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        system = await start_system(
+            make_config(
+                backends=[{"name": "silent", "url": f"http://127.0.0.1:{port}"}],
+                health={"interval": 60.0},
+                proxy={"per_try_timeout": 0.3},
+            )
+        )
+        started = time.perf_counter()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await http.ws_connect(system.balancer_url + "/ws")
+        assert caught.value.status == 502
+        assert time.perf_counter() - started < 3
+        assert system.pool.get("silent").active_requests == 0
+    finally:
+        for writer in silent_connections:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+async def test_a_timeout_while_queued_for_a_connection_does_not_eject_the_backend(backends, balancer, http) -> None:
+    a, b = await backends("a", "b")
+    system = await balancer(
+        [a, b],
+        balancer={"strategy": "consistent_hash", "hash_on": "header:X-Key"},  # both requests to one backend
+        proxy={"max_connections_per_backend": 1, "per_try_timeout": 0.3, "retries": 0},
+        health={"interval": 60.0, "passive_fall": 1},
+    )
+    # A streamed answer holds the only pooled connection while its body drips (no timeout: it moves).
+    held = await http.get(system.balancer_url + "/trickle", headers={"X-Key": "k"})
+    owner = system.pool.get("a" if a.active else "b")
+    async with http.get(system.balancer_url + "/x", headers={"X-Key": "k"}) as r:
+        assert r.status == 504
+    assert owner.healthy, "waiting for our own pool says nothing about the backend"
+    assert owner.consecutive_failures == 0
+    (a if a.active else b).release.set()
+    held.close()
+
+
+async def test_a_client_leaving_mid_download_is_not_an_upstream_failure(backends, balancer, http, caplog) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+    with caplog.at_level("WARNING", logger="lb_system"):
+        host, port = system.balancer_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /download?bytes={50 * MiB} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await reader.readexactly(1024 * 1024)
+        writer.transport.abort()  # the client goes away with most of the body unread
+        await wait_for(lambda: system.pool.get("s").active_requests == 0, message="stream finished")
+    assert not [r for r in caplog.records if "upstream body failed" in r.getMessage()]
+    assert system.pool.get("s").consecutive_failures == 0

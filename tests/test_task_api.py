@@ -224,3 +224,37 @@ async def test_tasks_survive_a_restart_of_the_store(tmp_path: Path) -> None:
         assert await reopened.get(created["id"]) == created
     finally:
         await reopened.close()
+
+
+@pytest.mark.parametrize("raw", ["%C2%B2", "1" * 5000, "9" * 20], ids=["superscript-two", "5000-digits", "beyond-int64"])
+async def test_odd_task_ids_are_404_not_500(client, tracker, raw: str) -> None:
+    response = await client.get(f"/tasks/{raw}")
+    await assert_problem(response, 404)
+    assert tracker.stats()["error_types"]["500_INTERNAL_ERROR"] == 0
+
+
+async def test_a_failure_after_streaming_started_cuts_the_connection_instead_of_a_second_response(
+    aiohttp_server, tracker
+) -> None:
+    from aiohttp import web
+
+    from lb_system.problems import make_problem_middleware
+
+    async def half_then_crash(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"12345")
+        raise RuntimeError("boom")
+
+    app = web.Application(middlewares=[make_problem_middleware(server="s", tracker=tracker, logger=logging.getLogger("t"))])
+    app.router.add_get("/half", half_then_crash)
+    server = await aiohttp_server(app)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"GET /half HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+    writer.close()
+    await writer.wait_closed()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.count(b"HTTP/1.1") == 1, "no second status line after the body started"
+    assert not received.endswith(b"0\r\n\r\n"), "the cut body must not look complete"
