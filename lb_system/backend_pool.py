@@ -12,18 +12,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from .config import BackendConfig, HealthConfig
 from .strategies import Strategy, make_strategy
+from .timestamps import iso_utc_or_none
 
 ENABLED, DISABLED, DRAINING = "enabled", "disabled", "draining"
-
-
-def iso_utc(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -33,7 +27,7 @@ class Transition:
     reason: str
 
     def as_dict(self) -> dict[str, object]:
-        return {"at": iso_utc(self.at), "to": self.to, "reason": self.reason}
+        return {"at": iso_utc_or_none(self.at), "to": self.to, "reason": self.reason}
 
 
 @dataclass(eq=False)
@@ -88,20 +82,20 @@ class Backend:
             "healthy": self.healthy,
             "admin_state": self.admin_state,
             "weight": self.weight,
-            "last_check": iso_utc(self.last_check),
+            "last_check": iso_utc_or_none(self.last_check),
             "last_check_ms": self.last_check_ms,
             "last_check_status": self.last_check_status,
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "requests": self.requests,
             "active_requests": self.active_requests,
-            "drained_at": iso_utc(self.drained_at),
+            "drained_at": iso_utc_or_none(self.drained_at),
             "awaiting_check": self.awaiting_check,
             "listening": self.listening,
             "checks_ok": self.checks_ok,
             "checks_failed": self.checks_failed,
             "ejections": self.ejections,
-            "state_since": iso_utc(self.state_since),
+            "state_since": iso_utc_or_none(self.state_since),
             "downtime_s": self.downtime_s(now),
             "transitions": [t.as_dict() for t in reversed(self.transitions)],
         }

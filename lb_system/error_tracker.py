@@ -14,10 +14,11 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
+
+from .timestamps import iso_utc
 
 __all__ = ["ErrorTracker", "error_type"]
 
@@ -48,12 +49,6 @@ def error_type(status: int) -> str:
     """
     name = _TYPE_NAMES.get(status)
     return name if name is not None else f"{status}_UNKNOWN"
-
-
-def _iso_utc(ts: float) -> str:
-    """Format a POSIX timestamp as ISO 8601 UTC with milliseconds and ``Z``."""
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # (timestamp, status, type, method, path, server, detail, request_id); a plain
@@ -176,7 +171,7 @@ class ErrorTracker:
             "error_types": dict(sorted(error_types.items())),
             "by_server": dict(sorted(by_server.items())),
             "recent_errors": self._recent_errors(server, status, limit),
-            "since": _iso_utc(self._since),
+            "since": iso_utc(self._since),
             "by_method": dict(sorted(self._by_method.items())),
             "windows": self._windows(),
             "top_paths": [
@@ -202,7 +197,7 @@ class ErrorTracker:
                 continue
             out.append(
                 {
-                    "timestamp": _iso_utc(ts),
+                    "timestamp": iso_utc(ts),
                     "status": rec_status,
                     "type": etype,
                     "method": method,

@@ -80,6 +80,7 @@ class RetryBudget:
 
     Retries in flight/recent may add at most `percent` of the requests of the
     last `window` seconds, plus a floor of `min_concurrent` concurrent retries.
+    The forwarder takes one slot per retried request, whatever its number of retries.
     Counts live in per-second buckets (so the window has 1 s granularity and
     memory is bounded by the window length, not by traffic).
     """

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from .timestamps import utc_now_iso
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -22,10 +23,6 @@ CREATE TABLE IF NOT EXISTS tasks (
 _COLUMNS = "id, title, description, done, created_at, updated_at"
 _SELECT_ONE = f"SELECT {_COLUMNS} FROM tasks WHERE id = ?"
 FIELDS = ("title", "description", "done")
-
-
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _row_to_task(row: Any) -> dict[str, Any]:

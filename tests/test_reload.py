@@ -475,3 +475,12 @@ async def test_readding_a_backend_whose_port_is_still_draining_applies_once_it_d
     await wait_for(lambda: system.pool.get("backend-2") is not None, message="the edit applied after the drain")
     await wait_for(lambda: system.pool.get("backend-2").eligible)
     assert system.config_error is None and system.pool.get("backend-2") is not backend
+
+
+async def test_a_shorter_health_interval_applies_without_waiting_out_the_old_one(config_file, start_system) -> None:
+    config_file.write(health={"interval": 60.0})
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
+    backend = system.pool.get("backend-1")
+    checks = backend.checks_ok
+    config_file.write(health={"interval": 0.05})
+    await wait_for(lambda: backend.checks_ok >= checks + 3, timeout=5, message="checks at the new interval")
