@@ -4,12 +4,13 @@ wait-for-condition instead of sleeps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -178,19 +179,31 @@ class OutsideBackend:
             self.server = None
 
 
+ServerT = TypeVar("ServerT")
+
+
+@contextlib.asynccontextmanager
+async def started_servers(kind: Callable[[str], ServerT]) -> AsyncIterator[Callable[[str], Awaitable[ServerT]]]:
+    """Start test servers of one kind by name; every one is stopped on the way out."""
+    started: list[ServerT] = []
+
+    async def start(name: str) -> ServerT:
+        server = kind(name)
+        await server.start()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.stop()
+
+
 @pytest.fixture
 async def outside_backend() -> AsyncIterator[Callable[[str], Awaitable[OutsideBackend]]]:
-    started: list[OutsideBackend] = []
-
-    async def start(name: str = "outside") -> OutsideBackend:
-        backend = OutsideBackend(name)
-        await backend.start()
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        await backend.stop()
+    async with started_servers(OutsideBackend) as start:
+        yield lambda name="outside": start(name)
 
 
 # --- config files edited while a system runs, and servers that hold requests ----------------
@@ -264,6 +277,10 @@ class GatedBackend(OutsideBackend):
         self.gate = asyncio.Event()
         self.waiting = 0
 
+    async def stop(self) -> None:
+        self.gate.set()  # held requests finish instead of holding the server's close
+        await super().stop()
+
     def make_app(self) -> web.Application:
         async def slow(request: web.Request) -> web.Response:
             self.hits += 1
@@ -291,18 +308,8 @@ class GatedBackend(OutsideBackend):
 
 @pytest.fixture
 async def gated_backend() -> AsyncIterator[Callable[[str], Awaitable[GatedBackend]]]:
-    started: list[GatedBackend] = []
-
-    async def start(name: str = "gated") -> GatedBackend:
-        backend = GatedBackend(name)
-        await backend.start()
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        backend.gate.set()
-        await backend.stop()
+    async with started_servers(GatedBackend) as start:
+        yield lambda name="gated": start(name)
 
 
 class LogRecords(logging.Handler):

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from conftest import wait_for
+from conftest import started_servers, wait_for
 
 MiB = 1024 * 1024
 
@@ -190,18 +190,12 @@ GZIPPED = gzip.compress(b"hello, compressed world " * 100)
 
 @pytest.fixture
 async def backends() -> Callable[..., Awaitable[list[TestBackend]]]:
-    started: list[TestBackend] = []
+    async with started_servers(TestBackend) as start:
 
-    async def start(*names: str) -> list[TestBackend]:
-        new = [TestBackend(name) for name in names]
-        for backend in new:
-            await backend.start()
-        started.extend(new)
-        return new
+        async def start_all(*names: str) -> list[TestBackend]:
+            return [await start(name) for name in names]
 
-    yield start
-    for backend in started:
-        await backend.stop()
+        yield start_all
 
 
 @pytest.fixture
