@@ -11,7 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -108,6 +108,12 @@ class TryResult:
     backend: str
     status: int | None  # None: no answer (refused, reset, timed out)
     duration_s: float
+    reason: str | None = None  # why there was no answer
+
+
+def _render_tries(tries: Sequence[TryResult]) -> str:
+    """`backend-1:503,backend-2:200` for the access line."""
+    return ",".join(f"{t.backend}:{t.reason if t.status is None else t.status}" for t in tries) or "-"
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,7 @@ class Forwarder:
         request_id = request[REQUEST_ID]
         # Capacity is never below max_pending: the scan over backends only runs near overload.
         if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
-            self._access_log(request, 503, "-", started, request_id, ["shed"])
+            self._access_log(request, 503, "-", started, request_id, "shed")
             self._notify(request.method, 503, BALANCER, started, [])
             return problem_response(
                 503, OVERLOADED, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
@@ -248,7 +254,6 @@ class Forwarder:
         key = self._hash_key(request)
 
         tried: list[Backend] = []
-        tries_log: list[str] = []
         tries: list[TryResult] = []
         last_failure: _TryFailed | None = None
         holding_budget = False
@@ -260,15 +265,13 @@ class Forwarder:
                     upstream, data = await self._send(request, backend, headers, body, deadline)
                 except _TryFailed as failure:
                     last_failure = failure
-                    tries.append(TryResult(backend.name, None, time.perf_counter() - try_started))
-                    tries_log.append(f"{backend.name}:{failure.reason}")
+                    tries.append(TryResult(backend.name, None, time.perf_counter() - try_started, failure.reason))
                     if not (
                         self._may_retry(request.method, failure.kind, len(tried), replayable)
                         and (holding_budget := holding_budget or self.budget.try_acquire())
                     ):
                         break
                     continue
-                tries_log.append(f"{backend.name}:{upstream.status}")
                 if (
                     self.policy.retryable_status(upstream.status)
                     and self._may_retry(request.method, FailureKind.STATUS, len(tried), replayable)
@@ -279,8 +282,9 @@ class Forwarder:
                     backend.active_requests -= 1
                     tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                     continue
-                response = await self._respond(request, backend, upstream, data, request_id, started, tries_log)
+                response = await self._respond(request, backend, upstream, data, request_id)
                 tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
+                self._access_log(request, response.status, backend.name, started, request_id, _render_tries(tries))
                 self._notify(request.method, response.status, backend.name, started, tries)
                 return response
         finally:
@@ -295,7 +299,7 @@ class Forwarder:
             response = problem_response(
                 502, f"No backend answered: {last_failure.reason}", instance=request.path, request_id=request_id
             )
-        self._access_log(request, response.status, "-", started, request_id, tries_log)
+        self._access_log(request, response.status, "-", started, request_id, _render_tries(tries))
         self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None)
         return response
 
@@ -336,8 +340,8 @@ class Forwarder:
             except Exception as error:
                 reason = describe_failure(error)
                 self.pool.record_passive_failure(backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError))
-                self._access_log(request, 502, backend.name, started, request_id, [f"{backend.name}:{reason}"])
-                failed = TryResult(backend.name, None, time.perf_counter() - started)
+                self._access_log(request, 502, backend.name, started, request_id, f"{backend.name}:{reason}")
+                failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
                 self._notify(request.method, 502, BALANCER, started, [failed])
                 return problem_response(
                     502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
@@ -351,7 +355,7 @@ class Forwarder:
                 opened = TryResult(backend.name, 101, time.perf_counter() - started)
                 self._notify(request.method, 101, backend.name, started, [opened])
                 await _pump_both_ways(client, upstream)
-                self._access_log(request, 101, backend.name, started, request_id, [f"{backend.name}:101"])
+                self._access_log(request, 101, backend.name, started, request_id, f"{backend.name}:101")
                 return client
         finally:
             backend.active_requests -= 1
@@ -427,8 +431,6 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         data: bytes | None,
         request_id: str,
-        started: float,
-        tries_log: list[str],
     ) -> web.StreamResponse:
         try:
             headers = _without_hop_by_hop(upstream.headers, HOP_BY_HOP)
@@ -446,7 +448,6 @@ class Forwarder:
         if upstream.status >= 400:
             response[ERROR_SERVER] = backend.name
             response[UPSTREAM_RECORDED] = backend.hosted
-        self._access_log(request, upstream.status, backend.name, started, request_id, tries_log)
         return response
 
     async def _stream(
@@ -482,7 +483,7 @@ class Forwarder:
         return response
 
     def _access_log(
-        self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: list[str]
+        self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: str
     ) -> None:
         if self._access.enabled():
             self._access.info(
@@ -494,6 +495,6 @@ class Forwarder:
                     backend,
                     (time.perf_counter() - started) * 1000,
                     request_id,
-                    ",".join(tries) or "-",
+                    tries,
                 )
             )
