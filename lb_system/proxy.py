@@ -136,6 +136,12 @@ class ProxiedRequest:
 RequestListener = Callable[[ProxiedRequest], None]
 
 
+def _finish_try(backend: Backend, upstream: aiohttp.ClientResponse) -> None:
+    """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
+    upstream.release()
+    backend.active_requests -= 1
+
+
 def _no_backend(request: web.Request, request_id: str) -> web.Response:
     return problem_response(503, NO_BACKEND, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
 
@@ -278,8 +284,7 @@ class Forwarder:
                     and self.pool.has_candidate(exclude=tried)
                     and (holding_budget := holding_budget or self.budget.try_acquire())
                 ):
-                    upstream.release()
-                    backend.active_requests -= 1
+                    _finish_try(backend, upstream)
                     tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                     continue
                 response = await self._respond(request, backend, upstream, data, request_id)
@@ -443,8 +448,7 @@ class Forwarder:
                     headers.pop("Content-Length", None)
                 response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data or None)
         finally:
-            upstream.release()
-            backend.active_requests -= 1
+            _finish_try(backend, upstream)
         if upstream.status >= 400:
             response[ERROR_SERVER] = backend.name
             response[UPSTREAM_RECORDED] = backend.hosted
