@@ -1,5 +1,5 @@
 """The process under test: a System (hosted backends + balancer) and, in the same event loop,
-the bare forwarder a user would write by hand in front of the same backends.
+the bare forwarder a user would write by hand in front of the same backends, and the aiohttp floor.
 
 Usage: python benchmarks/server.py CONFIG [--bare-port 0] [--watch-stdin]
 
@@ -20,12 +20,14 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lb_system import System, load_config  # noqa: E402
 from lb_system.cli import _new_event_loop_factory, tune_gc  # noqa: E402
 from lb_system.log import configure_logging  # noqa: E402
+from lb_system.transport import make_client_session  # noqa: E402
 
 SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
 
@@ -53,6 +55,21 @@ def make_bare_forwarder(backend_urls: list[str]) -> web.Application:
     return app
 
 
+def make_floor_forwarder(backend_urls: list[str], session: aiohttp.ClientSession) -> web.Server:
+    """The floor: the least work aiohttp's client and server can do to forward a request (its
+    low-level server, no router, no middleware, pre-parsed URLs, no features at all). Not a
+    usable proxy: it shows what any proxy built on aiohttp's client and server costs at best."""
+    bases = itertools.cycle([URL(url) for url in backend_urls])
+
+    async def forward(request: web.BaseRequest) -> web.Response:
+        target = next(bases).with_path(request.raw_path, encoded=True)
+        async with session.request(request.method, target, headers=request.headers) as upstream:
+            body = await upstream.read()
+            return web.Response(body=body, status=upstream.status, content_type=upstream.content_type)
+
+    return web.Server(forward, access_log=None)
+
+
 async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
     config = load_config(config_path)
     loop = asyncio.get_running_loop()
@@ -70,6 +87,9 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
         await bare_runner.setup()
         bare_site = web.TCPSite(bare_runner, config.balancer.host, bare_port)
         await bare_site.start()
+        floor_session = make_client_session(config.proxy)  # the balancer's own kind of session
+        floor = make_floor_forwarder([h.url for h in system.hosted.values()], floor_session)
+        floor_server = await loop.create_server(floor, config.balancer.host, 0)
         try:
             bare_bound = bare_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             ready = {
@@ -77,10 +97,15 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
                 "balancer": system.balancer_url,
                 "backends": {name: hosted.url for name, hosted in system.hosted.items()},
                 "bare": f"http://{config.balancer.host}:{bare_bound}",
+                "floor": f"http://{config.balancer.host}:{floor_server.sockets[0].getsockname()[1]}",
             }
             print(json.dumps(ready), flush=True)
             await stop.wait()
         finally:
+            floor_server.close()
+            await floor_server.wait_closed()
+            await floor.shutdown(1.0)
+            await floor_session.close()
             await bare_runner.cleanup()
 
 
