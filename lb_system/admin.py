@@ -20,7 +20,6 @@ from .problems import Handler, json_response
 if TYPE_CHECKING:
     from .reload import ReloadPlan
 
-ADMIN_PREFIX = "/admin/"
 DEFAULT_TOKEN_ENV = "LB_ADMIN_TOKEN"
 ACTIONS = ("disable", "enable", "drain", "stop", "start")
 _STATE_FOR = {"disable": DISABLED, "enable": ENABLED, "drain": DRAINING}
@@ -47,11 +46,6 @@ class AdminControl(Protocol):
     async def stop_backend(self, name: str) -> bool: ...
 
     async def start_backend(self, name: str) -> bool: ...
-
-
-def is_admin_request(request: web.Request) -> bool:
-    path = request.path
-    return path == "/admin" or path.startswith(ADMIN_PREFIX) or (path == "/errors/stats" and request.method == "DELETE")
 
 
 _LOGGABLE = re.compile(r"[A-Za-z0-9._/-]{1,128}")
@@ -97,14 +91,12 @@ def _authorize(request: web.Request, token_env: str) -> None:
         )
 
 
-def make_admin_middleware(logger: logging.Logger) -> web.middleware:
-    """Sits inside the problem middleware: authorises every admin request before routing
-    errors (404/405) can tell anything, and logs action, target, client and result."""
+def _guarded(handler: Handler, logger: logging.Logger) -> Handler:
+    """An admin handler behind the token: authorised before anything else (even a 404 or 405
+    tells nothing without it), and logged with action, target, client and result. Wrapping
+    the admin routes, not every request, keeps this off the proxied path."""
 
-    @web.middleware
-    async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not is_admin_request(request):
-            return await handler(request)
+    async def guarded(request: web.Request) -> web.StreamResponse:
         action, target = _describe(request)
         status = 500
         try:
@@ -126,7 +118,7 @@ def make_admin_middleware(logger: logging.Logger) -> web.middleware:
                 status,
             )
 
-    return admin_middleware
+    return guarded
 
 
 async def backend_action(request: web.Request) -> web.Response:
@@ -173,10 +165,12 @@ async def unknown_admin_path(request: web.Request) -> web.Response:
     raise web.HTTPNotFound(text=f"Unknown admin endpoint {request.path}")
 
 
-def add_admin_routes(app: web.Application, control: AdminControl) -> None:
+def add_admin_routes(app: web.Application, control: AdminControl, logger: logging.Logger) -> None:
+    """Every path under /admin (any method, any character) and DELETE /errors/stats."""
     app[ADMIN_CONTROL] = control
-    app.router.add_post("/admin/backends/{name}/{action:" + "|".join(ACTIONS) + "}", backend_action)
-    app.router.add_post("/admin/reload", reload_config)
-    app.router.add_delete("/errors/stats", reset_error_stats)
-    app.router.add_route("*", "/admin", unknown_admin_path)
-    app.router.add_route("*", "/admin/{tail:.*}", unknown_admin_path)
+    router = app.router
+    router.add_post("/admin/backends/{name}/{action:" + "|".join(ACTIONS) + "}", _guarded(backend_action, logger))
+    router.add_post("/admin/reload", _guarded(reload_config, logger))
+    router.add_delete("/errors/stats", _guarded(reset_error_stats, logger))
+    router.add_route("*", "/admin", _guarded(unknown_admin_path, logger))
+    router.add_route("*", r"/admin/{tail:[\s\S]*}", _guarded(unknown_admin_path, logger))

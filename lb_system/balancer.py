@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .admin import AdminControl, add_admin_routes, make_admin_middleware
+from .admin import AdminControl, add_admin_routes
 from .backend_pool import BackendPool
 from .config import Config
 from .dashboard import dashboard_snapshot, make_page_handler
@@ -104,11 +104,8 @@ def make_balancer_app(
     """The balancer. Its cleanup context owns the shared client session and the health checker:
     every backend has had one check before the app is ready to accept a request. With a
     `control` (the System) it also serves the admin API."""
-    middlewares = [make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)]
-    if control is not None:
-        middlewares.append(make_admin_middleware(logger))
     app = web.Application(
-        middlewares=middlewares,
+        middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)],
         client_max_size=config.proxy.max_body_bytes or 2**63,
         handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
     )
@@ -170,6 +167,6 @@ def make_balancer_app(
     app.router.add_get("/status", status)
     app.router.add_get("/errors/stats", error_stats)
     if control is not None:
-        add_admin_routes(app, control)
+        add_admin_routes(app, control, logger)
     app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", r":[\s\S]*}"), forward)
     return app

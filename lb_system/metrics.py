@@ -109,8 +109,9 @@ class Metrics:
             )
         series[0].inc()
         series[1].observe(done.duration_s)
-        for name in done.retried_from:
-            self.retries.labels(name).inc()
+        if len(done.tries) > 1:
+            for name in done.retried_from:
+                self.retries.labels(name).inc()
         if done.no_backend:
             self.no_backend.inc()
 

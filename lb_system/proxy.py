@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -101,9 +101,8 @@ async def _pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.Clien
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-@dataclass(frozen=True)
-class TryResult:
-    """One try of a forwarded request on one backend."""
+class TryResult(NamedTuple):
+    """One try of a forwarded request on one backend (a tuple: made on every request)."""
 
     backend: str
     status: int | None  # None: no answer (refused, reset, timed out)
@@ -116,9 +115,8 @@ def _render_tries(tries: Sequence[TryResult]) -> str:
     return ",".join(f"{t.backend}:{t.reason if t.status is None else t.status}" for t in tries) or "-"
 
 
-@dataclass(frozen=True)
-class ProxiedRequest:
-    """What one forwarded request came to, reported to the forwarder's listeners."""
+class ProxiedRequest(NamedTuple):
+    """What one forwarded request came to, reported to the forwarder's listeners (a tuple: made on every request)."""
 
     method: str
     status: int

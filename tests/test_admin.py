@@ -7,6 +7,7 @@ import logging
 
 import aiohttp
 import pytest
+import yarl
 
 from conftest import refused, wait_for
 
@@ -97,6 +98,16 @@ async def test_admin_paths_are_never_forwarded(make_config, start_system, http, 
         assert response.status == 405 and response.headers["Allow"] == "POST"
     async with http.post(system.balancer_url + "/admin/backends/backend-1/explode", headers=AUTH) as response:
         assert response.status == 404
+
+
+@pytest.mark.parametrize("path", ["/admin", "/admin/", "/admin/a%0Ab", "/admin/%2e%2e/tasks", "/admin/backends/x/drain"])
+async def test_every_path_under_admin_needs_the_token_and_is_never_forwarded(
+    make_config, start_system, http, admin_token, path
+) -> None:
+    system = await start_system(make_config())
+    async with http.get(yarl.URL(system.balancer_url + path, encoded=True)) as response:
+        assert response.status == 401, path
+        assert response.headers["X-Backend"] == "balancer"
 
 
 # --- backend actions -----------------------------------------------------------------------
