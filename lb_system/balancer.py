@@ -105,7 +105,7 @@ def make_balancer_app(
     every backend has had one check before the app is ready to accept a request. With a
     `control` (the System) it also serves the admin API."""
     app = web.Application(
-        middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger)],
+        middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True)],
         client_max_size=config.proxy.max_body_bytes or 2**63,
         handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
     )
@@ -149,15 +149,10 @@ def make_balancer_app(
                     await task
             await session.close()
 
-    async def name_the_answerer(request: web.Request, response: web.StreamResponse) -> None:
-        # Forwarded answers already name their backend; everything else the balancer answered itself.
-        response.headers.setdefault("X-Backend", BALANCER)
-
     async def end_streams(app: web.Application) -> None:
         # Open event streams would otherwise hold shutdown for its whole timeout.
         await feed.close()
 
-    app.on_response_prepare.append(name_the_answerer)
     app.cleanup_ctx.append(client_and_health)
     app.on_shutdown.append(end_streams)
     app.router.add_get("/", make_page_handler())

@@ -15,6 +15,10 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from .keys import REQUEST_ID
+from .problems import ANSWERED_BY_HEADER, REQUEST_ID_HEADER
+from .proxy import BALANCER
+
 Snapshot = Callable[[], dict[str, object]]
 # Tells EventSource how soon to reconnect after the connection drops (a balancer restart).
 RECONNECT_MS = 1000
@@ -95,7 +99,9 @@ class LiveFeed:
         if self._closed:
             raise web.HTTPServiceUnavailable(text="Shutting down")
         client = _Mailbox()
-        async with sse_response(request) as stream:
+        # Streamed: the headers the problem middleware adds to other answers are set here.
+        headers = {ANSWERED_BY_HEADER: BALANCER, REQUEST_ID_HEADER: request[REQUEST_ID]}
+        async with sse_response(request, headers=headers) as stream:
             self._join(client)
             try:
                 await stream.send(self._message(), event="snapshot", retry=RECONNECT_MS)

@@ -16,6 +16,7 @@ from .keys import ERROR_SERVER, PROBLEM_DETAIL, REQUEST_ID, UPSTREAM_RECORDED
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
+ANSWERED_BY_HEADER = "X-Backend"
 CATCH_ALL_VARIABLE = "{proxied_path}"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -94,13 +95,15 @@ def make_problem_middleware(
     server: str,
     tracker: ErrorTracker,
     logger: logging.Logger,
+    name_answers: bool = False,
 ) -> web.middleware:
     """Wraps everything: assigns the request id, renders every failure as problem details,
     and records each response with status >= 400 once, under `server`.
 
     A backend's error answer passed on by the proxy is recorded under that backend's name,
     and not at all when a hosted backend already recorded it. A response that has already
-    started streaming is never replaced by an error page.
+    started streaming is never replaced by an error page. With `name_answers`, answers that
+    name no backend get `X-Backend: <server>` (a handler that streams sets it before preparing).
     """
 
     @web.middleware
@@ -142,7 +145,10 @@ def make_problem_middleware(
                 route=_route_pattern(request),
             )
         if not response.prepared:
-            response.headers.setdefault(REQUEST_ID_HEADER, request_id)
+            headers = response.headers
+            headers.setdefault(REQUEST_ID_HEADER, request_id)
+            if name_answers:  # a forwarded answer names its backend already
+                headers.setdefault(ANSWERED_BY_HEADER, server)
         return response
 
     return problem_middleware

@@ -22,7 +22,7 @@ from .backend_pool import Backend, BackendPool
 from .config import Config
 from .keys import ERROR_SERVER, REQUEST_ID, UPSTREAM_RECORDED
 from .log import LineLogger
-from .problems import REQUEST_ID_HEADER, problem_response
+from .problems import ANSWERED_BY_HEADER, REQUEST_ID_HEADER, problem_response
 from .retry import FailureKind, RetryBudget, RetryPolicy
 from .strategies import hash_key
 from .transport import describe_failure, is_connect_failure
@@ -177,10 +177,9 @@ class Forwarder:
         self.policy = RetryPolicy(retries=proxy.retries, retry_on_status=frozenset(proxy.retry_on_status))
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
         self.hash_on = config.balancer.hash_on if config.balancer.strategy == "consistent_hash" else None
-        # Waiting for a free pooled connection is not connecting: only the socket connect is bounded here.
-        self._client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.per_try_timeout
-        )
+        # Waiting for a free pooled connection is not connecting: only the socket connect is bounded
+        # here. No sock_read: it re-arms a timer on every packet; reads are bounded in _send and _stream.
+        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout)
 
     def _trusted(self, remote: str | None) -> bool:
         if not self.trusted or not remote:
@@ -351,7 +350,7 @@ class Forwarder:
                 )
             async with upstream:
                 client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else ())
-                client.headers["X-Backend"] = backend.name
+                client.headers[ANSWERED_BY_HEADER] = backend.name
                 client.headers[REQUEST_ID_HEADER] = request_id
                 await client.prepare(request)
                 # Counted at the handshake: the session that follows may last for hours.
@@ -437,7 +436,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         try:
             headers = _without_hop_by_hop(upstream.headers, HOP_BY_HOP)
-            headers["X-Backend"] = backend.name
+            headers[ANSWERED_BY_HEADER] = backend.name
             headers[REQUEST_ID_HEADER] = request_id
             if data is None:
                 response = await self._stream(request, upstream, headers)
@@ -462,8 +461,13 @@ class Forwarder:
         else:
             response.enable_chunked_encoding()
         await response.prepare(request)
+        content, read_timeout = upstream.content, self.config.proxy.per_try_timeout
         try:
-            async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
+            while True:
+                async with asyncio.timeout(read_timeout):  # a backend that stops sending mid-body
+                    chunk = await content.read(STREAM_CHUNK)
+                if not chunk:
+                    break
                 try:
                     await response.write(chunk)
                 except ConnectionResetError:

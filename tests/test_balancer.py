@@ -74,6 +74,22 @@ async def test_balancers_own_errors_are_recorded_under_balancer(make_config, sta
     assert stats["error_types"]["405_METHOD_NOT_ALLOWED"] == 1
 
 
+@pytest.mark.parametrize("path", ["/health", "/status", "/metrics", "/", "/errors/stats", "/events"])
+async def test_the_balancers_own_answers_name_the_balancer(make_config, start_system, http, path) -> None:
+    system = await start_system(make_config())
+    async with http.get(system.balancer_url + path) as r:
+        assert r.status == 200
+        assert r.headers["X-Backend"] == "balancer"
+        assert r.headers["X-Request-ID"]
+
+
+async def test_a_forwarded_answer_names_its_backend_and_not_the_balancer(make_config, start_system, http) -> None:
+    system = await start_system(make_config())
+    async with http.get(system.balancer_url + "/tasks") as r:
+        assert r.status == 200
+        assert r.headers.getall("X-Backend") in (["backend-1"], ["backend-2"])
+
+
 async def test_round_robin_alternates_and_names_the_backend(make_config, start_system, http) -> None:
     system = await start_system(make_config())
     seen = []

@@ -104,6 +104,15 @@ class TestBackend:
             finally:
                 self.active -= 1
 
+        async def stall(request: web.Request) -> web.StreamResponse:
+            """A large answer that sends its first MiB and then nothing until released."""
+            response = web.StreamResponse()
+            response.content_length = 10 * MiB
+            await response.prepare(request)
+            await response.write(b"s" * MiB)
+            await self.release.wait()
+            return response
+
         async def download(request: web.Request) -> web.StreamResponse:
             size = int(request.query["bytes"])
             response = web.StreamResponse()
@@ -164,6 +173,7 @@ class TestBackend:
         app.router.add_get("/download", download)
         app.router.add_get("/flaky", flaky)
         app.router.add_get("/trickle", trickle)
+        app.router.add_get("/stall", stall)
         app.router.add_get("/truncated", truncated)
         app.router.add_route("*", "/drop", drop)
         app.router.add_post("/upload", upload)
@@ -410,6 +420,22 @@ async def test_request_timeout_bounds_all_tries(backends, balancer, http) -> Non
 
 
 # --- passive health ----------------------------------------------------------------------
+
+
+async def test_a_streamed_body_that_stalls_is_cut_after_per_try_timeout(backends, balancer, http, caplog) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server], proxy={"per_try_timeout": 0.3})
+    started = time.perf_counter()
+    received = 0
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(system.balancer_url + "/stall") as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                received += len(chunk)
+    assert received == MiB  # what came before the stall reached the client
+    assert time.perf_counter() - started < 3
+    assert any("upstream body failed" in r.getMessage() and "timeout" in r.getMessage() for r in caplog.records)
+    server.release.set()
 
 
 async def test_consecutive_proxied_failures_eject_before_the_next_check(backends, balancer, http) -> None:
