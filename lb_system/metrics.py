@@ -34,10 +34,13 @@ class _ScrapeTimeState(Collector):
         self.pool = pool
         self.tracker = tracker
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
         return (
             GaugeMetricFamily("lb_backend_up", "1 when the backend is up, else 0.", labels=["backend"]),
             GaugeMetricFamily("lb_backend_active_requests", "Requests in flight to the backend.", labels=["backend"]),
+            CounterMetricFamily(
+                "lb_backend_ejections", "Passive ejections: failed proxied requests took it down.", labels=["backend"]
+            ),
             CounterMetricFamily(
                 "lb_errors", "Failed requests (status >= 400) as in /errors/stats.", labels=["server", "type"]
             ),
@@ -47,13 +50,14 @@ class _ScrapeTimeState(Collector):
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        up, active, errors = self._families()
+        up, active, ejections, errors = self._families()
         for backend in self.pool.backends:
             up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
             active.add_metric([backend.name], float(backend.active_requests))
+            ejections.add_metric([backend.name], float(backend.ejections))
         for (server, etype), count in sorted(self.tracker.counts_by_server_and_type().items()):
             errors.add_metric([server, etype], float(count))
-        return (up, active, errors)
+        return (up, active, ejections, errors)
 
 
 class Metrics:

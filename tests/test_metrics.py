@@ -95,6 +95,7 @@ async def test_metrics_agree_with_errors_stats_and_status_after_a_known_sequence
         assert metrics.value("lb_health_check_duration_seconds_count", backend=name) == checks
         assert metrics.value("lb_backend_transitions_total", backend=name, to="up") == len(backend["transitions"]) == 1
         assert metrics.value("lb_retries_total", backend=name) == 0
+        assert metrics.value("lb_backend_ejections_total", backend=name) == backend["ejections"] == 0
     assert metrics.value("lb_no_backend_total") == 0
 
 
@@ -111,6 +112,7 @@ async def test_metric_names_types_buckets_and_labels_follow_the_contract(make_co
         "lb_request_duration_seconds": "histogram",
         "lb_backend_up": "gauge",
         "lb_backend_active_requests": "gauge",
+        "lb_backend_ejections": "counter",
         "lb_health_checks": "counter",
         "lb_health_check_duration_seconds": "histogram",
         "lb_backend_transitions": "counter",

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import gzip
 import io
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -438,21 +439,23 @@ async def test_a_streamed_body_that_stalls_is_cut_after_per_try_timeout(backends
     server.release.set()
 
 
-async def test_consecutive_proxied_failures_eject_before_the_next_check(backends, balancer, http) -> None:
+async def test_consecutive_proxied_failures_eject_before_the_next_check(backends, balancer, http, lb_log) -> None:
     sick, good = await backends("sick", "good")
     system = await balancer([sick, good], health={"interval": 60.0, "passive_fall": 2, "fall": 10})
     for _ in range(4):
         async with http.get(system.balancer_url + "/code/500") as r:
             assert r.status == 500
-    backend = system.pool.get("sick")
     # Both answered 500; whichever reached passive_fall first is ejected, the cap keeps the other.
-    ejected = [b for b in system.pool.backends if not b.healthy]
-    assert len(ejected) == 1
+    (ejected,) = [b.name for b in system.pool.backends if not b.healthy]
+    reason = "ejected after 2 failed requests: status 500"
     async with http.get(system.balancer_url + "/status") as r:
         status = {b["name"]: b for b in (await r.json())["backends"]}
-    assert status[ejected[0].name]["ejections"] == 1
-    assert "ejected after 2 failed requests: status 500" in status[ejected[0].name]["transitions"][0]["reason"]
-    del backend
+    assert status[ejected]["ejections"] == 1
+    assert reason in status[ejected]["transitions"][0]["reason"]
+    assert any(ejected in line and reason in line for line in lb_log.messages(logging.WARNING))
+    async with http.get(system.balancer_url + "/metrics") as r:
+        exposition = await r.text()
+    assert f'lb_backend_ejections_total{{backend="{ejected}"}} 1.0' in exposition
 
 
 async def test_ejection_never_takes_the_last_eligible_backend(backends, balancer, http) -> None:
