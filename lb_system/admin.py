@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from .backend_pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
-from .config import Config, ConfigError
+from .config import DEFAULT_TOKEN_ENV, Config, ConfigError
 from .error_tracker import ErrorTracker
 from .keys import ADMIN_CONTROL
 from .problems import Handler, json_response
@@ -20,7 +20,6 @@ from .problems import Handler, json_response
 if TYPE_CHECKING:
     from .reload import ReloadPlan
 
-DEFAULT_TOKEN_ENV = "LB_ADMIN_TOKEN"
 ACTIONS = ("disable", "enable", "drain", "stop", "start")
 _STATE_FOR = {"disable": DISABLED, "enable": ENABLED, "drain": DRAINING}
 _BACKEND_ACTION = re.compile(r"^/admin/backends/([^/]+)/([^/]+)$")

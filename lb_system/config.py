@@ -113,8 +113,11 @@ class ProxyConfig(_Section):
         return value
 
 
+DEFAULT_TOKEN_ENV = "LB_ADMIN_TOKEN"
+
+
 class AdminConfig(_Section):
-    token_env: str = "LB_ADMIN_TOKEN"
+    token_env: str = DEFAULT_TOKEN_ENV
 
 
 class BackendConfig(_Section):
