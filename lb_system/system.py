@@ -28,6 +28,10 @@ from .task_store import TaskStore
 
 
 _ADDRESS_IN_USE = {errno.EADDRINUSE, 10048}  # 10048: WSAEADDRINUSE on Windows
+# Connections the kernel may hold for accept(). aiohttp's 128 overflows when a few hundred
+# clients connect at once to a busy loop: the dropped handshakes cost their first request
+# a TCP retransmit (200 ms to over 1 s). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 class StartupError(Exception):
@@ -47,7 +51,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         if sys.platform != "win32":  # on Windows it would let two servers share the port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as error:
         sock.close()
         if error.errno in _ADDRESS_IN_USE:
@@ -219,7 +223,7 @@ class System:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options)
         try:
             await runner.setup()
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # it listens again
         except BaseException:
             sock.close()
             await runner.cleanup()

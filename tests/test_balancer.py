@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import select
+import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -425,3 +428,33 @@ async def test_a_path_with_an_encoded_newline_is_still_forwarded(make_config, st
     async with http.get(system.balancer_url + "/files/a%0Ab") as r:
         assert r.status == 200
         assert r.headers["X-Backend"] == "remote-1"
+
+
+@pytest.mark.parametrize("port_of", ["balancer", "backend-1"])
+async def test_a_burst_of_connections_is_queued_not_dropped_while_the_loop_is_busy(make_config, start_system, port_of) -> None:
+    """With aiohttp's default backlog (128) the kernel drops the rest of a burst of new
+    connections and each waits a SYN retransmit (1 s) before its first byte is even read."""
+    system = await start_system(make_config())
+    url = system.balancer_url if port_of == "balancer" else system.hosted[port_of].url
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    burst = 400
+    somaxconn = Path("/proc/sys/net/core/somaxconn")
+    if somaxconn.exists() and int(somaxconn.read_text()) < burst:
+        pytest.skip(f"the kernel caps every backlog at net.core.somaxconn = {somaxconn.read_text().strip()}")
+    sockets = [socket.socket() for _ in range(burst)]
+    try:
+        # No await below: the event loop is busy (here: blocked), so nothing is accepted yet.
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex((host, int(port)))
+        pending, connected = set(sockets), 0
+        deadline = asyncio.get_running_loop().time() + 0.5
+        while pending and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            _, writable, _ = select.select([], list(pending), [], left)
+            for sock in writable:
+                pending.discard(sock)
+                connected += sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert connected == burst
+    finally:
+        for sock in sockets:
+            sock.close()
