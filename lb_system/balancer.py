@@ -35,7 +35,6 @@ from .status import status_document
 from .transport import make_client_session
 
 
-
 async def health(request: web.Request) -> web.Response:
     pool = request.app[BACKEND_POOL]
     return json_response(

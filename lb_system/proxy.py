@@ -140,8 +140,9 @@ def _finish_try(backend: Backend, upstream: aiohttp.ClientResponse) -> None:
     backend.active_requests -= 1
 
 
-def _no_backend(request: web.Request, request_id: str) -> web.Response:
-    return problem_response(503, NO_BACKEND, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
+def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND) -> web.Response:
+    """The balancer's 503: no healthy backend, or too many requests waiting; try again in a second."""
+    return problem_response(503, detail, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
 
 
 class _TryFailed(Exception):
@@ -214,9 +215,7 @@ class Forwarder:
         if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
             self._access_log(request, 503, "-", started, request_id, "shed")
             self._notify(request.method, 503, BALANCER, started, [])
-            return problem_response(
-                503, OVERLOADED, instance=request.path, request_id=request_id, headers={"Retry-After": "1"}
-            )
+            return _unavailable(request, request_id, OVERLOADED)
         self.in_flight += 1
         try:
             if _is_websocket_upgrade(request):
@@ -294,7 +293,7 @@ class Forwarder:
                 self.budget.release()
 
         if last_failure is None:
-            response = _no_backend(request, request_id)
+            response = _unavailable(request, request_id)
         elif last_failure.kind is FailureKind.TIMEOUT:
             response = problem_response(504, "Backend did not answer in time", instance=request.path, request_id=request_id)
         else:
@@ -323,7 +322,7 @@ class Forwarder:
         backend = self.pool.choose(self._hash_key(request))
         if backend is None:
             self._notify(request.method, 503, BALANCER, started, [], no_backend=True)
-            return _no_backend(request, request_id)
+            return _unavailable(request, request_id)
         headers = self.upstream_headers(request, request_id)
         for name in _WEBSOCKET_HANDSHAKE:
             headers.popall(name, None)
@@ -342,8 +341,8 @@ class Forwarder:
             except Exception as error:
                 reason = describe_failure(error)
                 self.pool.record_passive_failure(backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError))
-                self._access_log(request, 502, backend.name, started, request_id, f"{backend.name}:{reason}")
                 failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
+                self._access_log(request, 502, backend.name, started, request_id, _render_tries([failed]))
                 self._notify(request.method, 502, BALANCER, started, [failed])
                 return problem_response(
                     502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
@@ -357,7 +356,7 @@ class Forwarder:
                 opened = TryResult(backend.name, 101, time.perf_counter() - started)
                 self._notify(request.method, 101, backend.name, started, [opened])
                 await _pump_both_ways(client, upstream)
-                self._access_log(request, 101, backend.name, started, request_id, f"{backend.name}:101")
+                self._access_log(request, 101, backend.name, started, request_id, _render_tries([opened]))
                 return client
         finally:
             backend.active_requests -= 1

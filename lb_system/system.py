@@ -154,18 +154,11 @@ class System:
         # Bind every port before serving anything: a busy port stops start-up with nothing half-open.
         balancer_sock = bind_socket(config.balancer.host, config.balancer.port)
         sockets = {}
+        urls: dict[str, str] = {}
         try:
             for backend in config.backends:
                 if backend.hosted:
                     sockets[backend.name] = self._bind(backend)
-        except BaseException:
-            balancer_sock.close()
-            for sock in sockets.values():
-                sock.close()
-            raise
-
-        urls: dict[str, str] = {}
-        try:
             for backend in config.backends:
                 if backend.hosted:
                     hosted = await self._start_hosted(backend, sockets.pop(backend.name))
