@@ -141,7 +141,6 @@ def make_balancer_app(
             task = asyncio.create_task(checker.run(), name="health-checker")
             yield
         finally:
-            await feed.close()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
