@@ -2,7 +2,7 @@
 
 import sys
 
-from lb_system.cli import main
+from lb_system.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

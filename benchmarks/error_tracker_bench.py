@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lb_system.error_tracker import ErrorTracker  # noqa: E402
+from lb_system.observability.error_tracker import ErrorTracker  # noqa: E402
 
 STATUSES: tuple[int, ...] = (404, 404, 404, 400, 500, 502, 503, 405, 429, 504)
 SERVERS: tuple[str, ...] = ("backend-1", "backend-2", "backend-3", "lb")
@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
 
     kib = 1024
     print(f"timing pass:         {n:,} records, {DISTINCT_PATHS:,} distinct paths, {n * STEP:,.0f} s of clock")
-    print(f"time per record:     {elapsed / n * 1e9:,.0f} ns "
-          f"(loop alone {overhead / n * 1e9:,.0f} ns, so record() ~{(elapsed - overhead) / n * 1e9:,.0f} ns)")
+    print(
+        f"time per record:     {elapsed / n * 1e9:,.0f} ns "
+        f"(loop alone {overhead / n * 1e9:,.0f} ns, so record() ~{(elapsed - overhead) / n * 1e9:,.0f} ns)"
+    )
     print(f"total record time:   {elapsed:.2f} s")
     print(f"stats() time:        {stats_ms:.2f} ms")
     print(f"total_errors:        {stats['total_errors']:,}")

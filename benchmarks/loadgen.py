@@ -193,7 +193,7 @@ async def closed_loop(url: str, connections: int, duration: float, warmup: float
         connection.send(clock())
     try:
         await asyncio.wait_for(asyncio.shield(done), warmup + duration + 10)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         run.errors += open_count
     for connection in pool:
         connection.close()
@@ -203,7 +203,7 @@ async def closed_loop(url: str, connections: int, duration: float, warmup: float
 async def fixed_rate(url: str, connections: int, duration: float, warmup: float, rate: float) -> dict[str, object]:
     """Requests due every 1/rate seconds, sent on any idle connection; late ones queue."""
     host, port, request = _request_bytes(url)
-    loop = asyncio.get_running_loop()
+    asyncio.get_running_loop()
     idle: collections.deque[_Connection] = collections.deque()
     waiting: collections.deque[float] = collections.deque()  # due times of queued requests
     due_at: dict[_Connection, float] = {}

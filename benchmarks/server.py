@@ -25,9 +25,9 @@ from yarl import URL
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lb_system import System, load_config  # noqa: E402
-from lb_system.cli import _new_event_loop_factory, tune_gc  # noqa: E402
-from lb_system.log import configure_logging  # noqa: E402
-from lb_system.transport import make_client_session  # noqa: E402
+from lb_system.cli.main import _new_event_loop_factory, tune_gc  # noqa: E402
+from lb_system.observability.log import configure_logging  # noqa: E402
+from lb_system.proxy.transport import make_client_session  # noqa: E402
 
 SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
 

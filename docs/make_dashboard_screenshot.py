@@ -98,7 +98,7 @@ async def main() -> None:
                 browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
                 page = await browser.new_page(viewport={"width": 1280, "height": 1020})
                 await page.goto(system.balancer_url + "/")
-                await page.wait_for_selector('#connection.live')
+                await page.wait_for_selector("#connection.live")
                 await page.wait_for_timeout(1500)  # one more update, so the ages are fresh
                 await page.screenshot(path=args.out, full_page=True)
                 await browser.close()

@@ -1,13 +1,13 @@
 """lb_system: a load balancer with built-in fault detection, on aiohttp, in one asyncio process."""
 
-from .backend_pool import Backend, BackendPool
-from .balancer import make_balancer_app
-from .config import Config, ConfigError, load_config, parse_config
-from .error_tracker import ErrorTracker
-from .health import HealthChecker
-from .system import StartupError, System
-from .task_api import make_backend_app
-from .task_store import TaskStore
+from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.config import Config, ConfigError, load_config, parse_config
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.operations.system import StartupError, System
+from lb_system.proxy.balancer import make_balancer_app
+from lb_system.proxy.health import HealthChecker
+from lb_system.tasks.api import make_backend_app
+from lb_system.tasks.store import TaskStore
 
 __all__ = [
     "Backend",

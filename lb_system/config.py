@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,9 +11,35 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .strategies import STRATEGY_NAMES, validate_hash_on
-
 DEFAULT_CONFIG_PATH = "config.toml"
+
+# The balancing strategies [balancer] strategy may name (lb_system.balancing.strategies makes them).
+STRATEGY_NAMES: tuple[str, ...] = (
+    "round_robin",
+    "least_connections",
+    "power_of_two",
+    "random",
+    "consistent_hash",
+)
+
+# RFC 9110 token characters: what a header field name may contain.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HASH_ON_HELP = "expected 'client_ip', 'path' or 'header:<Name>'"
+
+
+def validate_hash_on(value: str) -> None:
+    """Raise ValueError unless `value` is 'client_ip', 'path' or 'header:<Name>'."""
+    if value in ("client_ip", "path"):
+        return
+    if value.startswith("header:"):
+        header = value[len("header:") :]
+        if not header:
+            raise ValueError(f"invalid hash_on {value!r}: header name is empty; {_HASH_ON_HELP}")
+        if not _HEADER_NAME.fullmatch(header):
+            raise ValueError(f"invalid hash_on {value!r}: {header!r} is not a valid HTTP header name")
+        return
+    raise ValueError(f"invalid hash_on {value!r}; {_HASH_ON_HELP}")
+
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
 Port = Annotated[int, Field(ge=0, le=65535)]

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import random
+import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from aiohttp import web
 
-from .error_tracker import ErrorTracker
-from .keys import ERROR_SERVER, PROBLEM_DETAIL, REQUEST_ID, UPSTREAM_RECORDED
+from lb_system.observability.error_tracker import ErrorTracker
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
 ANSWERED_BY_HEADER = "X-Backend"
 CATCH_ALL_VARIABLE = "{proxied_path}"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+REQUEST_ID = web.RequestKey("request_id", str)
+# The problem detail rides on the response so the middleware records it without re-parsing JSON.
+PROBLEM_DETAIL = web.ResponseKey("problem_detail", str)
+# Set by the proxy on a backend's error answer: whose error it is, and whether a hosted
+# backend (sharing our tracker) already recorded it, so each failure is counted once.
+ERROR_SERVER = web.ResponseKey("error_server", str)
+UPSTREAM_RECORDED = web.ResponseKey("upstream_recorded", bool)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -23,9 +23,7 @@ from lb_system import Config, System, load_config, parse_config
 FAST_HEALTH = {"interval": 0.05, "timeout": 0.5, "rise": 1, "fall": 1}
 
 
-async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 5.0, message: str = "condition"
-) -> None:
+async def wait_for(condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 5.0, message: str = "condition") -> None:
     """Poll until `condition` is true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -8,7 +8,6 @@ import logging
 import aiohttp
 import pytest
 import yarl
-
 from conftest import refused, wait_for
 
 TOKEN = "s3cret-token-for-tests"
@@ -19,7 +18,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def admin_token(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("LB_ADMIN_TOKEN", TOKEN)
     return TOKEN
-
 
 
 async def post(http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = AUTH) -> tuple[int, dict]:
@@ -41,8 +39,12 @@ async def test_without_a_token_every_admin_request_gets_403_naming_the_variable(
 ) -> None:
     monkeypatch.delenv("LB_ADMIN_TOKEN", raising=False)
     system = await start_system(make_config())
-    for method, path in [("POST", "/admin/reload"), ("POST", "/admin/backends/backend-1/disable"), ("GET", "/admin/x"),
-                         ("DELETE", "/errors/stats")]:
+    for method, path in [
+        ("POST", "/admin/reload"),
+        ("POST", "/admin/backends/backend-1/disable"),
+        ("GET", "/admin/x"),
+        ("DELETE", "/errors/stats"),
+    ]:
         async with http.request(method, system.balancer_url + path, headers=AUTH) as response:
             assert response.status == 403, path
             assert response.content_type == "application/problem+json"
@@ -221,9 +223,7 @@ async def test_stop_closes_a_hosted_backend_and_start_reopens_it(make_config, st
 # --- reload and error counters ---------------------------------------------------------------
 
 
-async def test_admin_reload_answers_what_changed_or_the_config_error(
-    config_file, start_system, http, admin_token
-) -> None:
+async def test_admin_reload_answers_what_changed_or_the_config_error(config_file, start_system, http, admin_token) -> None:
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=3600)
     config_file.write(backends=[*config_file.data["backends"], {"name": "backend-3", "port": 0}], errors={"recent": 5})
     status, body = await post(http, system.balancer_url + "/admin/reload")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from conftest import FAST_HEALTH, wait_for
 
 PROBLEM = "application/problem+json"
@@ -315,9 +314,7 @@ async def test_get_fails_over_without_client_visible_errors(make_config, start_s
     assert remote_2.last_error == "connection refused"
 
 
-async def test_post_is_retried_only_when_the_connection_was_never_made(
-    make_config, start_system, outside_backend, http
-) -> None:
+async def test_post_is_retried_only_when_the_connection_was_never_made(make_config, start_system, outside_backend, http) -> None:
     one, two = await outside_backend("remote-1"), await outside_backend("remote-2")
     system = await start_system(
         make_config(

@@ -45,8 +45,13 @@ class Served:
     @classmethod
     async def start(cls, config: Path) -> Served:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, RUN, "--config", str(config), cwd=config.parent,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            RUN,
+            "--config",
+            str(config),
+            cwd=config.parent,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         assert process.stderr is not None
         while True:

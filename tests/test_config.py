@@ -58,7 +58,7 @@ def test_an_outside_backend_is_a_url(tmp_path: Path) -> None:
         ('[[backends]]\nname = "a"', "[[backends]] #1 (a): needs exactly one of 'port'"),
         ('[[backends]]\nname = "a"\nport = 5001\nurl = "http://x:1"', "[[backends]] #1 (a): needs exactly one of 'port'"),
         ('[[backends]]\nname = "a"\nurl = "ftp://x"', "[[backends]] #1 (a): url must look like"),
-        ('[[backends]]\nport = 5001', "[[backends]] #1 name: Field required"),
+        ("[[backends]]\nport = 5001", "[[backends]] #1 name: Field required"),
         ('[[backends]]\nname = "a"\nport = 5001\ncolour = "red"', "[[backends]] #1 (a) colour: unknown key"),
     ],
 )
@@ -94,6 +94,6 @@ async def test_a_port_in_use_stops_start_up_naming_the_port(make_config) -> None
     [("0.0.0.0", "http://127.0.0.1:8080"), ("::", "http://[::1]:8080"), ("127.0.0.1", "http://127.0.0.1:8080")],
 )
 def test_a_wildcard_bind_address_is_dialled_on_loopback(host: str, url: str) -> None:
-    from lb_system.system import dial_url
+    from lb_system.operations.system import dial_url
 
     assert dial_url(host, 8080) == url

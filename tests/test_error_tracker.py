@@ -7,11 +7,10 @@ import tracemalloc
 from typing import Any
 
 import pytest
-
 from conftest import T0, FakeClock
 
-from lb_system import error_tracker as et
-from lb_system.error_tracker import ErrorTracker, error_type
+import lb_system.observability.error_tracker as et
+from lb_system.observability.error_tracker import ErrorTracker, error_type
 
 
 @pytest.fixture
@@ -356,9 +355,7 @@ def test_windows_are_exact_to_one_second(tracker: ErrorTracker, clock: FakeClock
     assert windows(tracker)["1m"] == 0
 
 
-def test_windows_forget_everything_after_a_jump_of_more_than_15_minutes(
-    tracker: ErrorTracker, clock: FakeClock
-) -> None:
+def test_windows_forget_everything_after_a_jump_of_more_than_15_minutes(tracker: ErrorTracker, clock: FakeClock) -> None:
     for _ in range(100):
         rec(tracker, 404)
         clock.advance(7)  # spread over ~700 s, many buckets
@@ -370,9 +367,7 @@ def test_windows_forget_everything_after_a_jump_of_more_than_15_minutes(
         assert w[name] == {"total": 1, "by_type": {"503_SERVICE_UNAVAILABLE": 1}}
 
 
-def test_windows_do_not_reuse_a_bucket_from_exactly_15_minutes_ago(
-    tracker: ErrorTracker, clock: FakeClock
-) -> None:
+def test_windows_do_not_reuse_a_bucket_from_exactly_15_minutes_ago(tracker: ErrorTracker, clock: FakeClock) -> None:
     rec(tracker, 404)
     clock.advance(900)  # lands in the same ring slot
     rec(tracker, 400)
@@ -380,9 +375,7 @@ def test_windows_do_not_reuse_a_bucket_from_exactly_15_minutes_ago(
     assert w["15m"] == {"total": 1, "by_type": {"400_BAD_REQUEST": 1}}
 
 
-def test_windows_still_count_errors_when_the_clock_steps_back(
-    tracker: ErrorTracker, clock: FakeClock
-) -> None:
+def test_windows_still_count_errors_when_the_clock_steps_back(tracker: ErrorTracker, clock: FakeClock) -> None:
     rec(tracker, 404)
     clock.advance(-30)
     rec(tracker, 500)
@@ -390,9 +383,7 @@ def test_windows_still_count_errors_when_the_clock_steps_back(
     assert w["1m"] == {"total": 2, "by_type": {"404_NOT_FOUND": 1, "500_INTERNAL_ERROR": 1}}
 
 
-def test_windows_drop_errors_after_the_clock_steps_back_more_than_15_minutes(
-    tracker: ErrorTracker, clock: FakeClock
-) -> None:
+def test_windows_drop_errors_after_the_clock_steps_back_more_than_15_minutes(tracker: ErrorTracker, clock: FakeClock) -> None:
     rec(tracker, 404)
     clock.advance(-3600)
     assert windows(tracker) == {"1m": 0, "5m": 0, "15m": 0}

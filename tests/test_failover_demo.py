@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from lb_system.cli import main
-from lb_system.failover import run_failover
+from lb_system.cli.failover import run_failover
+from lb_system.cli.main import main
 
 TOKEN = "failover-token"
 

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import aiohttp
-
 from conftest import wait_for
-from lb_system.keys import LIVE_FEED
+
+from lb_system.proxy.balancer import LIVE_FEED
 
 FAST_FEED = 0.05  # seconds between updates in these tests (1 s in production)
 
@@ -83,9 +83,7 @@ async def test_first_event_is_a_full_snapshot(make_config, start_system, http) -
     assert len(rates["requests"]) == len(rates["errors"]) == rates["seconds"] == 300
 
 
-async def test_updates_follow_requests_errors_and_backend_state(
-    make_config, start_system, outside_backend, http
-) -> None:
+async def test_updates_follow_requests_errors_and_backend_state(make_config, start_system, outside_backend, http) -> None:
     outside = await outside_backend("outside")
     system = await start_system(make_config(backends=[{"name": "backend-1", "port": 0}, {"name": "outside", "url": outside.url}]))
     system.balancer_app[LIVE_FEED].interval = FAST_FEED

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lb_system.config import LogConfig
-from lb_system.log import LOGGER_NAME, LineLogger, configure_logging
+from lb_system.observability.log import LOGGER_NAME, LineLogger, configure_logging
 
 
 @pytest.fixture

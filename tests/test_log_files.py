@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lb_system.config import Config
-from lb_system.log import LOGGER_NAME, configure_logging
+from lb_system.observability.log import LOGGER_NAME, configure_logging
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S")
 
@@ -132,7 +132,7 @@ async def test_json_lines_parse_and_carry_the_same_fields_as_text(make_config, s
     documents: dict[str, list[dict[str, object]]] = {}
     for form in ("text", "json"):
         config = make_config(log={"format": form, "file": f"{form}.log"}, database={"path": f"{form}.db"})
-        logger = log_to.start(config)
+        log_to.start(config)
         system = await start_system(config)
         for path in ("/tasks/555", "/debug/crash"):
             async with http.get(system.balancer_url + path, headers={"X-Request-ID": f"{form}-{path[1:6]}"}) as r:

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 # Health checks only at start-up: the counts stay put while a test compares them.
 QUIET_HEALTH = {"interval": 3600, "rise": 1, "fall": 1}

@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-
 from conftest import started_servers, wait_for
 
 MiB = 1024 * 1024
@@ -63,7 +62,7 @@ class TestBackend:
                 seconds = float(request.query.get("s", "30"))
                 try:
                     await asyncio.wait_for(self.release.wait(), seconds)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 return web.json_response({"server": self.name})
             finally:
@@ -153,8 +152,12 @@ class TestBackend:
         async def hop_by_hop(request: web.Request) -> web.Response:
             return web.Response(
                 text="ok",
-                headers={"Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "leak", "Keep-Alive": "timeout=5",
-                         "X-End-To-End": "kept"},
+                headers={
+                    "Connection": "keep-alive, X-Secret-Hop",
+                    "X-Secret-Hop": "leak",
+                    "Keep-Alive": "timeout=5",
+                    "X-End-To-End": "kept",
+                },
             )
 
         async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -595,9 +598,7 @@ async def test_forwarding_headers_are_set_and_host_passes_through(backends, bala
 async def test_a_trusted_proxys_forwarded_for_is_appended(backends, balancer, http) -> None:
     (server,) = await backends("s")
     system = await balancer([server], proxy={"trusted_proxies": ["127.0.0.0/8"]})
-    async with http.get(
-        system.balancer_url + "/x", headers={"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https"}
-    ) as r:
+    async with http.get(system.balancer_url + "/x", headers={"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https"}) as r:
         seen = (await r.json())["headers"]
     assert seen["X-Forwarded-For"] == "6.6.6.6, 127.0.0.1"
     assert seen["X-Forwarded-Proto"] == "https"
@@ -608,8 +609,13 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(backends, balancer, http
     system = await balancer([server])
     async with http.get(
         system.balancer_url + "/x",
-        headers={"Connection": "keep-alive, X-Client-Hop", "X-Client-Hop": "1", "TE": "trailers",
-                 "Proxy-Authorization": "Basic eA==", "X-Kept": "yes"},
+        headers={
+            "Connection": "keep-alive, X-Client-Hop",
+            "X-Client-Hop": "1",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic eA==",
+            "X-Kept": "yes",
+        },
     ) as r:
         seen = (await r.json())["headers"]
     for name in ("X-Client-Hop", "TE", "Proxy-Authorization"):
@@ -711,7 +717,7 @@ async def test_idle_client_connections_are_closed_after_idle_timeout(backends, b
 
 
 def _forwarder(system):
-    from lb_system.keys import FORWARDER
+    from lb_system.proxy.balancer import FORWARDER
 
     return system.balancer_app[FORWARDER]
 

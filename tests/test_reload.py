@@ -12,13 +12,12 @@ import time
 
 import aiohttp
 import pytest
-
-from lb_system.backend_pool import DRAINING
-from lb_system.cli import _install_reload_signal
-from lb_system.config import parse_config
-from lb_system.reload import RestartRequired, plan_reload
-
 from conftest import FAST_HEALTH, refused, wait_for
+
+from lb_system.balancing.pool import DRAINING
+from lb_system.cli.main import _install_reload_signal
+from lb_system.config import parse_config
+from lb_system.operations.reload_plan import RestartRequired, plan_reload
 
 WATCH = 0.05  # seconds between polls of the file in these tests
 
@@ -31,7 +30,6 @@ async def status(http: aiohttp.ClientSession, system) -> dict:
 
 def names(data: dict) -> list[str]:
     return [b["name"] for b in data["backends"]]
-
 
 
 def free_port() -> int:
@@ -99,9 +97,7 @@ async def test_saved_edit_adds_a_hosted_backend_within_two_seconds(config_file, 
         assert (await response.json())["server"] == "backend-3"
 
 
-async def test_added_backend_gets_no_traffic_before_its_first_good_check(
-    config_file, start_system, outside_backend
-) -> None:
+async def test_added_backend_gets_no_traffic_before_its_first_good_check(config_file, start_system, outside_backend) -> None:
     sick = await outside_backend("remote")
     sick.healthy = False
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
@@ -169,9 +165,7 @@ async def test_drain_timeout_bounds_a_removed_backend_with_a_stuck_request(
     (await slow).release()
 
 
-async def test_kept_backends_keep_health_state_counters_and_history(
-    config_file, start_system, outside_backend, http
-) -> None:
+async def test_kept_backends_keep_health_state_counters_and_history(config_file, start_system, outside_backend, http) -> None:
     sick = await outside_backend("remote")
     sick.healthy = False
     config_file.write(backends=[*config_file.data["backends"], {"name": "remote", "url": sick.url}])
@@ -423,7 +417,7 @@ async def test_hosted_backend_edited_into_an_outside_one_keeps_its_name_and_coun
 
 
 async def test_watcher_reports_each_settled_edit_once(tmp_path) -> None:
-    from lb_system.config_watch import ConfigWatcher
+    from lb_system.operations.config_watch import ConfigWatcher
 
     path = tmp_path / "config.toml"
     path.write_text("a = 1\n")
@@ -443,9 +437,7 @@ async def test_watcher_reports_each_settled_edit_once(tmp_path) -> None:
         await watcher.stop()
 
 
-async def test_readding_a_backend_whose_port_is_still_draining_applies_once_it_drained(
-    config_file, start_system
-) -> None:
+async def test_readding_a_backend_whose_port_is_still_draining_applies_once_it_drained(config_file, start_system) -> None:
     port = free_port()
     config_file.write(backends=[{"name": "backend-2", "port": port}])
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)

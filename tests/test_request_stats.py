@@ -4,14 +4,13 @@ last-minute error rate, per-second rates, downtime. Fake clocks, no network, no 
 from __future__ import annotations
 
 import pytest
-
 from conftest import T0, FakeClock
 
-from lb_system.backend_pool import Backend, BackendPool
+from lb_system.balancing.events import ProxiedRequest, TryResult
+from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import HealthConfig
-from lb_system.error_tracker import ErrorTracker
-from lb_system.proxy import ProxiedRequest, TryResult
-from lb_system.request_stats import LATENCY_SAMPLES, RequestStats, SecondRing, percentile
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.request_stats import LATENCY_SAMPLES, RequestStats, SecondRing, percentile
 
 
 def answered(backend: str, status: int, ms: float) -> ProxiedRequest:

@@ -1,4 +1,4 @@
-"""Unit tests for lb_system.retry: pure policy, fake clock, no sleeping."""
+"""Unit tests for lb_system.balancing.retry: pure policy, fake clock, no sleeping."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from lb_system.retry import IDEMPOTENT_METHODS, FailureKind, RetryBudget, RetryPolicy
+from lb_system.balancing.retry import IDEMPOTENT_METHODS, FailureKind, RetryBudget, RetryPolicy
 
 IDEMPOTENT = sorted(IDEMPOTENT_METHODS)
 NON_IDEMPOTENT = ["POST", "PATCH", "CONNECT"]

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from conftest import FAST_HEALTH, refused, toml_text, wait_for
+
 from lb_system import System
 
 ROOT = Path(__file__).resolve().parents[1]
-
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no SIGTERM to deliver to a child gracefully")

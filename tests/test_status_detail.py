@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
-
 from conftest import wait_for
 
 FOUNDATION_FIELDS = {

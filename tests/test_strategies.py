@@ -1,4 +1,4 @@
-"""Unit tests for lb_system.strategies: pure policy, no network."""
+"""Unit tests for lb_system.balancing.strategies: pure policy, no network."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lb_system.strategies import (
+from lb_system.balancing.strategies import (
     STRATEGY_NAMES,
     ConsistentHash,
     LeastConnections,
@@ -379,7 +379,7 @@ def test_consistent_hash_mapping_is_stable_across_processes() -> None:
     script = (
         "import json\n"
         "from dataclasses import dataclass\n"
-        "from lb_system.strategies import ConsistentHash\n"
+        "from lb_system.balancing.strategies import ConsistentHash\n"
         "@dataclass\n"
         "class B:\n"
         "    name: str\n"

@@ -129,7 +129,13 @@ async def test_list_filters_pages_and_counts_in_id_order(client) -> None:
 
 @pytest.mark.parametrize(
     ("query", "name"),
-    [({"done": "maybe"}, "done"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "x"}, "limit"), ({"offset": "-1"}, "offset")],
+    [
+        ({"done": "maybe"}, "done"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+    ],
 )
 async def test_bad_query_values_are_400_naming_them(client, query: dict, name: str) -> None:
     problem = await assert_problem(await client.get("/tasks", params=query), 400)
@@ -168,9 +174,7 @@ async def test_crash_is_500_without_traceback_and_logged(client, caplog) -> None
 
 
 async def test_crash_endpoint_is_404_when_debug_endpoints_are_off(aiohttp_client, store, tracker) -> None:
-    app = make_backend_app(
-        "b", store=store, tracker=tracker, api=ApiConfig(debug_endpoints=False), logger=logging.getLogger("t")
-    )
+    app = make_backend_app("b", store=store, tracker=tracker, api=ApiConfig(debug_endpoints=False), logger=logging.getLogger("t"))
     client = await aiohttp_client(app)
     await assert_problem(await client.get("/debug/crash"), 404)
 

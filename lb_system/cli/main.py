@@ -10,17 +10,15 @@ import signal
 import sys
 from collections.abc import Callable
 
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .demo import Unreachable, run_demo
-from .failover import run_failover
-from .log import configure_logging
-from .system import StartupError, System, dial_url
+from lb_system.cli.demo import Unreachable, run_demo
+from lb_system.cli.failover import run_failover
+from lb_system.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from lb_system.observability.log import configure_logging
+from lb_system.operations.system import StartupError, System, dial_url
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run.py", description="lb_system: a load balancer with built-in fault detection."
-    )
+    parser = argparse.ArgumentParser(prog="run.py", description="lb_system: a load balancer with built-in fault detection.")
     parser.add_argument(
         "command",
         nargs="?",

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .proxy import ProxiedRequest
+from lb_system.balancing.events import ProxiedRequest
 
 LATENCY_SAMPLES = 1000
 ERROR_RATE_WINDOW_S = 60
@@ -104,10 +104,7 @@ class RequestStats:
         if window is None or not window.latencies_ms:
             return {"p50": None, "p95": None, "p99": None}
         values = sorted(window.latencies_ms)
-        return {
-            key: round(percentile(values, fraction), 2)
-            for key, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
-        }
+        return {key: round(percentile(values, fraction), 2) for key, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))}
 
     def error_rate(self, name: str) -> float:
         """Failed share of the tries sent to this backend in the last minute; 0.0 with none."""

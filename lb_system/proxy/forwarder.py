@@ -11,21 +11,27 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .backend_pool import Backend, BackendPool
-from .config import Config
-from .keys import ERROR_SERVER, REQUEST_ID, UPSTREAM_RECORDED
-from .log import LineLogger
-from .problems import ANSWERED_BY_HEADER, REQUEST_ID_HEADER, problem_response
-from .retry import FailureKind, RetryBudget, RetryPolicy
-from .strategies import hash_key
-from .transport import describe_failure, is_connect_failure
+from lb_system.balancing.events import BALANCER, ProxiedRequest, RequestListener, TryResult, render_tries
+from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.balancing.retry import FailureKind, RetryBudget, RetryPolicy
+from lb_system.balancing.strategies import hash_key
+from lb_system.config import Config
+from lb_system.observability.log import LineLogger
+from lb_system.problems import (
+    ANSWERED_BY_HEADER,
+    ERROR_SERVER,
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    UPSTREAM_RECORDED,
+    problem_response,
+)
+from lb_system.proxy.transport import describe_failure, is_connect_failure
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"}
@@ -36,8 +42,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {"expect"}
 BUFFER_LIMIT = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 NO_BACKEND = "No healthy backend available"
-# Who answered when no backend did, as in X-Backend and the error records.
-BALANCER = "balancer"
 OVERLOADED = "Too many requests waiting for a backend connection"
 # The client's handshake headers are the client's; aiohttp makes fresh ones towards the backend.
 _WEBSOCKET_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
@@ -58,9 +62,9 @@ def _without_hop_by_hop(headers, also_drop: frozenset[str]) -> CIMultiDict[str]:
 
 
 def _is_websocket_upgrade(request: web.Request) -> bool:
-    return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in request.headers.get(
-        "Connection", ""
-    ).lower()
+    return (
+        request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in request.headers.get("Connection", "").lower()
+    )
 
 
 class _LimitedBody:
@@ -99,39 +103,6 @@ async def _pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.Clien
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class TryResult(NamedTuple):
-    """One try of a forwarded request on one backend (a tuple: made on every request)."""
-
-    backend: str
-    status: int | None  # None: no answer (refused, reset, timed out)
-    duration_s: float
-    reason: str | None = None  # why there was no answer
-
-
-def _render_tries(tries: Sequence[TryResult]) -> str:
-    """`backend-1:503,backend-2:200` for the access line."""
-    return ",".join(f"{t.backend}:{t.reason if t.status is None else t.status}" for t in tries) or "-"
-
-
-class ProxiedRequest(NamedTuple):
-    """What one forwarded request came to, reported to the forwarder's listeners (a tuple: made on every request)."""
-
-    method: str
-    status: int
-    backend: str  # the backend that answered, or "balancer" for its own 502/503/504
-    duration_s: float
-    tries: tuple[TryResult, ...]
-    no_backend: bool = False  # a 503 for want of a healthy backend
-
-    @property
-    def retried_from(self) -> tuple[str, ...]:
-        """Backends whose try was followed by another try on a different backend."""
-        return tuple(t.backend for t in self.tries[:-1])
-
-
-RequestListener = Callable[[ProxiedRequest], None]
 
 
 def _finish_try(backend: Backend, upstream: aiohttp.ClientResponse) -> None:
@@ -285,7 +256,7 @@ class Forwarder:
                     continue
                 response = await self._respond(request, backend, upstream, data, request_id)
                 tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
-                self._access_log(request, response.status, backend.name, started, request_id, _render_tries(tries))
+                self._access_log(request, response.status, backend.name, started, request_id, render_tries(tries))
                 self._notify(request.method, response.status, backend.name, started, tries)
                 return response
         finally:
@@ -300,7 +271,7 @@ class Forwarder:
             response = problem_response(
                 502, f"No backend answered: {last_failure.reason}", instance=request.path, request_id=request_id
             )
-        self._access_log(request, response.status, "-", started, request_id, _render_tries(tries))
+        self._access_log(request, response.status, "-", started, request_id, render_tries(tries))
         self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None)
         return response
 
@@ -340,9 +311,11 @@ class Forwarder:
                     )
             except Exception as error:
                 reason = describe_failure(error)
-                self.pool.record_passive_failure(backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError))
+                self.pool.record_passive_failure(
+                    backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError)
+                )
                 failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
-                self._access_log(request, 502, backend.name, started, request_id, _render_tries([failed]))
+                self._access_log(request, 502, backend.name, started, request_id, render_tries([failed]))
                 self._notify(request.method, 502, BALANCER, started, [failed])
                 return problem_response(
                     502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
@@ -356,7 +329,7 @@ class Forwarder:
                 opened = TryResult(backend.name, 101, time.perf_counter() - started)
                 self._notify(request.method, 101, backend.name, started, [opened])
                 await _pump_both_ways(client, upstream)
-                self._access_log(request, 101, backend.name, started, request_id, _render_tries([opened]))
+                self._access_log(request, 101, backend.name, started, request_id, render_tries([opened]))
                 return client
         finally:
             backend.active_requests -= 1
@@ -385,7 +358,7 @@ class Forwarder:
         upstream = None
         try:
             if timeout <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             async with asyncio.timeout(timeout):
                 upstream = await self._session().request(
                     request.method,
@@ -471,7 +444,7 @@ class Forwarder:
                     await response.write(chunk)
                 except ConnectionResetError:
                     return response  # the client left: nothing to tell anyone
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError) as error:
+        except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as error:
             # The status line is gone already: the only honest signal left is a cut connection.
             self.logger.warning(
                 "upstream body failed method=%s path=%s reason=%r request_id=%s",
@@ -487,9 +460,7 @@ class Forwarder:
             await response.write_eof()
         return response
 
-    def _access_log(
-        self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: str
-    ) -> None:
+    def _access_log(self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: str) -> None:
         if self._access.enabled():
             self._access.info(
                 "access method=%s path=%s status=%d backend=%s duration_ms=%.2f request_id=%s tries=%s"

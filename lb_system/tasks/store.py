@@ -8,7 +8,7 @@ from typing import Any
 
 import aiosqlite
 
-from .timestamps import utc_now_iso
+from lb_system.timestamps import utc_now_iso
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -86,8 +86,7 @@ class TaskStore:
     async def create(self, title: str, description: str = "", done: bool = False) -> dict[str, Any]:
         now = utc_now_iso()
         (row,) = await self.db.execute_fetchall(
-            f"INSERT INTO tasks (title, description, done, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
-            f"RETURNING {_COLUMNS}",
+            f"INSERT INTO tasks (title, description, done, created_at, updated_at) VALUES (?, ?, ?, ?, ?) RETURNING {_COLUMNS}",
             (title, description, int(done), now, now),
         )
         return _row_to_task(row)

@@ -7,32 +7,40 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
-from .admin import AdminControl, add_admin_routes
-from .backend_pool import BackendPool
-from .config import Config
-from .dashboard import dashboard_snapshot, make_page_handler
-from .error_tracker import ErrorTracker
-from .health import HealthChecker
-from .keys import (
-    ADMIN_CONTROL,
-    BACKEND_POOL,
-    CLIENT_SESSION,
-    ERROR_TRACKER,
-    FORWARDER,
-    HEALTH_CHECKER,
-    LIVE_FEED,
-    METRICS,
-    REQUEST_STATS,
+from lb_system.balancing.events import BALANCER
+from lb_system.balancing.pool import BackendPool
+from lb_system.config import Config
+from lb_system.observability.dashboard import dashboard_snapshot, make_page_handler
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.live import LiveFeed
+from lb_system.observability.metrics import CONTENT_TYPE, Metrics
+from lb_system.observability.request_stats import RequestStats
+from lb_system.observability.status import status_document
+from lb_system.problems import (
+    ANSWERED_BY_HEADER,
+    CATCH_ALL_VARIABLE,
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    json_response,
+    make_problem_middleware,
 )
-from .live import LiveFeed
-from .metrics import CONTENT_TYPE, Metrics
-from .problems import CATCH_ALL_VARIABLE, json_response, make_problem_middleware
-from .proxy import BALANCER, Forwarder
-from .request_stats import RequestStats
-from .status import status_document
-from .transport import make_client_session
+from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, add_admin_routes
+from lb_system.proxy.forwarder import Forwarder
+from lb_system.proxy.health import HealthChecker
+from lb_system.proxy.transport import make_client_session
+
+# The balancer app's state, set once by make_balancer_app (the session and checker by its cleanup context).
+BACKEND_POOL = web.AppKey("backend_pool", BackendPool)
+ERROR_TRACKER = web.AppKey("error_tracker", ErrorTracker)
+CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+HEALTH_CHECKER = web.AppKey("health_checker", HealthChecker)
+METRICS = web.AppKey("metrics", Metrics)
+REQUEST_STATS = web.AppKey("request_stats", RequestStats)
+LIVE_FEED = web.AppKey("live_feed", LiveFeed)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -58,7 +66,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    return await request.app[LIVE_FEED].handle(request)
+    # Streamed: the headers the problem middleware adds to other answers are set here.
+    headers = {ANSWERED_BY_HEADER: BALANCER, REQUEST_ID_HEADER: request[REQUEST_ID]}
+    return await request.app[LIVE_FEED].handle(request, headers)
 
 
 def _positive_int_query(request: web.Request, name: str) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import BackendConfig, Config, ConfigError
+from lb_system.config import BackendConfig, Config, ConfigError
 
 # (section, key) pairs a running system applies without a restart. Everything else, including
 # sections added later, needs one: refusing an edit is safe, silently ignoring part of it is not.

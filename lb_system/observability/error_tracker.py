@@ -18,7 +18,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
-from .timestamps import iso_utc
+from lb_system.timestamps import iso_utc
 
 __all__ = ["ErrorTracker", "error_type"]
 
@@ -176,21 +176,15 @@ class ErrorTracker:
             "windows": self._windows(),
             "top_paths": [
                 {"path": path, "count": count}
-                for path, count in heapq.nsmallest(
-                    TOP_PATHS, self._paths.items(), key=lambda item: (-item[1], item[0])
-                )
+                for path, count in heapq.nsmallest(TOP_PATHS, self._paths.items(), key=lambda item: (-item[1], item[0]))
             ],
         }
 
-    def _recent_errors(
-        self, server: str | None, status: int | None, limit: int | None
-    ) -> list[dict[str, Any]]:
+    def _recent_errors(self, server: str | None, status: int | None, limit: int | None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         if limit == 0:
             return out
-        for ts, rec_status, etype, method, path, rec_server, detail, request_id in reversed(
-            self._records
-        ):
+        for ts, rec_status, etype, method, path, rec_server, detail, request_id in reversed(self._records):
             if server is not None and rec_server != server:
                 continue
             if status is not None and rec_status != status:
@@ -227,10 +221,7 @@ class ErrorTracker:
                     for etype, count in bucket.items():
                         counts[etype] = counts.get(etype, 0) + count
                         totals[name] += count
-        return {
-            name: {"total": totals[name], "by_type": dict(sorted(by_type[name].items()))}
-            for name, _ in _WINDOWS
-        }
+        return {name: {"total": totals[name], "by_type": dict(sorted(by_type[name].items()))} for name, _ in _WINDOWS}
 
     def per_second(self, seconds: int = 300) -> list[int]:
         """Errors per second over the last ``seconds`` (at most 900), oldest first, ending now."""

@@ -7,7 +7,7 @@ import errno
 
 import aiohttp
 
-from .config import ProxyConfig
+from lb_system.config import ProxyConfig
 
 # A proxy passes headers and bodies through: nothing added, nothing decoded, no cookies kept.
 _SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")

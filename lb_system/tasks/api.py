@@ -9,11 +9,13 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from .config import ApiConfig
-from .error_tracker import ErrorTracker
-from .keys import ERROR_TRACKER, SERVER_NAME, TASK_STORE
-from .problems import json_response, make_problem_middleware
-from .task_store import TaskStore
+from lb_system.config import ApiConfig
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.problems import json_response, make_problem_middleware
+from lb_system.tasks.store import TaskStore
+
+TASK_STORE = web.AppKey("task_store", TaskStore)
+SERVER_NAME = web.AppKey("server_name", str)
 
 MALFORMED_BODY = "Empty or malformed JSON body"
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -185,7 +187,6 @@ def make_backend_app(
     )
     app[SERVER_NAME] = name
     app[TASK_STORE] = store
-    app[ERROR_TRACKER] = tracker
     app.router.add_get("/health", health)
     app.router.add_post("/tasks", create_task)
     app.router.add_get("/tasks", list_tasks)

@@ -15,10 +15,6 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from .keys import REQUEST_ID
-from .problems import ANSWERED_BY_HEADER, REQUEST_ID_HEADER
-from .proxy import BALANCER
-
 Snapshot = Callable[[], dict[str, object]]
 # Tells EventSource how soon to reconnect after the connection drops (a balancer restart).
 RECONNECT_MS = 1000
@@ -95,12 +91,10 @@ class LiveFeed:
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
         if self._closed:
             raise web.HTTPServiceUnavailable(text="Shutting down")
         client = _Mailbox()
-        # Streamed: the headers the problem middleware adds to other answers are set here.
-        headers = {ANSWERED_BY_HEADER: BALANCER, REQUEST_ID_HEADER: request[REQUEST_ID]}
         async with sse_response(request, headers=headers) as stream:
             self._join(client)
             try:

@@ -14,18 +14,16 @@ from typing import Any
 
 from aiohttp import web
 
-from .admin import ActionRefused
-from .backend_pool import DRAINING, Backend, BackendPool
-from .balancer import make_balancer_app
-from .config import BackendConfig, Config, ConfigError, load_config
-from .config_watch import ConfigWatcher
-from .error_tracker import ErrorTracker
-from .keys import FORWARDER, HEALTH_CHECKER
-from .log import LOGGER_NAME
-from .reload import BackendEdit, ReloadPlan, plan_reload
-from .task_api import make_backend_app
-from .task_store import TaskStore
-
+from lb_system.balancing.pool import DRAINING, Backend, BackendPool
+from lb_system.config import BackendConfig, Config, ConfigError, load_config
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.log import LOGGER_NAME
+from lb_system.operations.config_watch import ConfigWatcher
+from lb_system.operations.reload_plan import BackendEdit, ReloadPlan, plan_reload
+from lb_system.proxy.admin import ActionRefused
+from lb_system.proxy.balancer import FORWARDER, HEALTH_CHECKER, make_balancer_app
+from lb_system.tasks.api import make_backend_app
+from lb_system.tasks.store import TaskStore
 
 _ADDRESS_IN_USE = {errno.EADDRINUSE, 10048}  # 10048: WSAEADDRINUSE on Windows
 # Connections the kernel may hold for accept(). aiohttp's 128 overflows when a few hundred
@@ -41,9 +39,7 @@ class StartupError(Exception):
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket, so a busy port is reported by number and port 0 gets a real one."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as error:
         raise StartupError(f"cannot resolve host {host!r}: {error}") from None
     sock = socket.socket(family, kind, proto)
@@ -178,13 +174,9 @@ class System:
         )
         for backend in self.pool.backends:
             backend.listening = True if backend.hosted else None
-        self.balancer_app = make_balancer_app(
-            config, pool=self.pool, tracker=self.tracker, logger=self.logger, control=self
-        )
+        self.balancer_app = make_balancer_app(config, pool=self.pool, tracker=self.tracker, logger=self.logger, control=self)
         port = balancer_sock.getsockname()[1]
-        self.balancer_runner = await self._serve(
-            self.balancer_app, balancer_sock, keepalive_timeout=config.proxy.idle_timeout
-        )
+        self.balancer_runner = await self._serve(self.balancer_app, balancer_sock, keepalive_timeout=config.proxy.idle_timeout)
         self.balancer_url = dial_url(config.balancer.host, port)
         self.logger.info(
             "started balancer=%s backends=%s",
@@ -397,8 +389,7 @@ class System:
             if hosted.port == backend.port and hosted.host == (backend.host or self.config.balancer.host):
                 self._reload_after_drain = True
                 return (
-                    f" (held by {hosted.config.name}, removed and still draining; "
-                    "the edit is applied again once it has drained)"
+                    f" (held by {hosted.config.name}, removed and still draining; the edit is applied again once it has drained)"
                 )
         return ""
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
-import re
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Protocol, TypeVar
+
+from lb_system.config import STRATEGY_NAMES, validate_hash_on
 
 __all__ = [
     "STRATEGY_NAMES",
@@ -29,14 +30,6 @@ __all__ = [
     "make_strategy",
     "validate_hash_on",
 ]
-
-STRATEGY_NAMES: tuple[str, ...] = (
-    "round_robin",
-    "least_connections",
-    "power_of_two",
-    "random",
-    "consistent_hash",
-)
 
 
 class BackendView(Protocol):
@@ -154,9 +147,7 @@ class LeastConnections:
             if backend.name == self._last:
                 last_position = position
             # Cross-multiplied to compare active/weight exactly, without floats.
-            if best is None or (
-                backend.active_requests * best.weight < best.active_requests * backend.weight
-            ):
+            if best is None or (backend.active_requests * best.weight < best.active_requests * backend.weight):
                 best, tied = backend, [(position, backend)]
             elif backend.active_requests * best.weight == best.active_requests * backend.weight:
                 tied.append((position, backend))
@@ -330,30 +321,7 @@ def make_strategy(name: str, *, rng: random.Random | None = None) -> Strategy:
     raise ValueError(f"unknown strategy {name!r}; expected one of: {', '.join(STRATEGY_NAMES)}")
 
 
-# RFC 9110 token characters: what a header field name may contain.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HASH_ON_HELP = "expected 'client_ip', 'path' or 'header:<Name>'"
-
-
-def validate_hash_on(value: str) -> None:
-    """Raise ValueError unless `value` is 'client_ip', 'path' or 'header:<Name>'."""
-    if value in ("client_ip", "path"):
-        return
-    if value.startswith("header:"):
-        header = value[len("header:") :]
-        if not header:
-            raise ValueError(f"invalid hash_on {value!r}: header name is empty; {_HASH_ON_HELP}")
-        if not _HEADER_NAME.fullmatch(header):
-            raise ValueError(
-                f"invalid hash_on {value!r}: {header!r} is not a valid HTTP header name"
-            )
-        return
-    raise ValueError(f"invalid hash_on {value!r}; {_HASH_ON_HELP}")
-
-
-def hash_key(
-    hash_on: str, *, client_ip: str, path: str, headers: Mapping[str, str]
-) -> str | None:
+def hash_key(hash_on: str, *, client_ip: str, path: str, headers: Mapping[str, str]) -> str | None:
     """The consistent-hash key of a request, or None when the header is missing.
 
     Header names match case-insensitively whether or not `headers` does.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .backend_pool import BackendPool
-from .request_stats import RequestStats
+from lb_system.balancing.pool import BackendPool
+from lb_system.observability.request_stats import RequestStats
 
 
 def backend_statuses(pool: BackendPool, stats: RequestStats, *, retiring: bool = False) -> list[dict[str, object]]:

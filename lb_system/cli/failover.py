@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from .demo import Unreachable
-from .transport import describe_failure
+from lb_system.cli.demo import Unreachable
+from lb_system.proxy.transport import describe_failure
 
 TRAFFIC_PATH = "/tasks?limit=1"
 POLL_SECONDS = 0.1
@@ -62,7 +62,7 @@ async def _client(session: aiohttp.ClientSession, url: str, traffic: Traffic, st
                 await response.read()
                 failure = None if response.status == 200 else f"status {response.status}"
                 traffic.record(response.headers.get("X-Backend"), failure)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             traffic.record(None, describe_failure(error))
         await asyncio.sleep(pause)  # pacing: a steady stream, not a load test
 
@@ -71,7 +71,7 @@ async def _get_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any
     try:
         async with session.get(url + "/status") as response:
             return await response.json()
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
+    except (TimeoutError, aiohttp.ClientConnectionError) as error:
         raise Unreachable(f"nothing answers at {url} ({describe_failure(error)}); is `python run.py` running?") from None
 
 
@@ -84,9 +84,7 @@ def _status_line(status: dict[str, Any]) -> str:
     return f"[STATUS] healthy {status['healthy']}/{status['total']} | " + " | ".join(parts)
 
 
-async def _watch(
-    session: aiohttp.ClientSession, url: str, name: str, *, healthy: bool, timeout: float, out: TextIO
-) -> bool:
+async def _watch(session: aiohttp.ClientSession, url: str, name: str, *, healthy: bool, timeout: float, out: TextIO) -> bool:
     """Print /status each time it changes until `name` is (un)healthy; False on timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -16,9 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .backend_pool import Backend, BackendPool, Transition
-from .error_tracker import ErrorTracker
-from .proxy import ProxiedRequest
+from lb_system.balancing.events import ProxiedRequest, Transition
+from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.observability.error_tracker import ErrorTracker
 
 __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics"]
 
@@ -41,9 +41,7 @@ class _ScrapeTimeState(Collector):
             CounterMetricFamily(
                 "lb_backend_ejections", "Passive ejections: failed proxied requests took it down.", labels=["backend"]
             ),
-            CounterMetricFamily(
-                "lb_errors", "Failed requests (status >= 400) as in /errors/stats.", labels=["server", "type"]
-            ),
+            CounterMetricFamily("lb_errors", "Failed requests (status >= 400) as in /errors/stats.", labels=["server", "type"]),
         )
 
     def describe(self) -> Iterable[Metric]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from typing import TextIO
 
 import aiohttp
 
-from .transport import describe_failure
+from lb_system.proxy.transport import describe_failure
 
 SCENARIOS = (
     # (expected status, announcement, method, path, body)
@@ -47,6 +46,6 @@ async def run_demo(url: str, out: TextIO = sys.stdout) -> int:
             print("[STATS] Error statistics...", file=out)
             async with session.get(url + "/errors/stats") as response:
                 print(json.dumps(await response.json(), indent=2), file=out)
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
+    except (TimeoutError, aiohttp.ClientConnectionError) as error:
         raise Unreachable(f"nothing answers at {url} ({describe_failure(error)}); is `python run.py` running?") from None
     return 0 if all_expected else 1

@@ -124,9 +124,7 @@ class RetryBudget:
     def try_acquire(self) -> bool:
         """May a retry start now? If so it is counted as active and in the window."""
         slot = self._advance()
-        allowed = self._active < self._min_concurrent or (
-            (self._retries_total + 1) * 100 <= self._percent * self._requests_total
-        )
+        allowed = self._active < self._min_concurrent or ((self._retries_total + 1) * 100 <= self._percent * self._requests_total)
         if allowed:
             self._active += 1
             self._retries[slot] += 1

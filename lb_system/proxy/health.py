@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import aiohttp
 
-from .backend_pool import Backend, BackendPool
-from .config import HealthConfig
-from .transport import describe_failure
+from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.config import HealthConfig
+from lb_system.proxy.transport import describe_failure
 
 CheckListener = Callable[[Backend, bool, float], None]
 
@@ -76,7 +76,7 @@ class HealthChecker:
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), max(0.0, next_round - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wakeup.clear()
             next_round = loop.time() + self.config.interval

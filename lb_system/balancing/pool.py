@@ -13,21 +13,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .config import BackendConfig, HealthConfig
-from .strategies import Strategy, make_strategy
-from .timestamps import iso_utc_or_none
+from lb_system.balancing.events import Transition
+from lb_system.balancing.strategies import Strategy, make_strategy
+from lb_system.config import BackendConfig, HealthConfig
+from lb_system.timestamps import iso_utc_or_none
 
 ENABLED, DISABLED, DRAINING = "enabled", "disabled", "draining"
-
-
-@dataclass(frozen=True)
-class Transition:
-    at: float
-    to: str  # "up" or "down"
-    reason: str
-
-    def as_dict(self) -> dict[str, object]:
-        return {"at": iso_utc_or_none(self.at), "to": self.to, "reason": self.reason}
 
 
 @dataclass(eq=False)

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from .backend_pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
-from .config import DEFAULT_TOKEN_ENV, Config, ConfigError
-from .error_tracker import ErrorTracker
-from .keys import ADMIN_CONTROL
-from .problems import Handler, json_response
+from lb_system.balancing.pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
+from lb_system.config import DEFAULT_TOKEN_ENV, Config, ConfigError
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.problems import Handler, json_response
 
 if TYPE_CHECKING:
-    from .reload import ReloadPlan
+    from lb_system.operations.reload_plan import ReloadPlan
 
 ACTIONS = ("disable", "enable", "drain", "stop", "start")
 _STATE_FOR = {"disable": DISABLED, "enable": ENABLED, "drain": DRAINING}
@@ -45,6 +44,9 @@ class AdminControl(Protocol):
     async def stop_backend(self, name: str) -> bool: ...
 
     async def start_backend(self, name: str) -> bool: ...
+
+
+ADMIN_CONTROL = web.AppKey("admin_control", AdminControl)
 
 
 _LOGGABLE = re.compile(r"[A-Za-z0-9._/-]{1,128}")

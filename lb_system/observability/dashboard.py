@@ -8,11 +8,11 @@ from importlib import resources
 
 from aiohttp import web
 
-from .backend_pool import BackendPool
-from .error_tracker import ErrorTracker
-from .request_stats import RATE_HISTORY_S, RequestStats
-from .status import backend_statuses
-from .timestamps import iso_utc
+from lb_system.balancing.pool import BackendPool
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.request_stats import RATE_HISTORY_S, RequestStats
+from lb_system.observability.status import backend_statuses
+from lb_system.timestamps import iso_utc
 
 RECENT_ERRORS_SHOWN = 20
 _ERROR_FIELDS = ("total_errors", "error_types", "by_server", "by_method", "windows", "top_paths", "recent_errors", "since")

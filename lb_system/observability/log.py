@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import LogConfig
+from lb_system.config import LogConfig
 
 LOGGER_NAME = "lb_system"
 
@@ -59,7 +59,7 @@ class JsonFormatter(_UTCFormatter):
 
 
 def _split_fields(message: str) -> tuple[str, dict[str, str]]:
-    """"access method=GET path=/x" -> ("access", {"method": "GET", "path": "/x"})."""
+    """ "access method=GET path=/x" -> ("access", {"method": "GET", "path": "/x"})."""
     try:
         words = shlex.split(message, posix=True)
     except ValueError:

@@ -1,0 +1,22 @@
+"""Pure balancing policy: the backend pool and its health state machine, the strategies, retries
+and their budget, and the events observers consume. Nothing here opens a socket or imports aiohttp."""
+
+from __future__ import annotations
+
+from lb_system.balancing.events import BALANCER, ProxiedRequest, Transition, TryResult
+from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.balancing.retry import RetryBudget, RetryPolicy
+from lb_system.balancing.strategies import Strategy, make_strategy
+
+__all__ = [
+    "BALANCER",
+    "Backend",
+    "BackendPool",
+    "ProxiedRequest",
+    "RetryBudget",
+    "RetryPolicy",
+    "Strategy",
+    "Transition",
+    "TryResult",
+    "make_strategy",
+]

@@ -1,0 +1,7 @@
+"""Running the whole system: start and stop, serving sockets, live reloads of config.toml."""
+
+from __future__ import annotations
+
+from lb_system.operations.system import StartupError, System
+
+__all__ = ["StartupError", "System"]
