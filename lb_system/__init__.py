@@ -3,7 +3,8 @@
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import Config, ConfigError, load_config, parse_config
 from lb_system.observability.error_tracker import ErrorTracker
-from lb_system.operations.system import StartupError, System
+from lb_system.operations.serving import StartupError
+from lb_system.operations.system import System
 from lb_system.proxy.balancer import make_balancer_app
 from lb_system.proxy.health import HealthChecker
 from lb_system.tasks.api import make_backend_app

@@ -94,6 +94,6 @@ async def test_a_port_in_use_stops_start_up_naming_the_port(make_config) -> None
     [("0.0.0.0", "http://127.0.0.1:8080"), ("::", "http://[::1]:8080"), ("127.0.0.1", "http://127.0.0.1:8080")],
 )
 def test_a_wildcard_bind_address_is_dialled_on_loopback(host: str, url: str) -> None:
-    from lb_system.operations.system import dial_url
+    from lb_system.operations.serving import dial_url
 
     assert dial_url(host, 8080) == url

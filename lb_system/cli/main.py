@@ -14,7 +14,8 @@ from lb_system.cli.demo import Unreachable, run_demo
 from lb_system.cli.failover import run_failover
 from lb_system.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from lb_system.observability.log import configure_logging
-from lb_system.operations.system import StartupError, System, dial_url
+from lb_system.operations.serving import StartupError, dial_url
+from lb_system.operations.system import System
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from lb_system.operations.system import StartupError, System
+from lb_system.operations.serving import StartupError
+from lb_system.operations.system import System
 
 __all__ = ["StartupError", "System"]
