@@ -141,7 +141,8 @@ async def test_disable_takes_a_backend_out_now_and_in_flight_requests_finish(
 
     status, body = await post(http, system.balancer_url + "/admin/backends/remote/disable")
     assert status == 200 and body["changed"] is True and body["status"]["admin_state"] == "disabled"
-    assert (await backend_status(http, system, "remote"))["admin_state"] == "disabled"
+    remote = await backend_status(http, system, "remote")
+    assert remote["admin_state"] == "disabled" and remote["healthy"] is True and remote["serving"] is False
     for _ in range(3):
         async with http.get(system.balancer_url + "/x") as response:
             assert response.headers["X-Backend"] == "backend-1"
@@ -166,6 +167,7 @@ async def test_enable_brings_a_backend_back_after_a_good_check(
     checks = backend.checks_ok
     await wait_for(lambda: backend.eligible, message="remote back in rotation")
     assert backend.checks_ok > checks
+    assert (await backend_status(http, system, "remote"))["serving"] is True
     status, body = await post(http, system.balancer_url + "/admin/backends/remote/enable")
     assert status == 200 and body["changed"] is False
 
@@ -179,7 +181,8 @@ async def test_drain_reports_when_the_last_in_flight_request_finished(
     await wait_for(lambda: gated.waiting == 2)  # round robin: two on remote, two on backend-1 (404)
     status, body = await post(http, system.balancer_url + "/admin/backends/remote/drain")
     assert status == 200 and body["status"]["admin_state"] == "draining" and body["status"]["drained_at"] is None
-    assert (await backend_status(http, system, "remote"))["active_requests"] == 2
+    remote = await backend_status(http, system, "remote")
+    assert remote["active_requests"] == 2 and remote["healthy"] is True and remote["serving"] is False
     gated.gate.set()
     for task in slow:
         (await task).release()

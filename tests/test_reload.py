@@ -123,7 +123,9 @@ async def test_removed_backend_finishes_in_flight_requests_and_gets_no_new_ones(
     await wait_for(lambda: system.pool.get("remote") is None, message="remote removed")
     body = await status(http, system)
     assert names(body) == ["backend-1"]
-    assert [(b["name"], b["admin_state"], b["drained_at"]) for b in body["retiring"]] == [("remote", DRAINING, None)]
+    assert [(b["name"], b["admin_state"], b["drained_at"], b["serving"]) for b in body["retiring"]] == [
+        ("remote", DRAINING, None, False)
+    ]
     hits = gated.hits
     for _ in range(4):
         async with http.get(system.balancer_url + "/anything") as response:

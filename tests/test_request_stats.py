@@ -85,6 +85,19 @@ def test_error_rate_forgets_requests_older_than_a_minute(clock: FakeClock) -> No
     assert stats.error_rate("backend-1") == 0.0  # nothing left: 0, not a division by zero
 
 
+def test_server_error_rate_counts_only_unanswered_tries_and_5xx(clock: FakeClock) -> None:
+    stats = RequestStats(clock=clock)
+    for status in (200, 404, 404, 400, 503):
+        stats.record(answered("backend-1", status, 1))
+    stats.record(ProxiedRequest("GET", 502, "backend-1", 0.01, (TryResult("backend-1", None, 0.01),)))
+    assert stats.error_rate("backend-1") == round(5 / 6, 4)
+    assert stats.server_error_rate("backend-1") == round(2 / 6, 4)
+    assert stats.backend_fields("backend-1")["server_error_rate"] == round(2 / 6, 4)
+    assert stats.server_error_rate("never-seen") == 0.0
+    clock.advance(60)
+    assert stats.server_error_rate("backend-1") == 0.0
+
+
 # --- per-second rates ---------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ FOUNDATION_FIELDS = {
 }  # fmt: skip
 DETAIL_FIELDS = {
     "state_since", "checks_ok", "checks_failed", "last_check_status",
-    "downtime_s", "latency_ms", "error_rate", "transitions",
+    "downtime_s", "latency_ms", "error_rate", "server_error_rate", "transitions", "serving",
 }  # fmt: skip
 
 
@@ -30,7 +30,8 @@ async def test_status_has_every_foundation_and_detail_field(make_config, start_s
     for backend in (await backends(http, system.balancer_url)).values():
         assert FOUNDATION_FIELDS | DETAIL_FIELDS <= set(backend)
         assert backend["latency_ms"] == {"p50": None, "p95": None, "p99": None}
-        assert backend["error_rate"] == 0.0
+        assert backend["error_rate"] == 0.0 and backend["server_error_rate"] == 0.0
+        assert backend["serving"] is True
         assert backend["downtime_s"] == 0
         assert backend["last_check_status"] == "200"
         assert backend["checks_ok"] >= 1 and backend["checks_failed"] == 0
@@ -47,6 +48,7 @@ async def test_latency_and_error_rate_follow_the_proxied_requests(make_config, s
     backend = (await backends(http, system.balancer_url))["backend-1"]
     assert backend["requests"] == 4
     assert backend["error_rate"] == 0.25
+    assert backend["server_error_rate"] == 0.0  # a client's 404 is not the backend's fault
     latency = backend["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] < 5000
 

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lb_system.balancing.events import Transition
 from lb_system.balancing.strategies import Strategy, make_strategy
@@ -59,6 +60,12 @@ class Backend:
     def eligible(self) -> bool:
         return self.healthy and self.admin_state == ENABLED and not self.awaiting_check
 
+    @property
+    def serving(self) -> bool:
+        """Gets new requests: up, enabled (not disabled or draining) and past its first good check.
+        A retiring backend is no longer in the pool, so nothing chooses it (its status says false)."""
+        return self.eligible
+
     def downtime_s(self, now: float) -> float:
         """Total seconds spent down since the first check, the current stretch included."""
         current = max(0.0, now - self.state_since) if self.checked and not self.healthy else 0.0
@@ -71,6 +78,7 @@ class Backend:
             "url": self.url,
             "hosted": self.hosted,
             "healthy": self.healthy,
+            "serving": self.serving,
             "admin_state": self.admin_state,
             "weight": self.weight,
             "last_check": iso_utc_or_none(self.last_check),
@@ -118,7 +126,7 @@ class BackendPool:
         self.retiring: list[Backend] = []
 
     @classmethod
-    def from_config(cls, configs: Sequence[BackendConfig], urls: dict[str, str], **kwargs) -> BackendPool:
+    def from_config(cls, configs: Sequence[BackendConfig], urls: dict[str, str], **kwargs: Any) -> BackendPool:
         backends = [Backend(name=c.name, url=urls[c.name], hosted=c.hosted, weight=c.weight) for c in configs]
         return cls(backends, **kwargs)
 
@@ -150,6 +158,10 @@ class BackendPool:
     @property
     def healthy_count(self) -> int:
         return sum(1 for b in self.backends if b.healthy)
+
+    @property
+    def serving_count(self) -> int:
+        return sum(1 for b in self.backends if b.serving)
 
     def health_word(self) -> str:
         healthy = self.healthy_count

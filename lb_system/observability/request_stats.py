@@ -67,7 +67,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 class _BackendWindow:
     def __init__(self) -> None:
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self.minute = SecondRing(ERROR_RATE_WINDOW_S, fields=2)  # tries, failed tries
+        self.minute = SecondRing(ERROR_RATE_WINDOW_S, fields=3)  # tries, failed tries, server failures
 
 
 class RequestStats:
@@ -94,8 +94,8 @@ class RequestStats:
         self.requests.add(now, 1)
         for attempt in done.tries:
             window = self._window(attempt.backend)
-            failed = attempt.status is None or attempt.status >= 400
-            window.minute.add(now, 1, int(failed))
+            status = attempt.status
+            window.minute.add(now, 1, int(status is None or status >= 400), int(status is None or status >= 500))
             if attempt.status is not None:
                 window.latencies_ms.append(attempt.duration_s * 1000)
 
@@ -111,8 +111,21 @@ class RequestStats:
         window = self._backends.get(name)
         if window is None:
             return 0.0
-        tries, failed = window.minute.totals(self.clock())
+        tries, failed, _ = window.minute.totals(self.clock())
         return round(failed / tries, 4) if tries else 0.0
 
+    def server_error_rate(self, name: str) -> float:
+        """Share of the last minute's tries to this backend that got no answer or a 5xx; 0.0 with none.
+        Unlike `error_rate`, clients' own 4xx do not count against the backend."""
+        window = self._backends.get(name)
+        if window is None:
+            return 0.0
+        tries, _, server_failed = window.minute.totals(self.clock())
+        return round(server_failed / tries, 4) if tries else 0.0
+
     def backend_fields(self, name: str) -> dict[str, object]:
-        return {"latency_ms": self.latency_ms(name), "error_rate": self.error_rate(name)}
+        return {
+            "latency_ms": self.latency_ms(name),
+            "error_rate": self.error_rate(name),
+            "server_error_rate": self.server_error_rate(name),
+        }

@@ -8,8 +8,10 @@ from lb_system.observability.request_stats import RequestStats
 
 def backend_statuses(pool: BackendPool, stats: RequestStats, *, retiring: bool = False) -> list[dict[str, object]]:
     now = pool.clock()
-    backends = pool.retiring if retiring else pool.backends
-    return [backend.status_dict(now) | stats.backend_fields(backend.name) for backend in backends]
+    if retiring:
+        # Removed from the pool: finishing in-flight requests, never chosen for a new one.
+        return [b.status_dict(now) | {"serving": False} | stats.backend_fields(b.name) for b in pool.retiring]
+    return [b.status_dict(now) | stats.backend_fields(b.name) for b in pool.backends]
 
 
 def status_document(pool: BackendPool, stats: RequestStats, *, config_error: str | None = None) -> dict[str, object]:
