@@ -99,6 +99,27 @@ async def test_invalid_fields_are_400_naming_the_field(client, body: dict, field
     assert f"'{field}'" in problem["detail"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 3000, b'{"title": ' + b"[" * 33 + b"]" * 33 + b"}", b'{"title": "x", "d": ' + b'{"a": ' * 40 + b"1" + b"}" * 41],
+    ids=["3000-deep-open", "33-deep-array", "40-deep-object"],
+)
+async def test_bodies_nested_deeper_than_32_levels_are_400_never_500(client, tracker, body: bytes) -> None:
+    response = await client.post("/tasks", data=body, headers={"Content-Type": "application/json"})
+    await assert_problem(response, 400, "JSON body nested deeper than 32 levels")
+    assert tracker.stats()["error_types"]["500_INTERNAL_ERROR"] == 0
+
+
+async def test_brackets_inside_strings_and_32_levels_are_not_too_deep(client) -> None:
+    title = "[{" * 40 + '\\"[' * 10
+    response = await client.post("/tasks", data=f'{{"title": "{title}"}}', headers={"Content-Type": "application/json"})
+    assert response.status == 201, await response.text()
+    nested = b'{"title": ' + b"[" * 31 + b'"x"' + b"]" * 31 + b"}"  # 32 levels with the object: not too deep
+    response = await client.post("/tasks", data=nested, headers={"Content-Type": "application/json"})
+    await assert_problem(response, 400)
+    assert "nested" not in (await response.json(content_type=PROBLEM))["detail"]
+
+
 async def test_non_json_content_type_is_415(client) -> None:
     response = await client.post("/tasks", data="title=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
     await assert_problem(response, 415)

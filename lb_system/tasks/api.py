@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
@@ -18,6 +19,8 @@ TASK_STORE = web.AppKey("task_store", TaskStore)
 SERVER_NAME = web.AppKey("server_name", str)
 
 MALFORMED_BODY = "Empty or malformed JSON body"
+MAX_JSON_DEPTH = 32
+TOO_DEEP = f"JSON body nested deeper than {MAX_JSON_DEPTH} levels"
 ModelT = TypeVar("ModelT", bound=BaseModel)
 _MAX_ID = 2**63 - 1
 
@@ -65,13 +68,37 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     content_type = request.content_type
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise web.HTTPUnsupportedMediaType(text=f"Content-Type must be application/json, got {content_type}")
+    if _nested_too_deep(body):
+        raise _bad_request(TOO_DEEP)
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _bad_request(MALFORMED_BODY) from None
     if not isinstance(data, dict) or not data:
         raise _bad_request(MALFORMED_BODY)
     return data
+
+
+# A JSON string, closing quote optional and possessive: linear even on unterminated or odd input.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nested_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `body` opens more than `limit` arrays/objects inside each other, found without
+    recursion: the decoder would recurse once per level and fail deep down (RecursionError)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # the common case: too few brackets to be that deep
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_A_BRACKET)
+    depth = 0
+    for byte in brackets:
+        if byte in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def _task_id(request: web.Request) -> int:
