@@ -180,18 +180,45 @@ async def test_health_reports_ok_degraded_unavailable(make_config, start_system,
         make_config(backends=[{"name": "remote-1", "url": one.url}, {"name": "remote-2", "url": two.url}])
     )
 
-    async def health() -> dict:
+    async def health(expected_status: int = 200) -> dict:
         async with http.get(system.balancer_url + "/health") as r:
-            assert r.status == 200
+            assert r.status == expected_status
             return await r.json()
 
-    assert await health() == {"status": "ok", "healthy_backends": 2, "total_backends": 2}
+    assert await health() == {"status": "ok", "serving_backends": 2, "healthy_backends": 2, "total_backends": 2}
     one.healthy = False
     await wait_for(lambda: system.pool.healthy_count == 1, message="remote-1 down")
-    assert await health() == {"status": "degraded", "healthy_backends": 1, "total_backends": 2}
+    assert await health() == {"status": "degraded", "serving_backends": 1, "healthy_backends": 1, "total_backends": 2}
     two.healthy = False
     await wait_for(lambda: system.pool.healthy_count == 0, message="both down")
-    assert (await health())["status"] == "unavailable"
+    # Probes and outer balancers read the code: nothing can be served, so 503.
+    assert await health(503) == {"status": "unavailable", "serving_backends": 0, "healthy_backends": 0, "total_backends": 2}
+    async with http.head(system.balancer_url + "/health") as r:
+        assert r.status == 503
+
+
+async def test_health_counts_disabled_and_draining_backends_as_not_serving(
+    make_config, start_system, http, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "health-test-token")
+    auth = {"Authorization": "Bearer health-test-token"}
+    system = await start_system(make_config())
+    url = system.balancer_url
+
+    async def health(expected_status: int) -> dict:
+        async with http.get(url + "/health") as r:
+            assert r.status == expected_status
+            return await r.json()
+
+    async with http.post(url + "/admin/backends/backend-1/disable", headers=auth) as r:
+        assert r.status == 200
+    assert await health(200) == {"status": "degraded", "serving_backends": 1, "healthy_backends": 2, "total_backends": 2}
+    async with http.post(url + "/admin/backends/backend-2/drain", headers=auth) as r:
+        assert r.status == 200
+    # Both still pass their checks, yet every request would get 503.
+    assert await health(503) == {"status": "unavailable", "serving_backends": 0, "healthy_backends": 2, "total_backends": 2}
+    async with http.get(url + "/tasks") as r:
+        assert r.status == 503
 
 
 async def test_every_backend_is_checked_before_the_first_request(make_config, start_system, outside_backend, http) -> None:

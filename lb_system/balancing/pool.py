@@ -164,10 +164,11 @@ class BackendPool:
         return sum(1 for b in self.backends if b.serving)
 
     def health_word(self) -> str:
-        healthy = self.healthy_count
-        if healthy == len(self.backends) and healthy:
-            return "ok"
-        return "degraded" if healthy else "unavailable"
+        """ok when every configured backend serves, degraded when some do, unavailable when none does."""
+        serving = self.serving_count
+        if not serving:
+            return "unavailable"
+        return "ok" if serving == len(self.backends) else "degraded"
 
     def choose(self, key: str | None = None, exclude: Sequence[Backend] = ()) -> Backend | None:
         """The backend for the next try of a request, never one it already tried; None when none is left."""

@@ -44,10 +44,16 @@ LIVE_FEED = web.AppKey("live_feed", LiveFeed)
 
 
 async def health(request: web.Request) -> web.Response:
+    # Probes and outer balancers read the status code: 503 exactly when no request could be served.
     pool = request.app[BACKEND_POOL]
-    return json_response(
-        {"status": pool.health_word(), "healthy_backends": pool.healthy_count, "total_backends": len(pool.backends)}
-    )
+    word = pool.health_word()
+    body = {
+        "status": word,
+        "serving_backends": pool.serving_count,
+        "healthy_backends": pool.healthy_count,
+        "total_backends": len(pool.backends),
+    }
+    return json_response(body, status=503 if word == "unavailable" else 200)
 
 
 async def status(request: web.Request) -> web.Response:
