@@ -25,7 +25,7 @@ from yarl import URL
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lb_system import System, load_config  # noqa: E402
-from lb_system.cli.main import _new_event_loop_factory, tune_gc  # noqa: E402
+from lb_system.cli.main import new_event_loop_factory, tune_gc  # noqa: E402
 from lb_system.observability.log import configure_logging  # noqa: E402
 from lb_system.proxy.transport import make_client_session  # noqa: E402
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     listener = configure_logging(load_config(args.config).log, console=False)
     try:
-        with asyncio.Runner(loop_factory=_new_event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
             runner.run(serve(args.config, args.bare_port, args.watch_stdin))
     finally:
         listener.stop()

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from lb_system.observability.error_tracker import ErrorTracker
 
@@ -103,7 +104,7 @@ def make_problem_middleware(
     tracker: ErrorTracker,
     logger: logging.Logger,
     name_answers: bool = False,
-) -> web.middleware:
+) -> Middleware:
     """Wraps everything: assigns the request id, renders every failure as problem details,
     and records each response with status >= 400 once, under `server`.
 
@@ -152,10 +153,9 @@ def make_problem_middleware(
                 route=_route_pattern(request),
             )
         if not response.prepared:
-            headers = response.headers
-            headers.setdefault(REQUEST_ID_HEADER, request_id)
+            response.headers.setdefault(REQUEST_ID_HEADER, request_id)
             if name_answers:  # a forwarded answer names its backend already
-                headers.setdefault(ANSWERED_BY_HEADER, server)
+                response.headers.setdefault(ANSWERED_BY_HEADER, server)
         return response
 
     return problem_middleware

@@ -15,7 +15,7 @@ import pytest
 from conftest import FAST_HEALTH, refused, wait_for
 
 from lb_system.balancing.pool import DRAINING
-from lb_system.cli.main import _install_reload_signal
+from lb_system.cli.main import install_reload_signal
 from lb_system.config import parse_config
 from lb_system.operations.reload_plan import RestartRequired, plan_reload
 
@@ -312,7 +312,7 @@ async def test_sighup_reloads(config_file, start_system) -> None:
     # A watcher that never polls in time: only the signal can have applied the edit.
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=3600)
     loop = asyncio.get_running_loop()
-    installed = _install_reload_signal(loop, lambda: system.request_reload("SIGHUP"))
+    installed = install_reload_signal(loop, lambda: system.request_reload("SIGHUP"))
     try:
         config_file.write(errors={"recent": 11})
         os.kill(os.getpid(), signal.SIGHUP)

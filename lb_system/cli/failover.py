@@ -70,7 +70,8 @@ async def _client(session: aiohttp.ClientSession, url: str, traffic: Traffic, st
 async def _get_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     try:
         async with session.get(url + "/status") as response:
-            return await response.json()
+            status: dict[str, Any] = await response.json()
+            return status
     except (TimeoutError, aiohttp.ClientConnectionError) as error:
         raise Unreachable(f"nothing answers at {url} ({describe_failure(error)}); is `python run.py` running?") from None
 

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> list[int]:
     """SIGINT/SIGTERM ask for a clean stop; a second one exits at once. Windows has no
     loop signal handlers: there Ctrl-C cancels the main task, which stops cleanly too."""
-    installed = []
+    installed: list[int] = []
     requested = False
 
     def on_signal() -> None:
@@ -71,7 +71,7 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _install_reload_signal(loop: asyncio.AbstractEventLoop, reload: Callable[[], None]) -> list[int]:
+def install_reload_signal(loop: asyncio.AbstractEventLoop, reload: Callable[[], None]) -> list[int]:
     """SIGHUP reloads the config where the platform has it (not on Windows: the file watcher
     and POST /admin/reload do the same there)."""
     sighup = getattr(signal, "SIGHUP", None)
@@ -89,7 +89,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     stop = asyncio.Event()
     installed = _install_stop_signals(loop, stop.set)
     system = System(config, config_path=config_path)
-    installed += _install_reload_signal(loop, lambda: system.request_reload("SIGHUP"))
+    installed += install_reload_signal(loop, lambda: system.request_reload("SIGHUP"))
     try:
         try:
             await system.start()
@@ -122,7 +122,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             loop.remove_signal_handler(sig)
 
 
-def _new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when the `fast` extra is installed; the standard loop otherwise (and on Windows)."""
     if sys.platform == "win32":
         return None
@@ -135,43 +135,51 @@ def _new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    config: Config | None
     try:
         config = load_config(args.config)
     except ConfigError as error:
-        if args.command == "demo" and args.url:
-            config = None
-        else:
+        if not (args.command == "demo" and args.url):
             print(f"error: {error}", file=sys.stderr)
             return 2
+        config = None  # the demo only needs the URL it was given
 
+    if args.command == "demo":
+        return _demo(args, config)
+    assert config is not None
     if args.command == "check":
         print(f"{args.config}: ok: {config.summary()}")
         return 0
 
-    if args.command == "demo":
-        url = args.url or dial_url(config.balancer.host, config.balancer.port)
-        try:
-            if args.failover:
-                token_env = (config or Config()).admin.token_env
-                token = os.environ.get(token_env, "")
-                if not token:
-                    print(
-                        f"error: the failover demo drives the admin API: set {token_env} to the token "
-                        "the system was started with",
-                        file=sys.stderr,
-                    )
-                    return 2
-                return asyncio.run(run_failover(url, token, backend=args.backend))
-            return asyncio.run(run_demo(url))
-        except Unreachable as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-
     listener = configure_logging(config.log)
     try:
-        with asyncio.Runner(loop_factory=_new_event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
             return runner.run(serve(config, args.config))
     except KeyboardInterrupt:
         return 0
     finally:
         listener.stop()
+
+
+def _demo(args: argparse.Namespace, config: Config | None) -> int:
+    """`demo` and `demo --failover` against a running system; `config` is None only with --url."""
+    if args.url:
+        url: str = args.url
+    else:
+        assert config is not None
+        url = dial_url(config.balancer.host, config.balancer.port)
+    try:
+        if args.failover:
+            token_env = (config or Config()).admin.token_env
+            token = os.environ.get(token_env, "")
+            if not token:
+                print(
+                    f"error: the failover demo drives the admin API: set {token_env} to the token the system was started with",
+                    file=sys.stderr,
+                )
+                return 2
+            return asyncio.run(run_failover(url, token, backend=args.backend))
+        return asyncio.run(run_demo(url))
+    except Unreachable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from typing import Any
 
 from aiohttp import web
 
@@ -50,7 +51,7 @@ def dial_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def serve(app: web.Application, sock: socket.socket, *, shutdown_timeout: float, **runner_options: float) -> web.AppRunner:
+async def serve(app: web.Application, sock: socket.socket, *, shutdown_timeout: float, **runner_options: Any) -> web.AppRunner:
     """Serve `app` on the bound `sock`; `shutdown_timeout` is how long cleanup() lets in-flight requests finish."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, **runner_options)
     try:

@@ -21,6 +21,7 @@ from lb_system.operations.reload_plan import BackendEdit, ReloadPlan, plan_reloa
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
 from lb_system.proxy.admin import ActionRefused
 from lb_system.proxy.balancer import FORWARDER, HEALTH_CHECKER, make_balancer_app
+from lb_system.proxy.health import HealthChecker
 from lb_system.tasks.api import make_backend_app
 from lb_system.tasks.store import TaskStore
 
@@ -130,8 +131,8 @@ class System:
         self.pool = BackendPool.from_config(
             config.backends, urls, health=config.health, strategy=config.balancer.strategy, logger=self.logger
         )
-        for backend in self.pool.backends:
-            backend.listening = True if backend.hosted else None
+        for member in self.pool.backends:
+            member.listening = True if member.hosted else None
         self.balancer_app = make_balancer_app(config, pool=self.pool, tracker=self.tracker, logger=self.logger, control=self)
         port = balancer_sock.getsockname()[1]
         self.balancer_runner = await self._serve(self.balancer_app, balancer_sock, keepalive_timeout=config.proxy.idle_timeout)
@@ -165,7 +166,8 @@ class System:
         return await serve(app, sock, **runner_options)
 
     @property
-    def health_checker(self):  # noqa: ANN201 - HealthChecker, available once started
+    def health_checker(self) -> HealthChecker:
+        """The balancer's health checker, available once started."""
         assert self.balancer_app is not None
         return self.balancer_app[HEALTH_CHECKER]
 
@@ -310,6 +312,7 @@ class System:
         """A removed backend: no new requests; in-flight ones finish (up to drain_timeout),
         then its server, if hosted here, stops listening."""
         timeout = self.config.balancer.drain_timeout
+        assert self.pool is not None
         if await wait_idle(backend, timeout):
             backend.drained_at = self.pool.clock()
             self.logger.info("backend drained backend=%s", backend.name)
@@ -323,7 +326,6 @@ class System:
         if runner is not None:
             await asyncio.shield(self._close_soon(runner))
             backend.listening = False
-        assert self.pool is not None
         if backend in self.pool.retiring:
             self.pool.retiring.remove(backend)
         self.logger.info("backend removed backend=%s", backend.name)
@@ -355,6 +357,7 @@ class System:
         return changed
 
     async def _watch_drain(self, backend: Backend) -> None:
+        assert self.pool is not None
         while backend.admin_state == DRAINING and backend.active_requests > 0:
             await wait_idle(backend, 0.5)
         if backend.admin_state == DRAINING and backend.drained_at is None:

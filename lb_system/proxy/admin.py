@@ -7,7 +7,7 @@ import hmac
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from aiohttp import web
 
@@ -15,9 +15,6 @@ from lb_system.balancing.pool import DISABLED, DRAINING, ENABLED, Backend, Backe
 from lb_system.config import DEFAULT_TOKEN_ENV, Config, ConfigError
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.problems import Handler, json_response
-
-if TYPE_CHECKING:
-    from lb_system.operations.reload_plan import ReloadPlan
 
 ACTIONS = ("disable", "enable", "drain", "stop", "start")
 _STATE_FOR = {"disable": DISABLED, "enable": ENABLED, "drain": DRAINING}
@@ -29,6 +26,12 @@ class ActionRefused(Exception):
     """An admin action that cannot be done now (a port taken meanwhile); answered with 409."""
 
 
+class ReloadOutcome(Protocol):
+    """What a reload tells the admin API (the operations layer's ReloadPlan is one)."""
+
+    def summary(self) -> dict[str, object]: ...
+
+
 class AdminControl(Protocol):
     """What the admin API drives; the System implements it."""
 
@@ -37,7 +40,7 @@ class AdminControl(Protocol):
     tracker: ErrorTracker
     config_error: str | None
 
-    async def reload(self, origin: str = ...) -> ReloadPlan: ...
+    async def reload(self, origin: str = ...) -> ReloadOutcome: ...
 
     def set_admin_state(self, backend: Backend, state: str) -> bool: ...
 

@@ -17,8 +17,11 @@ def is_websocket_upgrade(request: web.Request) -> bool:
     )
 
 
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
 async def pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    async def pump(source, sink) -> None:  # noqa: ANN001 - either side's websocket
+    async def pump(source: WebSocket, sink: WebSocket) -> None:
         async for message in source:
             if message.type is aiohttp.WSMsgType.TEXT:
                 await sink.send_str(message.data)

@@ -92,17 +92,19 @@ class TaskStore:
         return _row_to_task(row)
 
     async def get(self, task_id: int) -> dict[str, Any] | None:
-        rows = await self.db.execute_fetchall(_SELECT_ONE, (task_id,))
+        rows = list(await self.db.execute_fetchall(_SELECT_ONE, (task_id,)))
         return _row_to_task(rows[0]) if rows else None
 
     async def list(self, *, done: bool | None = None, limit: int = 100, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
         where, params = ("WHERE done = ?", (int(done),)) if done is not None else ("", ())
-        rows = await self.db.execute_fetchall(
-            f"SELECT {_COLUMNS}, COUNT(*) OVER () FROM tasks {where} ORDER BY id LIMIT ? OFFSET ?",
-            (*params, limit, offset),
+        rows = list(
+            await self.db.execute_fetchall(
+                f"SELECT {_COLUMNS}, COUNT(*) OVER () FROM tasks {where} ORDER BY id LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            )
         )
         if rows:
-            return [_row_to_task(row) for row in rows], rows[0][6]  # type: ignore[index]
+            return [_row_to_task(row) for row in rows], rows[0][6]
         ((total,),) = await self.db.execute_fetchall(f"SELECT COUNT(*) FROM tasks {where}", params)
         return [], total
 
@@ -112,9 +114,11 @@ class TaskStore:
             raise ValueError(f"unknown task fields: {sorted(changes.keys() - set(FIELDS))}")
         assignments = [f"{field} = ?" for field in changes]
         values = [int(v) if field == "done" else v for field, v in changes.items()]
-        rows = await self.db.execute_fetchall(
-            f"UPDATE tasks SET {', '.join([*assignments, 'updated_at = ?'])} WHERE id = ? RETURNING {_COLUMNS}",
-            (*values, utc_now_iso(), task_id),
+        rows = list(
+            await self.db.execute_fetchall(
+                f"UPDATE tasks SET {', '.join([*assignments, 'updated_at = ?'])} WHERE id = ? RETURNING {_COLUMNS}",
+                (*values, utc_now_iso(), task_id),
+            )
         )
         return _row_to_task(rows[0]) if rows else None
 
