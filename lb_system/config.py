@@ -127,6 +127,9 @@ class ProxyConfig(_Section):
     max_body_bytes: Annotated[int, Field(ge=0)] = 0  # 0: no limit at the balancer
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 8190
     idle_timeout: PositiveSeconds = 75.0
+    upstream_idle_timeout: PositiveSeconds = 30.0
+    max_tunnels_per_backend: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    ca_file: Annotated[str, Field(min_length=1)] | None = None
     trusted_proxies: list[str] = []
 
     @field_validator("trusted_proxies")
@@ -263,12 +266,15 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
             raise ConfigError(f"{source}: {label} {cause.key}: {cause.message}") from None
         raise ConfigError(f"{source}: {_first_error_line(error, data)}") from None
     if base_dir is not None:
-        config = config.model_copy(
-            update={
-                "database": config.database.model_copy(update={"path": str(base_dir / config.database.path)}),
-                "log": config.log.model_copy(update={"file": str(base_dir / config.log.file)}),
-            }
-        )
+        update = {
+            "database": config.database.model_copy(update={"path": str(base_dir / config.database.path)}),
+            "log": config.log.model_copy(update={"file": str(base_dir / config.log.file)}),
+        }
+        if config.proxy.ca_file is not None:
+            update["proxy"] = config.proxy.model_copy(update={"ca_file": str(base_dir / config.proxy.ca_file)})
+        config = config.model_copy(update=update)
+    if config.proxy.ca_file is not None and not Path(config.proxy.ca_file).is_file():
+        raise ConfigError(f"{source}: [proxy] ca_file: no such file: {config.proxy.ca_file}")
     return config
 
 

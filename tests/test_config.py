@@ -60,6 +60,9 @@ def test_an_outside_backend_is_a_url(tmp_path: Path) -> None:
         ('[[backends]]\nname = "a"\nurl = "ftp://x"', "[[backends]] #1 (a): url must look like"),
         ("[[backends]]\nport = 5001", "[[backends]] #1 name: Field required"),
         ('[[backends]]\nname = "a"\nport = 5001\ncolour = "red"', "[[backends]] #1 (a) colour: unknown key"),
+        ("[proxy]\nupstream_idle_timeout = 0", "[proxy] upstream_idle_timeout:"),
+        ("[proxy]\nmax_tunnels_per_backend = 0", "[proxy] max_tunnels_per_backend:"),
+        ('[proxy]\nca_file = "missing-ca.pem"', "[proxy] ca_file: no such file"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path: Path, toml: str, expected: str) -> None:
@@ -71,6 +74,17 @@ def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path: Path, toml: st
     assert message.startswith(f"{path}: ")
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_upstream_keys_default_and_ca_file_resolves_against_the_config_folder(tmp_path: Path) -> None:
+    proxy = parse_config({}).proxy
+    assert (proxy.upstream_idle_timeout, proxy.max_tunnels_per_backend, proxy.ca_file) == (30.0, 1000, None)
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.pem").write_text("not parsed here")
+    (tmp_path / "lb.toml").write_text('[proxy]\nca_file = "certs/ca.pem"\nupstream_idle_timeout = 5.0\n')
+    proxy = load_config(tmp_path / "lb.toml").proxy
+    assert Path(proxy.ca_file or "") == tmp_path / "certs" / "ca.pem"
+    assert proxy.upstream_idle_timeout == 5.0
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:

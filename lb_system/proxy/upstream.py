@@ -1,0 +1,412 @@
+"""The upstream transport: keep-alive HTTP/1.1 connection pools to the backends, one `Endpoint`
+per backend, plus connections of their own for health checks and upgrade tunnels.
+
+    pool = UpstreamPool.from_config(config.proxy)
+    response = await pool.endpoint("http://127.0.0.1:5001").request("GET", "/tasks/1", headers)
+    try:
+        body = await response.read()
+    finally:
+        response.release()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable, Iterable
+from urllib.parse import urlsplit
+
+from ..config import ProxyConfig
+from .upstream_connection import (
+    BAD_RESPONSE,
+    BODY_INCOMPLETE,
+    CANNOT_CONNECT,
+    CONNECT_TIMEOUT,
+    CONNECTION_REFUSED,
+    CONNECTION_RESET,
+    SERVER_DISCONNECTED,
+    TIMEOUT,
+    PoolTimeout,
+    RequestHead,
+    Tunnel,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+    build_head,
+)
+
+__all__ = [
+    "BAD_RESPONSE",
+    "BODY_INCOMPLETE",
+    "CANNOT_CONNECT",
+    "CONNECTION_REFUSED",
+    "CONNECTION_RESET",
+    "CONNECT_TIMEOUT",
+    "SERVER_DISCONNECTED",
+    "TIMEOUT",
+    "Endpoint",
+    "PoolTimeout",
+    "Tunnel",
+    "TunnelLimitReached",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+]
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_RETRIED_REASONS = frozenset({CONNECTION_RESET, SERVER_DISCONNECTED})
+
+
+class TunnelLimitReached(Exception):
+    """The backend already has `max_tunnels_per_backend` open tunnels: answer 503, try later."""
+
+
+def _should_retry(head: RequestHead, error: UpstreamError, reused: bool, replayable: bool) -> bool:
+    """Go's net/http (transport.go, `persistConn.shouldRetryRequest`): only a reused connection
+    may have been closed by the backend under our feet. Retry when no byte of an answer came and
+    either nothing was written or the request is idempotent (GET, HEAD, OPTIONS, TRACE, or an
+    Idempotency-Key header), and the body can be sent again."""
+    if not reused or error.answered or not replayable or error.reason not in _RETRIED_REASONS:
+        return False
+    return not error.sent or head.method in _IDEMPOTENT or head.idempotency_key
+
+
+def _expire_wait(waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(PoolTimeout())
+
+
+class _Dedicated:
+    """Owner of an endpoint's connections outside the pool: used once, then closed."""
+
+    def __init__(self, endpoint: Endpoint, *, tunnels: bool) -> None:
+        self.endpoint, self.tunnels = endpoint, tunnels
+        self.open = 0
+
+    def connection_reusable(self, connection: UpstreamConnection) -> None:
+        connection.close()
+
+    def connection_closed(self, connection: UpstreamConnection) -> None:
+        self.open -= 1
+        self.endpoint._connections.discard(connection)
+
+
+class Endpoint:
+    """One backend's connections: a capped keep-alive pool with a FIFO wait, and dedicated ones."""
+
+    def __init__(self, pool: UpstreamPool, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = url
+        self.host = parts.hostname
+        default_port = 443 if parts.scheme == "https" else 80
+        self.port = parts.port or default_port
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = shown if self.port == default_port else f"{shown}:{self.port}"
+        self._ssl = pool.ssl_context() if parts.scheme == "https" else None
+        self._pool = pool
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = 0  # pooled connections: idle, busy or connecting
+        self._idle: deque[UpstreamConnection] = deque()  # most recently used on the right
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._connections: set[UpstreamConnection] = set()
+        self._dedicated = _Dedicated(self, tunnels=False)
+        self._tunnels = _Dedicated(self, tunnels=True)
+        self._closed = False
+
+    # --- what callers use -----------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes | AsyncIterable[bytes] | None = None,
+        *,
+        body_length: int | None = None,
+        wait_timeout: float | None = None,
+        timeout: float | None = None,
+        read_timeout: float | None = None,
+        dedicated: bool = False,
+    ) -> UpstreamResponse:
+        """Send one request and return the answer once its head arrived (1xx skipped).
+
+        `target` is sent as given (origin-form); `headers` are (name, value) pairs, Host added when
+        missing; a streamed `body` goes chunked unless `body_length` is given. `wait_timeout` bounds
+        the wait for a pooled connection, `timeout` the wait for the answer's head, `read_timeout`
+        each wait inside the body. `dedicated` uses a connection of its own, outside the pool's cap
+        (health checks). Raises UpstreamError."""
+        streamed = body is not None and not isinstance(body, bytes)
+        length = len(body) if isinstance(body, bytes) else body_length
+        head = build_head(method, target, headers, self.host_header, body_length=length, streamed=streamed)
+        if dedicated:
+            connection = await self._connect_dedicated(self._dedicated)
+            return await connection.exchange(head, body, length, timeout=timeout, read_timeout=read_timeout)
+        connection = await self._acquire(wait_timeout)
+        try:
+            return await connection.exchange(head, body, length, timeout=timeout, read_timeout=read_timeout)
+        except UpstreamError as error:
+            if not _should_retry(head, error, connection.reused, replayable=not streamed):
+                raise
+        connection = await self._acquire(wait_timeout, fresh=True)
+        return await connection.exchange(head, body, length, timeout=timeout, read_timeout=read_timeout)
+
+    async def open_tunnel(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send an upgrade request (WebSocket) on a connection outside the pool. A 101 answer's
+        `detach()` gives the Tunnel; any other answer is read and released as usual. Raises
+        TunnelLimitReached past `max_tunnels_per_backend`, UpstreamError when the backend fails."""
+        if self._tunnels.open >= self._pool.max_tunnels_per_backend:
+            raise TunnelLimitReached(self.url)
+        head = build_head(method, target, headers, self.host_header, body_length=None, streamed=False)
+        connection = await self._connect_dedicated(self._tunnels)
+        return await connection.exchange(head, None, None, timeout=timeout, read_timeout=timeout)
+
+    @property
+    def open_connections(self) -> int:
+        """Pooled connections: idle, busy or being opened."""
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a pooled connection."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    @property
+    def open_tunnels(self) -> int:
+        return self._tunnels.open
+
+    async def close(self) -> None:
+        """Close every connection, busy ones too; later requests fail with "cannot connect"."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamError(CANNOT_CONNECT, connecting=True))
+        connections = list(self._connections)
+        for connection in connections:
+            connection.abort()
+        if connections:
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in connections], timeout=1.0)
+
+    # --- the pool ------------------------------------------------------------------------------
+
+    async def _acquire(self, wait_timeout: float | None, *, fresh: bool = False) -> UpstreamConnection:
+        while True:
+            if self._closed:
+                raise UpstreamError(CANNOT_CONNECT, connecting=True)
+            idle = self._idle
+            while idle and not fresh:
+                connection = idle.pop()
+                connection.in_pool = False
+                if connection.usable:
+                    return connection
+                connection.abort()  # the backend closed it while it sat here: never written to
+            if self._open < self._pool.max_connections_per_backend and not self._waiters:
+                self._open += 1
+                return await self._connect_counted()
+            handed = await self._wait(wait_timeout)
+            if handed is None:
+                return await self._connect_counted()
+            if handed.usable:
+                return handed
+            handed.abort()
+
+    async def _wait(self, wait_timeout: float | None) -> UpstreamConnection | None:
+        """Queue for the next connection given back (or the slot of one closed: None)."""
+        loop = self._get_loop()
+        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(wait_timeout, _expire_wait, waiter) if wait_timeout is not None else None
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._hand_on(waiter.result())  # handed over just as we gave up: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _hand_on(self, connection: UpstreamConnection | None) -> None:
+        if connection is None:
+            self._slot_free()
+        else:
+            self.connection_reusable(connection)
+
+    def _hand_to_waiter(self, handed: UpstreamConnection | None) -> bool:
+        """Give a connection (or, as None, a free slot) to the longest waiting request, if any."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(handed)
+                return True
+        return False
+
+    def _slot_free(self) -> None:
+        if not self._hand_to_waiter(None):
+            self._open -= 1
+
+    async def _connect_counted(self) -> UpstreamConnection:
+        try:
+            return await self._connect(self)
+        except BaseException:
+            self._slot_free()
+            raise
+
+    async def _connect_dedicated(self, owner: _Dedicated) -> UpstreamConnection:
+        owner.open += 1
+        try:
+            return await self._connect(owner)
+        except BaseException:
+            owner.open -= 1
+            raise
+
+    async def _connect(self, owner: Endpoint | _Dedicated) -> UpstreamConnection:
+        if self._closed:
+            raise UpstreamError(CANNOT_CONNECT, connecting=True)
+        loop = self._get_loop()
+        connection = UpstreamConnection(loop, owner)
+        try:
+            async with asyncio.timeout(self._pool.connect_timeout):
+                await loop.create_connection(
+                    lambda: connection,
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise UpstreamError(CONNECT_TIMEOUT, connecting=True) from None
+        except ConnectionRefusedError:
+            raise UpstreamError(CONNECTION_REFUSED, connecting=True) from None
+        except OSError:  # no route, unknown host, a certificate that does not verify
+            raise UpstreamError(CANNOT_CONNECT, connecting=True) from None
+        self._connections.add(connection)
+        return connection
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # --- ConnectionOwner, for pooled connections -------------------------------------------------
+
+    def connection_reusable(self, connection: UpstreamConnection) -> None:
+        if self._closed:
+            connection.close()
+            return
+        if self._hand_to_waiter(connection):
+            return
+        loop = self._get_loop()
+        connection.idle_since = loop.time()
+        connection.in_pool = True
+        self._idle.append(connection)
+        if self._sweeper is None:  # none armed means the pool was empty: this one is the oldest
+            self._sweeper = loop.call_at(connection.idle_since + self._pool.idle_timeout, self._sweep)
+
+    def connection_closed(self, connection: UpstreamConnection) -> None:
+        self._connections.discard(connection)
+        if connection.in_pool:
+            connection.in_pool = False
+            self._idle.remove(connection)
+        self._slot_free()
+
+    def _sweep(self) -> None:
+        """Close connections idle for `upstream_idle_timeout`, oldest first."""
+        self._sweeper = None
+        idle, timeout = self._idle, self._pool.idle_timeout
+        loop = self._get_loop()
+        expired = loop.time() - timeout
+        while idle and idle[0].idle_since <= expired:
+            connection = idle.popleft()
+            connection.in_pool = False
+            connection.close()
+        if idle:
+            self._sweeper = loop.call_at(idle[0].idle_since + timeout, self._sweep)
+
+
+class UpstreamPool:
+    """Connections to every backend, one Endpoint per backend URL (scheme, host and port)."""
+
+    def __init__(
+        self,
+        *,
+        max_connections_per_backend: int = 100,
+        max_tunnels_per_backend: int = 1000,
+        connect_timeout: float = 1.0,
+        idle_timeout: float = 30.0,
+        ca_file: str | None = None,
+    ) -> None:
+        self.max_connections_per_backend = max_connections_per_backend
+        self.max_tunnels_per_backend = max_tunnels_per_backend
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.ca_file = ca_file
+        self._ssl: ssl.SSLContext | None = None
+        self._endpoints: dict[str, Endpoint] = {}
+        if ca_file:
+            self.ssl_context()  # a CA file that cannot be read fails at start-up, not on the first request
+
+    @classmethod
+    def from_config(cls, proxy: ProxyConfig) -> UpstreamPool:
+        """A pool with the `[proxy]` section's caps and timeouts."""
+        return cls(
+            max_connections_per_backend=proxy.max_connections_per_backend,
+            max_tunnels_per_backend=proxy.max_tunnels_per_backend,
+            connect_timeout=proxy.connect_timeout,
+            idle_timeout=proxy.upstream_idle_timeout,
+            ca_file=proxy.ca_file,
+        )
+
+    def apply_config(self, proxy: ProxyConfig) -> None:
+        """The keys that apply live (the caps and `ca_file` need a restart)."""
+        self.connect_timeout = proxy.connect_timeout
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For https backends: the system's CAs plus `ca_file`, certificates and host names verified."""
+        if self._ssl is None:
+            context = ssl.create_default_context()
+            if self.ca_file:
+                context.load_verify_locations(cafile=self.ca_file)
+            context.set_alpn_protocols(["http/1.1"])
+            self._ssl = context
+        return self._ssl
+
+    def endpoint(self, url: str) -> Endpoint:
+        """The backend at `url` (scheme://host:port; a path is ignored)."""
+        endpoint = self._endpoints.get(url)
+        if endpoint is None:
+            endpoint = self._endpoints[url] = Endpoint(self, url)
+        return endpoint
+
+    async def discard(self, url: str) -> None:
+        """Forget a removed backend, closing its connections."""
+        endpoint = self._endpoints.pop(url, None)
+        if endpoint is not None:
+            await endpoint.close()
+
+    async def close(self) -> None:
+        """Close every connection to every backend."""
+        endpoints = list(self._endpoints.values())
+        self._endpoints.clear()
+        await asyncio.gather(*(endpoint.close() for endpoint in endpoints))

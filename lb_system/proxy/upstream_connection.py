@@ -1,0 +1,617 @@
+"""One HTTP/1.1 connection to a backend as an asyncio protocol: the request written by us, the
+answer parsed by llhttp (httptools), bodies streamed both ways with flow control.
+
+Shaped like uvicorn's `protocols/http/httptools_impl.py`, seen from the client side: one protocol
+per connection, one exchange at a time, `pause_reading`/`resume_reading` for the answer's body
+and a drain waiter for the request's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Protocol
+
+import httptools
+from multidict import CIMultiDict
+
+# Failure reasons, shared with logs, metrics and the 502 bodies: spell them exactly like this.
+CONNECTION_REFUSED = "connection refused"
+CONNECTION_RESET = "connection reset"
+CONNECT_TIMEOUT = "connect timeout"
+TIMEOUT = "timeout"
+BODY_INCOMPLETE = "response body incomplete"
+BAD_RESPONSE = "bad response"
+CANNOT_CONNECT = "cannot connect"
+SERVER_DISCONNECTED = "server disconnected"
+
+# Unread answer bytes past this pause reading from the backend; a read that empties the buffer resumes it.
+HIGH_WATER = 256 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+# Header names the head builder looks at; every other header is passed as given.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_NOTICED = _FRAMING | {"host", "connection", "idempotency-key", "x-idempotency-key"}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class UpstreamError(Exception):
+    """An exchange with a backend failed; `reason` is one of the names above."""
+
+    def __init__(self, reason: str, *, sent: bool = False, connecting: bool = False, answered: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent  # some of the request was written: a retry may repeat a side effect
+        self.connecting = connecting  # no connection was made: nothing reached the backend
+        self.answered = answered  # some of an answer arrived before it failed
+
+
+class PoolTimeout(UpstreamError):
+    """No pooled connection came free in time: the balancer is busy, the backend is not to blame."""
+
+    def __init__(self) -> None:
+        super().__init__(TIMEOUT)
+
+
+class ConnectionOwner(Protocol):
+    """Who is told when a connection is done with an exchange or closed (the pool, or a dedicated slot)."""
+
+    def connection_reusable(self, connection: UpstreamConnection) -> None: ...
+
+    def connection_closed(self, connection: UpstreamConnection) -> None: ...
+
+
+class RequestHead:
+    """A request line and headers ready to write, plus what the transport needs to know about them."""
+
+    __slots__ = ("data", "idempotency_key", "keep_alive", "method")
+
+    def __init__(self, data: bytes, method: str, keep_alive: bool, idempotency_key: bool) -> None:
+        self.data, self.method, self.keep_alive, self.idempotency_key = data, method, keep_alive, idempotency_key
+
+
+def build_head(
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]],
+    host: str,
+    *,
+    body_length: int | None,
+    streamed: bool,
+) -> RequestHead:
+    """Serialize a request head. The transport owns the framing: the caller's Content-Length and
+    Transfer-Encoding are replaced by the body's own; Host is added when missing."""
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    keep_alive = True
+    has_host = idempotency_key = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _NOTICED:
+            if lower in _FRAMING:
+                continue
+            if lower == "host":
+                has_host = True
+            elif lower == "connection":
+                keep_alive = "close" not in value.lower()
+            else:
+                idempotency_key = True
+        lines.append(f"{name}: {value}\r\n")
+    if not has_host:
+        lines.append(f"Host: {host}\r\n")
+    if body_length is not None:
+        lines.append(f"Content-Length: {body_length}\r\n")
+    elif streamed:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    elif method in _BODY_METHODS:
+        lines.append("Content-Length: 0\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    # Every line ends in the CRLF put there above: any other CR or LF would smuggle a header.
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("CR or LF inside a request line or header")
+    return RequestHead(text.encode("utf-8", "surrogateescape"), method, keep_alive, idempotency_key)
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class UpstreamResponse:
+    """A backend's answer: the head at once, the body read with `read_chunk`/`read` or by iterating.
+
+    Call `release()` when done (or use `async with`): a body read whole on a keep-alive connection
+    sends the connection back to the pool, anything else closes it.
+    """
+
+    def __init__(self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None) -> None:
+        self.status = 0
+        self.reason = ""
+        self.version = "1.1"
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.has_body = False  # False for HEAD, 1xx, 204, 304 and a Content-Length of 0
+        self.content_length: int | None = None
+        self.chunked = False
+        self.read_timeout = read_timeout  # the longest wait for the next piece of the body
+        self._connection = connection
+        self._request = head
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._raw: list[tuple[str, str]] = []
+        self._head_waiter: asyncio.Future[None] = connection.loop.create_future()
+        self._final = False  # the final (non-1xx) head arrived
+        self._complete = False  # the body arrived whole
+        self._keep_alive = False
+        self._answered = False
+        self._sent = False
+        self._error: BaseException | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._upgraded: bytearray | None = None
+        self._released = False
+
+    @property
+    def close_delimited(self) -> bool:
+        """The body ends when the backend closes the connection."""
+        return self.has_body and not self.chunked and self.content_length is None
+
+    # --- llhttp callbacks (httptools calls them by these names) -------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        if self._complete:  # a second answer to one request: this connection is out of step
+            self._keep_alive = False
+            return
+        status = self._parser.get_status_code()
+        if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: not the answer
+            self._raw, self._reason = [], b""
+            return
+        self._final = True
+        self.status = status
+        self.reason = self._reason.decode("latin-1")
+        self.version = self._parser.get_http_version()
+        self.headers = headers = CIMultiDict(self._raw)
+        if status == 101 or status in _NO_BODY_STATUS or self._request.method == "HEAD":
+            if self._request.method == "HEAD":
+                # llhttp cannot be told this answered a HEAD: the exchange ends here, and the
+                # parser (one per exchange) is dropped before it would wait for a body.
+                self._complete = True
+                self._keep_alive = self._parser.should_keep_alive()
+        else:
+            encoding = headers.get("Transfer-Encoding")
+            if encoding is not None:
+                self.chunked = encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
+                self.has_body = True
+            else:
+                length = headers.get("Content-Length")
+                self.content_length = int(length) if length is not None else None  # llhttp checked it
+                self.has_body = self.content_length != 0
+        if not self._head_waiter.done():
+            self._head_waiter.set_result(None)
+
+    def on_body(self, data: bytes) -> None:
+        if self._complete:  # bytes after a HEAD answer: this connection is out of step
+            self._keep_alive = False
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= HIGH_WATER and not self._paused:
+            self._paused = True
+            self._connection.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self._final or self._complete:
+            return
+        self._complete = True
+        self._keep_alive = self._parser.should_keep_alive()
+        self._wake()
+
+    # --- fed by the connection ----------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._answered = True
+        if self._upgraded is not None:
+            self._upgraded += data
+            return
+        if self._complete:  # more than the answer: fine for this one, but no reuse
+            self._keep_alive = False
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded = bytearray(data[upgrade.args[0] :])
+            self._connection.pause_reading()  # until the tunnel is taken
+        except httptools.HttpParserError:
+            if self._complete:
+                self._keep_alive = False
+            else:
+                self._fail(UpstreamError(BAD_RESPONSE, sent=True, answered=True))
+
+    def _lost(self, error: BaseException | None) -> None:
+        if self._error is not None or self._complete or self._released:
+            return  # an upgraded exchange is complete: its tunnel learns of the loss
+        if self._final:
+            if error is None and self.close_delimited:
+                self._complete = True
+                self._keep_alive = False
+                self._wake()
+                return
+            reason = BODY_INCOMPLETE
+        else:
+            reason = SERVER_DISCONNECTED if error is None else CONNECTION_RESET
+        self._fail(UpstreamError(reason, sent=self._sent, answered=self._answered))
+
+    def _fail(self, error: BaseException) -> None:
+        """The exchange is over and the connection with it; readers get `error`."""
+        if self._error is None:
+            self._error = error
+            if not self._head_waiter.done():
+                self._head_waiter.set_exception(error)
+                self._head_waiter.exception()  # retrieved here: nobody may be waiting any more
+            self._wake()
+        self._connection.abort()
+
+    def _body_sent(self, sender: asyncio.Task[None]) -> None:
+        if sender.cancelled() or self._released:
+            return
+        error = sender.exception()
+        if error is not None:
+            # The body's source failed (the client left, or sent too much): the caller learns that,
+            # not a made-up backend failure.
+            self._fail(error)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the caller's side ----------------------------------------------------------------------
+
+    async def _wait_head(self, timeout: float | None) -> None:
+        await self._wait_for(self._head_waiter, timeout)
+
+    async def _wait_for(self, waiter: asyncio.Future[None], timeout: float | None) -> None:
+        timer = self._connection.loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        try:
+            await waiter
+        except TimeoutError:
+            self._fail(UpstreamError(TIMEOUT, sent=self._sent, answered=self._answered))
+            raise self._error from None  # type: ignore[misc]
+        except BaseException:
+            self._fail(self._error or UpstreamError(TIMEOUT, sent=self._sent, answered=self._answered))
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body (all that is buffered); b"" once it is read whole."""
+        while True:
+            if self._chunks:
+                chunks = self._chunks
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                if self._paused:
+                    self._paused = False
+                    self._connection.resume_reading()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._complete or self._released:
+                return b""
+            self._waiter = self._connection.loop.create_future()
+            try:
+                await self._wait_for(self._waiter, self.read_timeout)
+            finally:
+                self._waiter = None
+
+    async def read(self) -> bytes:
+        """The whole body (for small ones)."""
+        parts = []
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read_chunk():
+            yield chunk
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def detach(self) -> Tunnel:
+        """After a 101 answer: the connection, as a raw byte tunnel, now the caller's to close."""
+        if self._upgraded is None or self._released:
+            raise RuntimeError("only an unreleased 101 answer has a tunnel")
+        self._released = True
+        return self._connection.become_tunnel(bytes(self._upgraded))
+
+    def release(self) -> None:
+        """Done with this answer: the connection goes back to the pool only when it can carry another."""
+        if self._released:
+            return
+        self._released = True
+        sender = self._sender
+        unsent = sender is not None and (not sender.done() or sender.cancelled() or sender.exception() is not None)
+        if sender is not None and not sender.done():
+            sender.cancel()
+        if self._paused:  # a body left unread: the connection must read again to be of any use
+            self._paused = False
+            self._connection.resume_reading()
+        reusable = (
+            self._complete
+            and self._keep_alive
+            and self._request.keep_alive
+            and self._error is None
+            and self._upgraded is None
+            and not unsent
+        )
+        self._connection.exchange_done(reusable)
+
+
+class Tunnel:
+    """The backend's side of an upgraded connection (WebSocket or other): raw bytes both ways."""
+
+    def __init__(self, connection: UpstreamConnection, initial: bytes) -> None:
+        self._connection = connection
+        self._chunks: deque[bytes] = deque([initial] if initial else [])
+        self._buffered = len(initial)
+        self._paused = True  # the connection stopped reading at the 101
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._flow()
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._flow()
+        self._wake()
+
+    def _lost(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _flow(self) -> None:
+        if self._buffered >= HIGH_WATER:
+            if not self._paused:
+                self._paused = True
+                self._connection.pause_reading()
+        elif self._paused:
+            self._paused = False
+            self._connection.resume_reading()
+
+    async def read(self) -> bytes:
+        """What the backend sent since the last read; b"" once it closed."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._waiter = self._connection.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._flow()
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the backend; await `drain()` now and then."""
+        self._connection.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the backend takes what was written."""
+        await self._connection.drain()
+
+    @property
+    def closed(self) -> bool:
+        return self._connection.closed
+
+    def close(self) -> None:
+        """Close the backend's side of the tunnel; the tunnel slot is freed."""
+        self._connection.close()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to a backend. Its owner (a pool) is told when it can be reused or is gone."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, owner: ConnectionOwner) -> None:
+        self.loop = loop
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.reused = False  # has carried an exchange before
+        self.in_pool = False  # sitting idle in its owner's pool
+        self.idle_since = 0.0
+        self._exchange: UpstreamResponse | None = None
+        self._tunnel: Tunnel | None = None
+        self._gone = False  # closed by us or by the backend; the owner was told
+        self._lost = False  # connection_lost ran
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed_waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self._exchange
+        if exchange is not None:
+            exchange._feed(data)
+        elif self._tunnel is not None:
+            self._tunnel._feed(data)
+        else:  # bytes nobody asked for on an idle connection: it cannot be trusted with a request
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._exchange is not None:
+            self._exchange._lost(exc)
+        if self._tunnel is not None:
+            self._tunnel._lost()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        self._gone_now()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- used by the pool and the response ----------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._gone
+
+    @property
+    def usable(self) -> bool:
+        """Open and idle: checked before a request is written, so a connection the backend closed
+        while it sat in the pool costs nothing."""
+        transport = self.transport
+        return not self._gone and transport is not None and not transport.is_closing()
+
+    def pause_reading(self) -> None:
+        if self.usable:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        if self.usable:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        if self._gone or self.transport is None:
+            raise UpstreamError(CONNECTION_RESET, sent=True)
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self._lost:
+            self._drain_waiter = self.loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    async def exchange(
+        self,
+        head: RequestHead,
+        body: bytes | AsyncIterable[bytes] | None,
+        body_length: int | None,
+        *,
+        timeout: float | None,
+        read_timeout: float | None,
+    ) -> UpstreamResponse:
+        """Write one request and wait for the answer's head (1xx skipped); `timeout` bounds that wait."""
+        response = UpstreamResponse(self, head, read_timeout)
+        self._exchange = response
+        transport = self.transport
+        assert transport is not None
+        response._sent = True
+        if isinstance(body, bytes):
+            if len(body) <= 65536:
+                transport.write(head.data + body)
+            else:
+                transport.writelines((head.data, body))
+        else:
+            transport.write(head.data)
+            if body is not None:
+                response._sender = sender = self.loop.create_task(self._send_body(body, body_length))
+                sender.add_done_callback(response._body_sent)
+        try:
+            await response._wait_head(timeout)
+            if response._error is not None:  # the head came with a broken rest (a 101 that is no upgrade)
+                raise response._error
+        except BaseException:
+            response.release()
+            raise
+        return response
+
+    async def _send_body(self, body: AsyncIterable[bytes], length: int | None) -> None:
+        sent = 0
+        async for chunk in body:
+            if not chunk:
+                continue
+            if self._lost:
+                return  # the answer's reader learns why
+            sent += len(chunk)
+            if length is None:
+                self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
+            elif sent > length:
+                raise ValueError(f"request body longer than its Content-Length {length}")
+            else:
+                self.transport.write(chunk)  # type: ignore[union-attr]
+            await self.drain()
+        if self._lost:
+            return
+        if length is None:
+            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        elif sent != length:
+            raise ValueError(f"request body of {sent} bytes, Content-Length said {length}")
+
+    def exchange_done(self, reusable: bool) -> None:
+        self._exchange = None
+        if reusable and self.usable:
+            self.reused = True
+            self.owner.connection_reusable(self)
+        else:
+            self.abort()
+
+    def become_tunnel(self, initial: bytes) -> Tunnel:
+        self._exchange = None
+        self._tunnel = tunnel = Tunnel(self, initial)
+        if self._lost:
+            tunnel._lost()
+        return tunnel
+
+    def close(self) -> None:
+        """Close gracefully (an idle or tunnel connection): written bytes are still sent."""
+        if self.transport is not None:
+            self.transport.close()
+        self._gone_now()
+
+    def abort(self) -> None:
+        """Close at once, dropping anything unsent (a broken or half-read connection)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._gone_now()
+
+    async def wait_closed(self) -> None:
+        if self._lost or self.transport is None:
+            return
+        if self._closed_waiter is None:
+            self._closed_waiter = self.loop.create_future()
+        await asyncio.shield(self._closed_waiter)
+
+    def _gone_now(self) -> None:
+        if not self._gone:
+            self._gone = True
+            self.owner.connection_closed(self)

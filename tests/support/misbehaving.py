@@ -1,0 +1,266 @@
+"""A cast of real misbehaving HTTP servers on raw sockets (asyncio streams, no HTTP framework).
+
+A `ScriptedServer` answers each request with the next behaviour of its script, then answers
+200 "ok" forever, so a test sees both the failure and that the next request still works. It
+counts the connections it accepted and keeps the requests it read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+
+@dataclass
+class Request:
+    """What a test server read: the request line, headers in order, and the body (de-chunked)."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    chunked: bool
+
+    def header(self, name: str) -> str | None:
+        return next((v for n, v in self.headers if n.lower() == name.lower()), None)
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request | None:
+    """One request from the stream, or None when the client closed between requests."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    line, *lines = head[:-4].decode("latin-1").split("\r\n")
+    method, target, _ = line.split(" ", 2)
+    headers = [(n.strip(), v.strip()) for n, v in (item.split(":", 1) for item in lines)]
+    request = Request(method, target, headers, b"", chunked=False)
+    if (request.header("Transfer-Encoding") or "").lower() == "chunked":
+        request.chunked = True
+        parts = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")  # no trailers
+        request.body = b"".join(parts)
+    elif length := int(request.header("Content-Length") or 0):
+        request.body = await reader.readexactly(length)
+    return request
+
+
+Reader: TypeAlias = asyncio.StreamReader
+Writer: TypeAlias = asyncio.StreamWriter
+# A behaviour answers one request; True keeps the connection for the next one.
+Behaviour = Callable[["ScriptedServer", Request, Reader, Writer], Awaitable[bool]]
+
+
+def answer(status: int = 200, body: bytes = b"ok", headers: tuple[tuple[str, str], ...] = (), reason: str = "OK") -> Behaviour:
+    """A well-formed answer with a Content-Length, keep-alive."""
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", *(f"{n}: {v}" for n, v in headers)]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if request.method == "HEAD" else body))
+        await writer.drain()
+        return not any(n.lower() == "connection" and v.lower() == "close" for n, v in headers)
+
+    return behave
+
+
+def raw(data: bytes, *, keep: bool = False) -> Behaviour:
+    """Write these bytes as they are, then close (or keep the connection when `keep`)."""
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        writer.write(data)
+        await writer.drain()
+        return keep
+
+    return behave
+
+
+async def reset(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+    """Read the request, then reset the connection (SO_LINGER 0: an RST, not a FIN)."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    return False
+
+
+async def hang_up(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+    """Read the request, then close without a byte of answer."""
+    return False
+
+
+def stall(head: bytes = b"") -> Behaviour:
+    """Send `head` (maybe nothing), then never another byte until the server closes."""
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        writer.write(head)
+        await writer.drain()
+        await asyncio.Event().wait()
+        return False
+
+    return behave
+
+
+async def close_when_idle(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+    """Answer as keep-alive would, then close the idle connection anyway (a backend's idle timeout)."""
+    await answer()(server, request, reader, writer)
+    return False
+
+
+def gated(gate: asyncio.Event) -> Behaviour:
+    """Answer 200 once `gate` is set."""
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        await gate.wait()
+        return await answer()(server, request, reader, writer)
+
+    return behave
+
+
+def stream(total: int, block: int = 1 << 20) -> Behaviour:
+    """Send a `total`-byte body in blocks, waiting for the client to take each one; counts what
+    was handed to the socket in `server.sent`, and `server.draining` says it waits for the client."""
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        data = b"x" * block
+        left = total
+        while left:
+            piece = data[: min(block, left)]
+            writer.write(piece)
+            server.sent += len(piece)
+            left -= len(piece)
+            server.draining = True
+            await writer.drain()
+            server.draining = False
+        return True
+
+    return behave
+
+
+async def echo(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+    """Answer with the request's body."""
+    return await answer(body=request.body)(server, request, reader, writer)
+
+
+async def upgrade_and_echo(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+    """Switch protocols (101), say hello, then echo raw bytes until the client closes."""
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello")
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    return False
+
+
+@dataclass
+class ScriptedServer:
+    """A server that follows `script` one request at a time, then answers 200 "ok"."""
+
+    script: deque[Behaviour] = field(default_factory=deque)
+    ssl_context: ssl.SSLContext | None = None
+    accepted: int = 0
+    open: int = 0
+    most_open: int = 0
+    requests: list[Request] = field(default_factory=list)
+    sent: int = 0
+    draining: bool = False
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @classmethod
+    async def start(
+        cls, *script: Behaviour, port: int = 0, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> ScriptedServer:
+        server = cls(deque(script), ssl_context)
+        if sock is not None:
+            server._server = await asyncio.start_server(server._serve, sock=sock, ssl=ssl_context)
+        else:
+            server._server = await asyncio.start_server(server._serve, "127.0.0.1", port, ssl=ssl_context)
+        server.port = server._server.sockets[0].getsockname()[1]
+        return server
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.accepted += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            while (request := await read_request(reader)) is not None:
+                self.requests.append(request)
+                behaviour = self.script.popleft() if self.script else answer()
+                if not await behaviour(self, request, reader, writer):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self.open -= 1  # counted as closed once the client could have seen it
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+def refused_port() -> int:
+    """A port that was just free: nothing listens there, so connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FullBacklog:
+    """A listening socket that never accepts, its backlog filled: connecting hangs (a connect timeout)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+
+    async def fill(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(16):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(filler, ("127.0.0.1", self.port)), 0.2)
+            except (TimeoutError, OSError):
+                filler.close()
+                return  # this one hung: the queue is full
+            self.fillers.append(filler)
+        raise AssertionError("the backlog never filled")
+
+    async def start_accepting(self) -> ScriptedServer:
+        """From now on, a well-behaved server on the same socket."""
+        for filler in self.fillers:
+            filler.close()
+        return await ScriptedServer.start(sock=self.sock)
+
+    def close(self) -> None:
+        for filler in self.fillers:
+            filler.close()
+        self.sock.close()

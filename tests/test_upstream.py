@@ -1,0 +1,462 @@
+"""The upstream transport against real misbehaving servers: what the caller gets, and that the
+pool still works for the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from conftest import wait_for
+from support.misbehaving import (
+    Behaviour,
+    FullBacklog,
+    ScriptedServer,
+    answer,
+    close_when_idle,
+    echo,
+    gated,
+    hang_up,
+    raw,
+    refused_port,
+    reset,
+    stall,
+    stream,
+    upgrade_and_echo,
+)
+
+from lb_system.proxy.upstream import Endpoint, PoolTimeout, TunnelLimitReached, UpstreamError, UpstreamPool
+
+Serve = Callable[..., Awaitable[ScriptedServer]]
+MakePool = Callable[..., UpstreamPool]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    servers: list[ScriptedServer] = []
+
+    async def start(*script: Behaviour, **options: Any) -> ScriptedServer:
+        server = await ScriptedServer.start(*script, **options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def make_pool() -> AsyncIterator[MakePool]:
+    pools: list[UpstreamPool] = []
+
+    def make(**options: Any) -> UpstreamPool:
+        options.setdefault("connect_timeout", 2.0)
+        pool = UpstreamPool(**options)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.close()
+
+
+async def fetch(endpoint: Endpoint, method: str = "GET", target: str = "/", **options: Any) -> tuple[int, bytes]:
+    response = await endpoint.request(method, target, **options)
+    try:
+        return response.status, await response.read()
+    finally:
+        response.release()
+
+
+async def fails(request: Awaitable[Any]) -> UpstreamError:
+    with pytest.raises(UpstreamError) as caught:
+        await request
+    return caught.value
+
+
+async def test_keep_alive_reuses_one_connection(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve()
+    endpoint = make_pool().endpoint(server.url)
+    for _ in range(5):
+        assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+    assert endpoint.idle_connections == 1
+
+
+async def test_a_refused_connection_says_so_and_the_next_one_works(serve: Serve, make_pool: MakePool) -> None:
+    port = refused_port()
+    endpoint = make_pool().endpoint(f"http://127.0.0.1:{port}")
+    error = await fails(fetch(endpoint))
+    assert (error.reason, error.connecting, error.sent) == ("connection refused", True, False)
+    assert endpoint.open_connections == 0
+    await serve(port=port)
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_a_reset_after_the_request_is_connection_reset(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(reset)
+    endpoint = make_pool().endpoint(server.url)
+    error = await fails(fetch(endpoint))
+    assert (error.reason, error.connecting, error.sent) == ("connection reset", False, True)
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2  # a fresh connection that failed is not retried
+
+
+async def test_a_full_backlog_is_a_connect_timeout(make_pool: MakePool) -> None:
+    backlog = FullBacklog()
+    try:
+        await backlog.fill()
+        endpoint = make_pool(connect_timeout=0.2).endpoint(f"http://127.0.0.1:{backlog.port}")
+        error = await fails(fetch(endpoint))
+        assert (error.reason, error.connecting) == ("connect timeout", True)
+        assert endpoint.open_connections == 0
+        server = await backlog.start_accepting()
+        try:
+            assert await fetch(endpoint) == (200, b"ok")
+        finally:
+            await server.close()
+    finally:
+        backlog.close()
+
+
+async def test_headers_then_a_stall_is_a_timeout(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("GET", "/", read_timeout=0.1)
+    assert (response.status, response.content_length) == (200, 10)
+    assert await response.read_chunk() == b"abc"
+    error = await fails(response.read_chunk())
+    assert (error.reason, error.answered) == ("timeout", True)
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2
+
+
+async def test_no_answer_at_all_is_a_timeout(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(stall())
+    endpoint = make_pool().endpoint(server.url)
+    error = await fails(fetch(endpoint, timeout=0.1))
+    assert (error.reason, error.sent, error.answered) == ("timeout", True, False)
+    assert endpoint.open_connections == 0
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_garbage_is_a_bad_response(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b"SSH-2.0-OpenSSH_9.6\r\n", keep=True))
+    endpoint = make_pool().endpoint(server.url)
+    assert (await fails(fetch(endpoint))).reason == "bad response"
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2
+
+
+async def test_a_body_shorter_than_its_length_is_incomplete(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten.."))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("GET", "/")
+    assert response.content_length == 100
+    assert (await fails(response.read())).reason == "response body incomplete"
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_a_close_mid_chunk_is_incomplete(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\na\r\n12345"))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("GET", "/")
+    assert response.chunked and response.has_body
+    assert (await fails(response.read())).reason == "response body incomplete"
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_informational_answers_are_skipped(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(
+        raw(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\ndone",
+            keep=True,
+        )
+    )
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("POST", "/tasks", body=b"{}")
+    assert (response.status, response.reason) == (201, "Created")
+    assert list(response.headers.items()) == [("Content-Length", "4"), ("X-Final", "yes")]
+    assert await response.read() == b"done"
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+
+
+async def test_a_connection_closed_while_idle_costs_nothing(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(close_when_idle)
+    endpoint = make_pool().endpoint(server.url)
+    assert await fetch(endpoint) == (200, b"ok")
+    await wait_for(lambda: endpoint.idle_connections == 0, message="the pool seeing the backend close an idle connection")
+    # A POST is never retried: it only succeeds if the dead connection was skipped before writing.
+    assert await fetch(endpoint, "POST", body=b"x") == (200, b"ok")
+    assert server.accepted == 2 and len(server.requests) == 2
+
+
+async def test_a_body_ended_by_close(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("GET", "/")
+    assert response.close_delimited and response.content_length is None and not response.chunked
+    assert await response.read() == b"until the end"
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2
+
+
+async def test_head_with_a_length_reads_no_body(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", keep=True))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("HEAD", "/", read_timeout=5)
+    assert (response.status, response.has_body, response.headers["Content-Length"]) == (200, False, "1000")
+    assert await response.read() == b""
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+
+
+async def test_not_modified_has_no_body(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 50\r\n\r\n', keep=True))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("GET", "/", headers=[("If-None-Match", '"v1"')])
+    assert (response.status, response.has_body, await response.read()) == (304, False, b"")
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+
+
+async def test_no_content_has_no_body(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(answer(204, b"", reason="No Content"))
+    endpoint = make_pool().endpoint(server.url)
+    assert await fetch(endpoint, "DELETE", "/tasks/1") == (204, b"")
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+
+
+@pytest.mark.parametrize("side", ["backend", "balancer"])
+async def test_connection_close_from_either_side_is_not_reused(serve: Serve, make_pool: MakePool, side: str) -> None:
+    server = await serve(answer(headers=(("Connection", "close"),)) if side == "backend" else answer())
+    endpoint = make_pool().endpoint(server.url)
+    headers = [("Connection", "close")] if side == "balancer" else []
+    assert await fetch(endpoint, headers=headers) == (200, b"ok")
+    assert endpoint.idle_connections == 0
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2
+
+
+async def test_the_cap_holds_and_waiters_go_in_turn(serve: Serve, make_pool: MakePool) -> None:
+    gate = asyncio.Event()
+    server = await serve(*[gated(gate)] * 5)
+    endpoint = make_pool(max_connections_per_backend=2).endpoint(server.url)
+    requests = [asyncio.create_task(fetch(endpoint)) for _ in range(5)]
+    await wait_for(lambda: len(server.requests) == 2 and endpoint.waiting == 3)
+    gate.set()
+    assert await asyncio.gather(*requests) == [(200, b"ok")] * 5
+    assert (server.accepted, server.most_open) == (2, 2)
+
+
+async def test_the_wait_for_a_connection_is_bounded(serve: Serve, make_pool: MakePool) -> None:
+    gate = asyncio.Event()
+    server = await serve(gated(gate))
+    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    holder = asyncio.create_task(fetch(endpoint))
+    await wait_for(lambda: len(server.requests) == 1)
+    with pytest.raises(PoolTimeout) as caught:
+        await fetch(endpoint, wait_timeout=0.05)
+    assert (caught.value.reason, caught.value.sent) == ("timeout", False)
+    assert endpoint.waiting == 0
+    gate.set()
+    assert await holder == (200, b"ok")
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+
+
+async def test_idle_connections_close_after_the_idle_timeout(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve()
+    endpoint = make_pool(idle_timeout=0.05).endpoint(server.url)
+    assert await fetch(endpoint) == (200, b"ok")
+    await wait_for(lambda: server.open == 0 and endpoint.open_connections == 0, message="the idle connection closed")
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_a_large_body_streams_with_bounded_memory(serve: Serve, make_pool: MakePool) -> None:
+    total = 200 * 1024 * 1024
+    server = await serve(stream(total))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.request("GET", "/big")
+    assert response.content_length == total
+    received = len(await response.read_chunk())
+    # A slow reader: the transport stops reading, so the backend's writes stall in its socket.
+    await wait_for(lambda: response._paused and server.draining, message="the backend paused by flow control")
+    stalled_at = server.sent
+    assert stalled_at < 64 * 1024 * 1024
+    largest = 0
+    while chunk := await response.read_chunk():
+        received += len(chunk)
+        largest = max(largest, len(chunk))
+    response.release()
+    assert received == total
+    assert largest < 4 * 1024 * 1024  # never more than a bounded buffer at once
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+
+
+async def test_an_idempotent_request_is_retried_once_when_a_reused_connection_dies(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(answer(), hang_up)
+    endpoint = make_pool().endpoint(server.url)
+    assert await fetch(endpoint) == (200, b"ok")
+    assert await fetch(endpoint, "GET", "/again") == (200, b"ok")
+    assert server.accepted == 2
+    assert [r.target for r in server.requests] == ["/", "/again", "/again"]
+
+
+async def test_a_post_is_not_retried_when_a_reused_connection_dies(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(answer(), hang_up)
+    endpoint = make_pool().endpoint(server.url)
+    assert await fetch(endpoint) == (200, b"ok")
+    error = await fails(fetch(endpoint, "POST", "/tasks", body=b"{}"))
+    assert (error.reason, error.sent, error.answered) == ("server disconnected", True, False)
+    assert server.accepted == 1 and len(server.requests) == 2
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_a_fresh_connection_that_dies_is_not_retried(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(hang_up)
+    endpoint = make_pool().endpoint(server.url)
+    assert (await fails(fetch(endpoint))).reason == "server disconnected"
+    assert server.accepted == 1
+
+
+async def test_request_bodies_are_framed_by_the_transport(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(echo, echo, echo)
+    endpoint = make_pool().endpoint(server.url)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b"abc", b"", b"defgh"):
+            yield piece
+
+    caller_framing = [("Content-Length", "999"), ("Transfer-Encoding", "gzip")]
+    assert await fetch(endpoint, "POST", headers=caller_framing, body=b"whole") == (200, b"whole")
+    assert await fetch(endpoint, "PUT", body=pieces()) == (200, b"abcdefgh")
+    assert await fetch(endpoint, "PUT", body=pieces(), body_length=8) == (200, b"abcdefgh")
+    whole, chunked, sized = server.requests
+    assert (whole.header("Content-Length"), whole.header("Transfer-Encoding")) == ("5", None)
+    assert chunked.chunked and chunked.header("Content-Length") is None
+    assert not sized.chunked and sized.header("Content-Length") == "8"
+    assert whole.header("Host") == f"127.0.0.1:{server.port}"
+    assert server.accepted == 1
+
+
+async def test_the_callers_host_header_is_kept(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve()
+    endpoint = make_pool().endpoint(server.url)
+    await fetch(endpoint, "GET", "/a?b=%20c", headers=[("Host", "example.org"), ("X-Two", "1"), ("x-two", "2")])
+    (seen,) = server.requests
+    assert (seen.target, seen.header("Host")) == ("/a?b=%20c", "example.org")
+    assert [(n, v) for n, v in seen.headers if n.lower() == "x-two"] == [("X-Two", "1"), ("x-two", "2")]
+
+
+async def test_a_header_cannot_smuggle_another(make_pool: MakePool) -> None:
+    endpoint = make_pool().endpoint("http://127.0.0.1:9")
+    with pytest.raises(ValueError):
+        await endpoint.request("GET", "/", headers=[("X-A", "1\r\nX-Injected: yes")])
+
+
+async def test_a_failing_upload_source_is_the_callers_error(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(stall())
+    endpoint = make_pool().endpoint(server.url)
+
+    class TooLarge(Exception):
+        pass
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"first"
+        raise TooLarge
+
+    with pytest.raises(TooLarge):
+        await endpoint.request("POST", "/", body=upload(), timeout=5)
+    assert endpoint.open_connections == 0
+
+
+async def test_a_dedicated_request_does_not_wait_for_the_pool(serve: Serve, make_pool: MakePool) -> None:
+    gate = asyncio.Event()
+    server = await serve(gated(gate))
+    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    holder = asyncio.create_task(fetch(endpoint))
+    await wait_for(lambda: len(server.requests) == 1)
+    assert await fetch(endpoint, "GET", "/health", dedicated=True) == (200, b"ok")
+    assert endpoint.open_connections == 1
+    gate.set()
+    assert await holder == (200, b"ok")
+    await wait_for(lambda: server.open == 1, message="the dedicated connection closed after use")
+
+
+async def test_a_tunnel_carries_raw_bytes_outside_the_pool(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(upgrade_and_echo)
+    endpoint = make_pool(max_connections_per_backend=1, max_tunnels_per_backend=1).endpoint(server.url)
+    response = await endpoint.open_tunnel("GET", "/ws", [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+    assert (response.status, response.headers["Upgrade"]) == (101, "websocket")
+    tunnel = response.detach()
+    assert await tunnel.read() == b"hello"
+    tunnel.write(b"ping")
+    await tunnel.drain()
+    assert await tunnel.read() == b"ping"
+    assert endpoint.open_tunnels == 1
+    with pytest.raises(TunnelLimitReached):
+        await endpoint.open_tunnel("GET", "/ws")
+    # HTTP still flows on the pool while the tunnel is open.
+    assert await fetch(endpoint) == (200, b"ok")
+    tunnel.close()
+    assert endpoint.open_tunnels == 0
+    assert tunnel.closed
+
+
+async def test_a_tunnel_sees_the_backend_close(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nbye"))
+    endpoint = make_pool().endpoint(server.url)
+    response = await endpoint.open_tunnel("GET", "/", [("Upgrade", "x"), ("Connection", "Upgrade")])
+    tunnel = response.detach()
+    assert await tunnel.read() == b"bye"
+    assert await tunnel.read() == b""
+    await wait_for(lambda: endpoint.open_tunnels == 0)
+
+
+@pytest.fixture(scope="module")
+def certificate_authority() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_https_backends_are_verified(
+    serve: Serve, make_pool: MakePool, certificate_authority: trustme.CA, tmp_path: Path
+) -> None:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate_authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    server = await serve(ssl_context=server_context)
+    ca_file = tmp_path / "ca.pem"
+    certificate_authority.cert_pem.write_to_path(str(ca_file))
+
+    trusted = make_pool(ca_file=str(ca_file)).endpoint(server.url)
+    assert await fetch(trusted) == (200, b"ok")
+    assert await fetch(trusted) == (200, b"ok")
+    assert server.accepted == 1
+
+    error = await fails(fetch(make_pool().endpoint(server.url)))
+    assert (error.reason, error.connecting) == ("cannot connect", True)
+
+
+async def test_a_closed_pool_closes_its_connections(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve()
+    pool = make_pool()
+    endpoint = pool.endpoint(server.url)
+    assert await fetch(endpoint) == (200, b"ok")
+    await pool.close()
+    await wait_for(lambda: server.open == 0)
+    assert (await fails(fetch(endpoint))).reason == "cannot connect"
