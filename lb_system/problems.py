@@ -169,3 +169,27 @@ def _route_pattern(request: web.Request) -> str | None:
     canonical = resource.canonical
     # The balancer's catch-all says nothing about the path: keep the raw one.
     return None if CATCH_ALL_VARIABLE in canonical else canonical
+
+
+# The problem+json body as JSON Schema, for the OpenAPI documents of every app.
+PROBLEM_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "description": "RFC 9457 problem details",
+    "required": ["type", "title", "status", "detail", "instance", "request_id"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+}
+
+
+def problem_spec(description: str) -> dict[str, object]:
+    """An OpenAPI response whose body is problem details (refers to components' `Problem`)."""
+    return {
+        "description": description,
+        "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }

@@ -23,6 +23,7 @@ from lb_system.proxy.admin import ActionRefused
 from lb_system.proxy.balancer import FORWARDER, HEALTH_CHECKER, make_balancer_app
 from lb_system.proxy.health import HealthChecker
 from lb_system.tasks.api import make_backend_app
+from lb_system.tasks.openapi import task_api_document
 from lb_system.tasks.store import TaskStore
 
 
@@ -133,7 +134,14 @@ class System:
         )
         for member in self.pool.backends:
             member.listening = True if member.hosted else None
-        self.balancer_app = make_balancer_app(config, pool=self.pool, tracker=self.tracker, logger=self.logger, control=self)
+        self.balancer_app = make_balancer_app(
+            config,
+            pool=self.pool,
+            tracker=self.tracker,
+            logger=self.logger,
+            control=self,
+            forwarded_api=task_api_document(debug_endpoints=config.api.debug_endpoints),
+        )
         port = balancer_sock.getsockname()[1]
         self.balancer_runner = await self._serve(self.balancer_app, balancer_sock, keepalive_timeout=config.proxy.idle_timeout)
         self.balancer_url = dial_url(config.balancer.host, port)

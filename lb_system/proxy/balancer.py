@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +32,7 @@ from lb_system.problems import (
 from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, add_admin_routes
 from lb_system.proxy.forwarder import Forwarder
 from lb_system.proxy.health import HealthChecker
+from lb_system.proxy.openapi import balancer_document
 from lb_system.proxy.transport import make_client_session
 
 # The balancer app's state, set once by make_balancer_app (the session and checker by its cleanup context).
@@ -105,6 +108,7 @@ OWN_ROUTES: dict[str, tuple[str, ...]] = {
     "/metrics": ("GET", "HEAD"),
     "/": ("GET", "HEAD"),
     "/events": ("GET",),
+    "/openapi.json": ("GET", "HEAD"),
 }
 
 
@@ -115,10 +119,12 @@ def make_balancer_app(
     tracker: ErrorTracker,
     logger: logging.Logger,
     control: AdminControl | None = None,
+    forwarded_api: dict[str, Any] | None = None,
 ) -> web.Application:
     """The balancer. Its cleanup context owns the shared client session and the health checker:
     every backend has had one check before the app is ready to accept a request. With a
-    `control` (the System) it also serves the admin API."""
+    `control` (the System) it also serves the admin API. `forwarded_api` (the backends' OpenAPI
+    document) joins the balancer's own in /openapi.json."""
     app = web.Application(
         middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True)],
         client_max_size=config.proxy.max_body_bytes or 2**63,
@@ -175,6 +181,12 @@ def make_balancer_app(
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
     app.router.add_get("/errors/stats", error_stats)
+    document = json.dumps(balancer_document(forwarded_api, admin=control is not None)).encode()
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi)
     if control is not None:
         add_admin_routes(app, control, logger)
     app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", r":[\s\S]*}"), forward)

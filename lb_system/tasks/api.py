@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from lb_system.config import ApiConfig
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.problems import json_response, make_problem_middleware
+from lb_system.tasks.models import MAX_ID, TaskFields, TaskPatch
+from lb_system.tasks.openapi import task_api_document
 from lb_system.tasks.store import TaskStore
 
 TASK_STORE = web.AppKey("task_store", TaskStore)
@@ -22,28 +24,6 @@ MALFORMED_BODY = "Empty or malformed JSON body"
 MAX_JSON_DEPTH = 32
 TOO_DEEP = f"JSON body nested deeper than {MAX_JSON_DEPTH} levels"
 ModelT = TypeVar("ModelT", bound=BaseModel)
-_MAX_ID = 2**63 - 1
-
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Description = Annotated[str, StringConstraints(max_length=2000)]
-
-
-class TaskFields(BaseModel):
-    """A full task body, as POST and PUT take it."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    title: Title
-    description: Description = ""
-    done: bool = False
-
-
-class TaskPatch(BaseModel):
-    """Any subset of the fields; an explicit null is invalid, not "unset"."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    title: Title = None  # type: ignore[assignment]
-    description: Description = None  # type: ignore[assignment]
-    done: bool = None  # type: ignore[assignment]
 
 
 def _bad_request(detail: str) -> web.HTTPBadRequest:
@@ -104,7 +84,7 @@ def _nested_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
 def _task_id(request: web.Request) -> int:
     raw = request.match_info["id"]
     # isascii: str.isdigit also accepts "²", which int() refuses; the length keeps int() cheap.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > _MAX_ID:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
         raise _not_found(raw)
     return int(raw)
 
@@ -155,7 +135,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     else:
         raise _bad_request(f"Invalid query parameter 'done': must be true or false, got {done_raw!r}")
     limit = _query_int(request, "limit", 100, 1, 1000)
-    offset = _query_int(request, "offset", 0, 0, _MAX_ID)
+    offset = _query_int(request, "offset", 0, 0, MAX_ID)
     tasks, total = await request.app[TASK_STORE].list(done=done, limit=limit, offset=offset)
     return json_response({"tasks": tasks, "total": total, "limit": limit, "offset": offset})
 
@@ -214,6 +194,11 @@ def make_backend_app(
     )
     app[SERVER_NAME] = name
     app[TASK_STORE] = store
+    document = json.dumps(task_api_document(debug_endpoints=api.debug_endpoints)).encode()
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
     app.router.add_get("/health", health)
     app.router.add_post("/tasks", create_task)
     app.router.add_get("/tasks", list_tasks)
@@ -223,4 +208,5 @@ def make_backend_app(
     app.router.add_delete("/tasks/{id}", delete_task)
     if api.debug_endpoints:
         app.router.add_get("/debug/crash", crash)
+    app.router.add_get("/openapi.json", openapi)
     return app

@@ -1,0 +1,32 @@
+"""The task bodies the API accepts, as pydantic models (also the source of their OpenAPI schemas)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, StringConstraints
+
+# SQLite's largest rowid: any larger id names no task.
+MAX_ID = 2**63 - 1
+
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Description = Annotated[str, StringConstraints(max_length=2000)]
+
+
+class TaskFields(BaseModel):
+    """A full task body, as POST and PUT take it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    title: Title
+    description: Description = ""
+    done: bool = False
+
+
+class TaskPatch(BaseModel):
+    """Any subset of the fields; an explicit null is invalid, not "unset"."""
+
+    # An empty patch is answered as an empty body (400), so the schema asks for one field at least.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
+    title: Title = None  # type: ignore[assignment]
+    description: Description = None  # type: ignore[assignment]
+    done: bool = None  # type: ignore[assignment]
