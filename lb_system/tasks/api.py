@@ -37,6 +37,8 @@ def _field_error(error: ValidationError) -> str:
         return f"Unknown field '{field}'"
     if first["type"] == "missing":
         return f"Missing required field '{field}'"
+    if first["type"] == "string_pattern_mismatch":
+        return f"Invalid field '{field}': must not be blank"
     return f"Invalid field '{field}': {first['msg']}"
 
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 # SQLite's largest rowid: any larger id names no task.
 MAX_ID = 2**63 - 1
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# One explicit set of blanks, the same in every regex dialect (Python's, pydantic's Rust, a client's
+# JSON Schema validator): a title is 1-200 characters, not all of them blanks, then trimmed of them.
+BLANKS = " \t\n\r\f\v"
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+Title = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=NOT_BLANK),
+    AfterValidator(lambda title: title.strip(BLANKS)),
+]
 Description = Annotated[str, StringConstraints(max_length=2000)]
 
 
