@@ -30,7 +30,7 @@ FUZZ_SETTINGS = settings(
     suppress_health_check=list(HealthCheck),
     print_blob=False,
 )
-STATELESS_EXAMPLES = 900
+STATELESS_EXAMPLES = 1000
 STATEFUL_SCENARIOS = 40
 MIN_REQUESTS = 1000
 # /debug/crash answers 500 by design; /events is an endless stream that a plain request would wait on.

@@ -95,7 +95,8 @@ def test_errors_share_one_problem_schema_and_admin_needs_a_bearer_token() -> Non
             admin = path.startswith("/admin/") or (path, method) == ("/errors/stats", "delete")
             assert (operation.get("security") == [{"bearerAuth": []}]) == admin, (path, method)
             for status, response in operation["responses"].items():
-                if int(status) >= 400:
+                # The balancer's /health answers its own document with 503: probes read the code.
+                if int(status) >= 400 and path != "/health":
                     assert response["content"] == {
                         "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
                     }, (path, method, status)

@@ -20,9 +20,10 @@ SCHEMAS: dict[str, Any] = {
     "Problem": PROBLEM_SCHEMA,
     "BalancerHealth": {
         "type": "object",
-        "required": ["status", "healthy_backends", "total_backends"],
+        "required": ["status", "serving_backends", "healthy_backends", "total_backends"],
         "properties": {
             "status": {"enum": ["ok", "degraded", "unavailable"]},
+            "serving_backends": _COUNT,
             "healthy_backends": _COUNT,
             "total_backends": _COUNT,
         },
@@ -158,7 +159,10 @@ def _own_paths() -> dict[str, Any]:
             "get": {
                 "operationId": "balancerHealth",
                 "summary": "All, some or none of the backends up",
-                "responses": {"200": _json("BalancerHealth", "The balancer's health")},
+                "responses": {
+                    "200": _json("BalancerHealth", "Some or all backends serve"),
+                    "503": _json("BalancerHealth", "No backend serves: status is unavailable"),
+                },
             }
         },
         "/status": {
