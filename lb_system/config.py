@@ -78,8 +78,9 @@ class BalancerConfig(_Section):
 
 class HealthConfig(_Section):
     path: str = "/health"
-    interval: PositiveSeconds = 2.0
-    timeout: PositiveSeconds = 1.0
+    # Below 0.1 s the checker would keep a core busy; a check waiting over a minute finds nothing.
+    interval: Annotated[float, Field(ge=0.1, le=3600)] = 2.0
+    timeout: Annotated[float, Field(gt=0, le=60)] = 1.0
     rise: Annotated[int, Field(ge=1, le=100)] = 2
     fall: Annotated[int, Field(ge=1, le=100)] = 3
     passive_fall: Annotated[int, Field(ge=0, le=1000)] = 3

@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestServer
 
 from lb_system import Config, System, load_config, parse_config
 
-# Fast health checks so state changes show within a fraction of a second.
-FAST_HEALTH = {"interval": 0.05, "timeout": 0.5, "rise": 1, "fall": 1}
+# Fast health checks (the shortest interval the config allows) so state changes show within a fraction of a second.
+FAST_HEALTH = {"interval": 0.1, "timeout": 0.5, "rise": 1, "fall": 1}
 
 
 async def wait_for(condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 5.0, message: str = "condition") -> None:

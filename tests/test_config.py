@@ -48,6 +48,8 @@ def test_an_outside_backend_is_a_url(tmp_path: Path) -> None:
         ('[balancer]\nport = "8080"', "[balancer] port: Input should be a valid integer"),
         ("[balancer]\nport = 70000", "[balancer] port:"),
         ("[health]\ninterval = -1.0", "[health] interval:"),
+        ("[health]\ninterval = 0.001", "[health] interval: Input should be greater than or equal to 0.1"),
+        ("[health]\ntimeout = 61", "[health] timeout: Input should be less than or equal to 60"),
         ("[health]\nrise = 0", "[health] rise:"),
         ("[api]\ndebug_endpoints = 1", "[api] debug_endpoints:"),
         ('[balancer]\nstrategy = "fastest"', "[balancer] strategy: must be one of"),
@@ -85,6 +87,13 @@ def test_the_upstream_keys_default_and_ca_file_resolves_against_the_config_folde
     proxy = load_config(tmp_path / "lb.toml").proxy
     assert Path(proxy.ca_file or "") == tmp_path / "certs" / "ca.pem"
     assert proxy.upstream_idle_timeout == 5.0
+
+
+def test_health_interval_and_timeout_limits_are_inclusive(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[health]\ninterval = 0.1\ntimeout = 60\n")
+    health = load_config(path).health
+    assert (health.interval, health.timeout) == (0.1, 60)
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
