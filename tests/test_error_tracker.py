@@ -467,7 +467,8 @@ def test_reset_zeroes_everything_and_moves_since(tracker: ErrorTracker, clock: F
     assert stats["top_paths"] == []
     assert stats["windows"] == {w: {"total": 0, "by_type": {}} for w in ("1m", "5m", "15m")}
     assert stats["since"] == "2023-11-14T22:13:32.500Z"
-    assert tracker.counts_by_server_and_type() == {}
+    # The counts behind lb_errors_total stay: a Prometheus counter never goes back.
+    assert tracker.lifetime_counts() == {("b9", 400): 1, ("b9", 404): 1, ("b9", 500): 1, ("b9", 503): 1}
 
 
 def test_reset_keeps_the_recent_size_and_tracker_keeps_working(clock: FakeClock) -> None:
@@ -481,23 +482,22 @@ def test_reset_keeps_the_recent_size_and_tracker_keeps_working(clock: FakeClock)
     assert tracker.stats()["windows"]["1m"]["total"] == 3
 
 
-def test_counts_by_server_and_type(tracker: ErrorTracker) -> None:
+def test_lifetime_counts_by_server_and_status(tracker: ErrorTracker) -> None:
     rec(tracker, 404, server="backend-1")
     rec(tracker, 404, server="backend-1")
     rec(tracker, 500, server="backend-1")
     rec(tracker, 599, server="lb")
-    assert tracker.counts_by_server_and_type() == {
-        ("backend-1", "404_NOT_FOUND"): 2,
-        ("backend-1", "500_INTERNAL_ERROR"): 1,
-        ("lb", "599_UNKNOWN"): 1,
-    }
+    assert tracker.lifetime_counts() == {("backend-1", 404): 2, ("backend-1", 500): 1, ("lb", 599): 1}
+    tracker.reset()
+    rec(tracker, 404, server="backend-1")
+    assert tracker.lifetime_counts() == {("backend-1", 404): 3, ("backend-1", 500): 1, ("lb", 599): 1}
 
 
-def test_counts_by_server_and_type_returns_a_copy(tracker: ErrorTracker) -> None:
+def test_lifetime_counts_returns_a_copy(tracker: ErrorTracker) -> None:
     rec(tracker)
-    counts = tracker.counts_by_server_and_type()
-    counts[("backend-1", "404_NOT_FOUND")] = 99
-    assert tracker.counts_by_server_and_type() == {("backend-1", "404_NOT_FOUND"): 1}
+    counts = tracker.lifetime_counts()
+    counts[("backend-1", 404)] = 99
+    assert tracker.lifetime_counts() == {("backend-1", 404): 1}
 
 
 def test_stats_uses_the_injected_clock_for_since(clock: FakeClock) -> None:

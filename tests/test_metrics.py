@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 # Health checks only at start-up: the counts stay put while a test compares them.
 QUIET_HEALTH = {"interval": 3600, "rise": 1, "fall": 1}
-ALLOWED_LABELS = {"backend", "method", "code", "result", "to", "server", "type", "le"}
+ALLOWED_LABELS = {"backend", "method", "code", "result", "to", "type", "le", "state"}
 
 
 class Scrape:
@@ -76,8 +79,10 @@ async def test_metrics_agree_with_errors_stats_and_status_after_a_known_sequence
     # lb_errors_total is /errors/stats, cut by server and type.
     assert metrics.value("lb_errors_total") == stats["total_errors"] == 7
     assert metrics.by("lb_errors_total", "type") == {t: n for t, n in stats["error_types"].items() if n}
-    assert metrics.by("lb_errors_total", "server") == stats["by_server"]
-    assert metrics.value("lb_errors_total", server="balancer", type="405_METHOD_NOT_ALLOWED") == 1
+    assert metrics.by("lb_errors_total", "backend") == stats["by_server"]
+    # code as lb_requests_total spells it; the 4th 404 went straight to backend-1.
+    assert metrics.by("lb_errors_total", "code") == {"404": 4, "500": 1, "400": 1, "405": 1}
+    assert metrics.value("lb_errors_total", backend="balancer", code="405", type="405_METHOD_NOT_ALLOWED") == 1
 
     # lb_requests_total: every proxied request once, by exact code; per backend as /status counts.
     assert metrics.by("lb_requests_total", "code") == {str(code): n for code, n in sent.items()}
@@ -105,11 +110,13 @@ async def test_metric_names_types_buckets_and_labels_follow_the_contract(make_co
     async with http.get(system.balancer_url + "/tasks/1?secret=abc") as response:
         assert response.status == 404
     metrics = await scrape(http, system.balancer_url)
-    types = {name: f.type for name, f in metrics.families.items() if name.startswith("lb_") and not name.endswith("_created")}
+    types = {name: f.type for name, f in metrics.families.items() if name.startswith("lb_")}
     assert types == {
         "lb_requests": "counter",
         "lb_request_duration_seconds": "histogram",
         "lb_backend_up": "gauge",
+        "lb_backend_serving": "gauge",
+        "lb_backend_admin_state": "gauge",
         "lb_backend_active_requests": "gauge",
         "lb_backend_ejections": "counter",
         "lb_health_checks": "counter",
@@ -123,6 +130,8 @@ async def test_metric_names_types_buckets_and_labels_follow_the_contract(make_co
     assert buckets[0] == 0.005 and buckets[-2] == 10.0 and buckets[-1] == float("inf")
     # Low cardinality: no path, id or query ever becomes a label; unknown methods fold into OTHER.
     for name, samples in metrics.samples.items():
+        if not name.startswith("lb_"):
+            continue
         for labels, _ in samples:
             assert set(labels) <= ALLOWED_LABELS, (name, labels)
             assert not any("/" in value or "secret" in value for value in labels.values())
@@ -146,7 +155,7 @@ async def test_no_backend_transitions_and_checks_are_counted(make_config, start_
     assert metrics.value("lb_backend_transitions_total", backend="outside", to="up") == 1
     # Checks keep running between the two reads: the scrape came first, so it can only be behind.
     assert 1 <= metrics.value("lb_health_checks_total", backend="outside", result="failed") <= backend["checks_failed"]
-    assert metrics.value("lb_errors_total", server="balancer", type="503_SERVICE_UNAVAILABLE") == 1
+    assert metrics.value("lb_errors_total", backend="balancer", code="503", type="503_SERVICE_UNAVAILABLE") == 1
 
 
 @contextlib.asynccontextmanager
@@ -203,5 +212,80 @@ async def test_answers_the_balancer_gives_itself_are_counted_under_balancer(make
         assert response.status == 413
     metrics = await scrape(http, system.balancer_url)
     assert metrics.value("lb_requests_total", backend="balancer", method="POST", code="413") == 1
-    assert metrics.value("lb_errors_total", server="balancer", type="413_REQUEST_ENTITY_TOO_LARGE") == 1
+    assert metrics.value("lb_errors_total", backend="balancer", code="413", type="413_REQUEST_ENTITY_TOO_LARGE") == 1
     assert metrics.value("lb_no_backend_total") == 0
+
+
+async def test_no_created_series_and_the_process_platform_and_gc_collectors(make_config, start_system, http) -> None:
+    system = await start_system(make_config(health=QUIET_HEALTH))
+    async with http.get(system.balancer_url + "/tasks") as response:
+        assert response.status == 200
+    async with http.get(system.balancer_url + "/metrics") as response:
+        text = await response.text()
+    assert "_created" not in text
+    metrics = Scrape(text)
+    assert metrics.value("lb_requests_total") == 1
+    assert metrics.value("python_info") == 1
+    assert metrics.value("python_gc_collections_total") >= 0 and "python_gc_objects_collected_total" in metrics.samples
+    if sys.platform.startswith("linux"):  # prometheus_client reads /proc
+        assert metrics.value("process_cpu_seconds_total") > 0
+        assert metrics.value("process_resident_memory_bytes") > 0
+        assert metrics.value("process_open_fds") > 0
+
+
+async def test_serving_and_admin_state_follow_the_admin_api(make_config, start_system, http, monkeypatch) -> None:
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "metrics-test-token")
+    auth = {"Authorization": "Bearer metrics-test-token"}
+    system = await start_system(make_config(health=QUIET_HEALTH))
+    url = system.balancer_url
+
+    def admin_states(metrics: Scrape, backend: str) -> dict[str, float]:
+        return {labels["state"]: v for labels, v in metrics.samples["lb_backend_admin_state"] if labels["backend"] == backend}
+
+    metrics = await scrape(http, url)
+    for name in ("backend-1", "backend-2"):
+        assert metrics.value("lb_backend_serving", backend=name) == 1
+        assert admin_states(metrics, name) == {"enabled": 1, "disabled": 0, "draining": 0}
+    for name, action in (("backend-1", "disable"), ("backend-2", "drain")):
+        async with http.post(f"{url}/admin/backends/{name}/{action}", headers=auth) as response:
+            assert response.status == 200
+    metrics = await scrape(http, url)
+    assert admin_states(metrics, "backend-1") == {"enabled": 0, "disabled": 1, "draining": 0}
+    assert admin_states(metrics, "backend-2") == {"enabled": 0, "disabled": 0, "draining": 1}
+    for name in ("backend-1", "backend-2"):
+        assert metrics.value("lb_backend_up", backend=name) == 1  # still passing checks...
+        assert metrics.value("lb_backend_serving", backend=name) == 0  # ...but getting no request
+
+
+async def test_deleting_error_stats_leaves_lb_errors_total_monotonic(make_config, start_system, http, monkeypatch) -> None:
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "metrics-test-token")
+    system = await start_system(make_config(health=QUIET_HEALTH))
+    url = system.balancer_url
+    for _ in range(2):
+        async with http.get(url + "/tasks/999999") as response:
+            assert response.status == 404
+    async with http.delete(url + "/errors/stats", headers={"Authorization": "Bearer metrics-test-token"}) as response:
+        assert response.status == 200
+    assert (await get_json(http, url + "/errors/stats"))["total_errors"] == 0
+    assert (await scrape(http, url)).value("lb_errors_total", code="404") == 2
+    async with http.get(url + "/tasks/999999") as response:
+        assert response.status == 404
+    assert (await scrape(http, url)).value("lb_errors_total", code="404") == 3
+
+
+async def test_promtool_finds_the_exposition_clean(make_config, start_system, http) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian/Ubuntu: apt-get install prometheus); .ci/run installs it")
+    system = await start_system(make_config(health=QUIET_HEALTH))
+    for path in ("/tasks", "/tasks/999999", "/debug/crash"):
+        async with http.get(system.balancer_url + path) as response:
+            await response.read()
+    async with http.get(system.balancer_url + "/metrics") as response:
+        exposition = await response.read()
+    pipe = asyncio.subprocess.PIPE
+    process = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=pipe, stdout=pipe, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(exposition), 30)
+    assert process.returncode == 0 and not output.strip(), output.decode()

@@ -20,6 +20,7 @@ from lb_system.config import BackendConfig, HealthConfig
 from lb_system.timestamps import iso_utc_or_none
 
 ENABLED, DISABLED, DRAINING = "enabled", "disabled", "draining"
+ADMIN_STATES = (ENABLED, DISABLED, DRAINING)
 
 
 @dataclass(eq=False)
@@ -144,7 +145,7 @@ class BackendPool:
 
     def set_admin_state(self, backend: Backend, state: str) -> bool:
         """enabled / disabled / draining; False when it already was. Enabling waits for a good check."""
-        if state not in (ENABLED, DISABLED, DRAINING):
+        if state not in ADMIN_STATES:
             raise ValueError(f"unknown admin state {state!r}")
         if backend.admin_state == state:
             return False

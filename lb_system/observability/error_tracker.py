@@ -68,6 +68,9 @@ class ErrorTracker:
         """Keep the newest ``recent`` records; ``clock`` returns POSIX seconds."""
         self._clock = clock
         self._records: deque[_Record] = deque(maxlen=self._check_recent(recent))
+        # (server, status) -> errors since creation, never reset: behind the monotonic lb_errors_total.
+        # Bounded: server names come from the config, statuses are 400-599.
+        self._lifetime: dict[tuple[str, int], int] = {}
         self._reset_counters()
 
     @staticmethod
@@ -124,6 +127,8 @@ class ErrorTracker:
 
         key = (server, etype)
         self._by_server_type[key] = self._by_server_type.get(key, 0) + 1
+        lifetime_key = (server, status)
+        self._lifetime[lifetime_key] = self._lifetime.get(lifetime_key, 0) + 1
 
         if len(method) > MAX_METHOD_CHARS:
             method = method[:MAX_METHOD_CHARS]
@@ -235,10 +240,11 @@ class ErrorTracker:
         return out
 
     def reset(self) -> None:
-        """Forget every record and counter; ``since`` becomes now."""
+        """Forget every record and counter of the document; ``since`` becomes now.
+        The lifetime counts behind ``lb_errors_total`` stay: Prometheus counters never go back."""
         self._records.clear()
         self._reset_counters()
 
-    def counts_by_server_and_type(self) -> dict[tuple[str, str], int]:
-        """Return error counts keyed by ``(server, type)``, for ``lb_errors_total``."""
-        return dict(self._by_server_type)
+    def lifetime_counts(self) -> dict[tuple[str, int], int]:
+        """Errors since creation keyed by ``(server, status)``, never reset, for ``lb_errors_total``."""
+        return dict(self._lifetime)

@@ -4,27 +4,42 @@ so several systems in one process, as in the tests, do not collide).
 Events (proxied requests, health checks, transitions) are counted as they happen through the
 listeners of the forwarder, the checker and the pool. State (up/down, active requests) and the
 error counts are read at scrape time, so they always agree with `/status` and `/errors/stats`.
-Labels stay low-cardinality: backend and server names come from the config, methods outside
-the standard set are "OTHER", never a raw path or id.
+Labels stay low-cardinality: backend names come from the config, methods outside
+the standard set are "OTHER", never a raw path or id. No `*_created` series are exported, and
+the process, platform and GC collectors report on the process itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeAlias
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lb_system.balancing.events import ProxiedRequest, Transition
-from lb_system.balancing.pool import Backend, BackendPool
-from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.balancing.pool import ADMIN_STATES, Backend, BackendPool
+from lb_system.observability.error_tracker import ErrorTracker, error_type
 
 __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+_Gauge: TypeAlias = GaugeMetricFamily
+_Counter: TypeAlias = CounterMetricFamily
 
 
 class _ScrapeTimeState(Collector):
@@ -34,28 +49,61 @@ class _ScrapeTimeState(Collector):
         self.pool = pool
         self.tracker = tracker
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+    def _families(self) -> tuple[_Gauge, _Gauge, _Gauge, _Gauge, _Counter, _Counter]:
         return (
             GaugeMetricFamily("lb_backend_up", "1 when the backend is up, else 0.", labels=["backend"]),
+            GaugeMetricFamily(
+                "lb_backend_serving",
+                "1 when the backend gets new requests: up, enabled, not draining or retiring.",
+                labels=["backend"],
+            ),
+            # A state set in the text format: one series per state, 1 for the current one.
+            GaugeMetricFamily(
+                "lb_backend_admin_state", "The backend's admin state: 1 for the current one.", labels=["backend", "state"]
+            ),
             GaugeMetricFamily("lb_backend_active_requests", "Requests in flight to the backend.", labels=["backend"]),
             CounterMetricFamily(
                 "lb_backend_ejections", "Passive ejections: failed proxied requests took it down.", labels=["backend"]
             ),
-            CounterMetricFamily("lb_errors", "Failed requests (status >= 400) as in /errors/stats.", labels=["server", "type"]),
+            CounterMetricFamily(
+                "lb_errors",
+                "Failed requests (status >= 400) as in /errors/stats, never reset; backend is balancer for its own answers.",
+                labels=["backend", "code", "type"],
+            ),
         )
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        up, active, ejections, errors = self._families()
+        families = self._families()
+        up, serving, admin_state, active, ejections, errors = families
         for backend in self.pool.backends:
-            up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
-            active.add_metric([backend.name], float(backend.active_requests))
-            ejections.add_metric([backend.name], float(backend.ejections))
-        for (server, etype), count in sorted(self.tracker.counts_by_server_and_type().items()):
-            errors.add_metric([server, etype], float(count))
-        return (up, active, ejections, errors)
+            name = backend.name
+            up.add_metric([name], 1.0 if backend.healthy else 0.0)
+            serving.add_metric([name], 1.0 if backend.serving else 0.0)
+            for state in ADMIN_STATES:
+                admin_state.add_metric([name, state], 1.0 if backend.admin_state == state else 0.0)
+            active.add_metric([name], float(backend.active_requests))
+            ejections.add_metric([name], float(backend.ejections))
+        for (server, status), count in sorted(self.tracker.lifetime_counts().items()):
+            errors.add_metric([server, str(status), error_type(status)], float(count))
+        return families
+
+
+class _WithoutCreated(Collector):
+    """The registry's metrics minus the `*_created` samples. prometheus_client can only turn
+    those off for the whole process (`disable_created_metrics`); this keeps it per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.registry.collect():
+            created = metric.name + "_created"
+            # Each collect() builds fresh Metric objects, so filtering in place touches nothing shared.
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric
 
 
 class Metrics:
@@ -91,6 +139,11 @@ class Metrics:
         # As bounded as the labels themselves (config names, standard methods, status codes).
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         r.register(_ScrapeTimeState(pool, tracker))
+        # The process's CPU, memory, file descriptors, GC and Python version (process_* on Linux only).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self._exported = _WithoutCreated(r)
         # Zero series from the start, so rate() and alerts see the first increase.
         for backend in pool.backends:
             for result in ("ok", "failed"):
@@ -127,4 +180,4 @@ class Metrics:
         self.transitions.labels(backend.name, transition.to).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exported)
