@@ -293,7 +293,7 @@ async def test_rise_and_fall_need_consecutive_checks(make_config, start_system, 
     remote = await outside_backend("remote-1")
     config = make_config(backends=[{"name": "remote-1", "url": remote.url}], health={"interval": 60.0, "rise": 2, "fall": 3})
     system = await start_system(config)
-    backend, checker = system.pool.get("remote-1"), system.health_checker
+    backend, checker = system.pool.get("remote-1"), system.balancer.health_checker
     assert backend.healthy
     remote.healthy = False
     await checker.check_once()

@@ -11,8 +11,6 @@ from typing import Any
 import aiohttp
 from conftest import wait_for
 
-from lb_system.proxy.balancer import LIVE_FEED
-
 FAST_FEED = 0.05  # seconds between updates in these tests (1 s in production)
 
 
@@ -86,7 +84,7 @@ async def test_first_event_is_a_full_snapshot(make_config, start_system, http) -
 async def test_updates_follow_requests_errors_and_backend_state(make_config, start_system, outside_backend, http) -> None:
     outside = await outside_backend("outside")
     system = await start_system(make_config(backends=[{"name": "backend-1", "port": 0}, {"name": "outside", "url": outside.url}]))
-    system.balancer_app[LIVE_FEED].interval = FAST_FEED
+    system.balancer.live_feed.interval = FAST_FEED
     async with open_events(http, system.balancer_url) as stream:
         assert (await next_event(stream))[0] == "snapshot"
         async with http.get(system.balancer_url + "/tasks/31337", headers={"X-Request-ID": "live-404"}) as response:
@@ -104,7 +102,7 @@ async def test_updates_follow_requests_errors_and_backend_state(make_config, sta
 
 async def test_updates_are_at_most_a_second_apart_by_default(make_config, start_system, http) -> None:
     system = await start_system(make_config())
-    assert system.balancer_app[LIVE_FEED].interval <= 1.0
+    assert system.balancer.live_feed.interval <= 1.0
     async with open_events(http, system.balancer_url) as stream:
         await next_event(stream)
         started = time.monotonic()
@@ -115,7 +113,7 @@ async def test_updates_are_at_most_a_second_apart_by_default(make_config, start_
 
 async def test_feed_works_only_while_a_client_listens_and_serves_several(make_config, start_system, http) -> None:
     system = await start_system(make_config())
-    feed = system.balancer_app[LIVE_FEED]
+    feed = system.balancer.live_feed
     feed.interval = FAST_FEED
     assert not feed.publishing and feed.client_count == 0
     async with open_events(http, system.balancer_url) as first, open_events(http, system.balancer_url) as second:

@@ -52,8 +52,8 @@ async def test_balancer_and_backends_serve_a_valid_document_of_every_route(make_
     assert served["openapi"].startswith("3.1")
     assert served == balancer_document(task_api_document(debug_endpoints=True))
 
-    assert system.balancer_app is not None
-    routes = routed_operations(system.balancer_app)
+    assert system.balancer is not None
+    routes = routed_operations(system.balancer.app)
     for hosted in system.hosted.values():
         assert hosted.runner is not None
         routes |= routed_operations(hosted.runner.app)

@@ -265,7 +265,7 @@ async def test_power_of_two_prefers_the_less_busy_of_two(backends, balancer, htt
     held = [asyncio.create_task(http.get(system.balancer_url + "/hold?s=10")) for _ in range(2)]
     await wait_for(lambda: busy.active == 2, message="two requests held on the only backend up")
     idle.healthy = True
-    await system.health_checker.check_once()
+    await system.balancer.health_checker.check_once()
     assert set(await names(http, system.balancer_url + "/x", 5)) == {"idle"}
     busy.release.set()
     for task in held:
@@ -476,7 +476,7 @@ async def test_an_ejected_backend_returns_through_active_checks(backends, balanc
     async with http.get(system.balancer_url + "/code/500") as r:
         ejected = r.headers["X-Backend"]
     assert not system.pool.get(ejected).healthy
-    await system.health_checker.check_once()
+    await system.balancer.health_checker.check_once()
     assert system.pool.get(ejected).healthy
 
 
@@ -648,7 +648,7 @@ async def test_past_the_connection_and_pending_caps_requests_are_shed_with_503(b
     (server,) = await backends("s")
     system = await balancer([server], proxy={"max_connections_per_backend": 2, "max_pending": 2})
     held = [asyncio.create_task(http.get(system.balancer_url + "/hold?s=10")) for _ in range(4)]
-    await wait_for(lambda: system.balancer_app is not None and server.active == 2, message="two connections busy")
+    await wait_for(lambda: system.balancer is not None and server.active == 2, message="two connections busy")
     await asyncio.sleep(0)  # the other two are queued for a connection
     await wait_for(lambda: _forwarder(system).in_flight == 4, message="four in flight")
     started = time.perf_counter()
@@ -717,9 +717,7 @@ async def test_idle_client_connections_are_closed_after_idle_timeout(backends, b
 
 
 def _forwarder(system):
-    from lb_system.proxy.balancer import FORWARDER
-
-    return system.balancer_app[FORWARDER]
+    return system.balancer.forwarder
 
 
 async def test_a_websocket_handshake_that_never_answers_times_out(make_config, start_system, http) -> None:

@@ -6,6 +6,7 @@ the pool decides when a backend is up or down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -101,11 +102,21 @@ class Backend:
         }
 
 
+def new_backend(config: BackendConfig, url: str) -> Backend:
+    """The backend for one [[backends]] entry, reached at `url`; a hosted one starts listening."""
+    return Backend(
+        name=config.name, url=url, hosted=config.hosted, weight=config.weight, listening=True if config.hosted else None
+    )
+
+
 TransitionListener = Callable[[Backend, Transition], None]
 
 
 class BackendPool:
-    """The set of backends, their up/down state machine, and the balancing strategy."""
+    """The set of backends, their up/down state machine, and the balancing strategy.
+
+    The pool owns its backends: everyone else reports through its methods (a try's start and
+    end, checks, admin actions, membership changes) and only reads their fields."""
 
     def __init__(
         self,
@@ -125,11 +136,12 @@ class BackendPool:
         self.listeners: list[TransitionListener] = []
         # Removed from the config, finishing their in-flight requests: never chosen, still shown.
         self.retiring: list[Backend] = []
+        # One per draining backend, set by the release() that ends its last request.
+        self._drained: dict[Backend, asyncio.Event] = {}
 
     @classmethod
     def from_config(cls, configs: Sequence[BackendConfig], urls: dict[str, str], **kwargs: Any) -> BackendPool:
-        backends = [Backend(name=c.name, url=urls[c.name], hosted=c.hosted, weight=c.weight) for c in configs]
-        return cls(backends, **kwargs)
+        return cls([new_backend(c, urls[c.name]) for c in configs], **kwargs)
 
     def get(self, name: str) -> Backend | None:
         return next((b for b in self.backends if b.name == name), None)
@@ -143,18 +155,94 @@ class BackendPool:
         self.strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
         self.strategy.set_backends(self.backends)
 
+    def set_health(self, health: HealthConfig) -> None:
+        self.health = health
+
+    # --- a try on a backend ----------------------------------------------------------
+
+    def acquire(self, backend: Backend) -> None:
+        """A try starts on `backend`: counted, and in flight until `release`."""
+        backend.requests += 1
+        backend.active_requests += 1
+
+    def release(self, backend: Backend) -> None:
+        """A try on `backend` ended; the last one out of a draining backend completes its drain."""
+        backend.active_requests -= 1
+        if backend.active_requests == 0 and backend.admin_state == DRAINING:
+            self._mark_drained(backend)
+
+    # --- membership and admin state --------------------------------------------------
+
+    def set_weight(self, backend: Backend, weight: int) -> None:
+        """A reloaded weight; the strategy sees it at the next `set_backends`."""
+        backend.weight = weight
+
+    def move(self, backend: Backend, url: str, *, hosted: bool) -> None:
+        """A new address (or hosted here instead of outside, or back): no traffic until a good check there."""
+        backend.url, backend.hosted = url, hosted
+        backend.listening = True if hosted else None
+        backend.awaiting_check = True
+
+    def set_listening(self, backend: Backend, listening: bool) -> None:
+        """A hosted backend's listening socket was opened or closed."""
+        backend.listening = listening
+
+    def retire(self, backend: Backend) -> None:
+        """Removed from the config (already out of `backends`): shown as draining until `forget`."""
+        self.retiring.append(backend)
+        self._begin_drain(backend)
+
+    def forget(self, backend: Backend) -> None:
+        """A retired backend is gone for good."""
+        if backend in self.retiring:
+            self.retiring.remove(backend)
+        self._drained.pop(backend, None)
+
     def set_admin_state(self, backend: Backend, state: str) -> bool:
         """enabled / disabled / draining; False when it already was. Enabling waits for a good check."""
         if state not in ADMIN_STATES:
             raise ValueError(f"unknown admin state {state!r}")
         if backend.admin_state == state:
             return False
+        self.logger.info("backend admin state backend=%s state=%s", backend.name, state)
+        if state == DRAINING:
+            self._begin_drain(backend)
+            return True
         backend.admin_state = state
-        backend.drained_at = self.clock() if state == DRAINING and backend.active_requests == 0 else None
+        backend.drained_at = None
+        self._drained.pop(backend, None)
         if state == ENABLED:
             backend.awaiting_check = True
-        self.logger.info("backend admin state backend=%s state=%s", backend.name, state)
         return True
+
+    async def wait_drained(self, backend: Backend, timeout: float | None = None) -> bool:
+        """Wait until a draining backend has no request in flight; False (and the drain no longer
+        awaited) when `timeout` seconds passed first."""
+        event = self._drained.get(backend)
+        if event is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            self._drained.pop(backend, None)
+            return False
+        return True
+
+    def _begin_drain(self, backend: Backend) -> None:
+        backend.admin_state = DRAINING
+        backend.drained_at = None
+        self._drained[backend] = asyncio.Event()
+        if backend.active_requests == 0:
+            self._mark_drained(backend)
+
+    def _mark_drained(self, backend: Backend) -> None:
+        event = self._drained.get(backend)
+        if event is None or event.is_set():
+            return  # not draining any more, or its drain timed out
+        backend.drained_at = self.clock()
+        event.set()
+        self.logger.info("backend drained backend=%s", backend.name)
 
     @property
     def healthy_count(self) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -100,6 +101,28 @@ async def error_stats(request: web.Request) -> web.Response:
     return json_response(request.app[ERROR_TRACKER].stats(server=server, status=status_filter, limit=limit))
 
 
+@dataclass(frozen=True)
+class Balancer:
+    """The balancer app and what its owner may do with it: nothing outside reads the app's keys."""
+
+    app: web.Application
+    forwarder: Forwarder
+    live_feed: LiveFeed
+
+    @property
+    def health_checker(self) -> HealthChecker:
+        """The active health checker; it exists once the app has started."""
+        return self.app[HEALTH_CHECKER]
+
+    def apply_config(self, config: Config) -> None:
+        """A reloaded config's proxy settings apply from the next request on."""
+        self.forwarder.apply_config(config)
+
+    def wake_checks(self) -> None:
+        """Check every backend now (membership or [health] changed) instead of after the interval."""
+        self.health_checker.wake()
+
+
 # The balancer's own paths: a wrong method there is the balancer's 405, never forwarded.
 OWN_ROUTES: dict[str, tuple[str, ...]] = {
     "/health": ("GET", "HEAD"),
@@ -120,11 +143,11 @@ def make_balancer_app(
     logger: logging.Logger,
     control: AdminControl | None = None,
     forwarded_api: dict[str, Any] | None = None,
-) -> web.Application:
+) -> Balancer:
     """The balancer. Its cleanup context owns the shared client session and the health checker:
     every backend has had one check before the app is ready to accept a request. With a
-    `control` (the System) it also serves the admin API. `forwarded_api` (the backends' OpenAPI
-    document) joins the balancer's own in /openapi.json."""
+    `control` (the system's membership) it also serves the admin API. `forwarded_api` (the
+    backends' OpenAPI document) joins the balancer's own in /openapi.json."""
     app = web.Application(
         middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True)],
         client_max_size=config.proxy.max_body_bytes or 2**63,
@@ -190,4 +213,4 @@ def make_balancer_app(
     if control is not None:
         add_admin_routes(app, control, logger)
     app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", r":[\s\S]*}"), forward)
-    return app
+    return Balancer(app, forwarder, feed)

@@ -59,12 +59,6 @@ class _LimitedBody:
             yield chunk
 
 
-def _finish_try(backend: Backend, upstream: aiohttp.ClientResponse) -> None:
-    """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
-    upstream.release()
-    backend.active_requests -= 1
-
-
 def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND) -> web.Response:
     """The balancer's 503: no healthy backend, or too many requests waiting; try again in a second."""
     return problem_response(503, detail, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
@@ -179,7 +173,7 @@ class Forwarder:
                     and self.pool.has_candidate(exclude=tried)
                     and (holding_budget := holding_budget or self.budget.try_acquire())
                 ):
-                    _finish_try(backend, upstream)
+                    self._finish_try(backend, upstream)
                     tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                     continue
                 response = await self._respond(request, backend, upstream, data, request_id)
@@ -226,8 +220,7 @@ class Forwarder:
         for name in WEBSOCKET_HANDSHAKE:
             headers.popall(name, None)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        backend.requests += 1
-        backend.active_requests += 1
+        self.pool.acquire(backend)
         try:
             try:
                 async with asyncio.timeout(self.config.proxy.per_try_timeout):
@@ -260,7 +253,12 @@ class Forwarder:
                 self._access_log(request, 101, backend.name, started, request_id, render_tries([opened]))
                 return client
         finally:
-            backend.active_requests -= 1
+            self.pool.release(backend)
+
+    def _finish_try(self, backend: Backend, upstream: aiohttp.ClientResponse) -> None:
+        """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
+        upstream.release()
+        self.pool.release(backend)
 
     def _may_retry(self, method: str, kind: FailureKind, attempts: int, replayable: bool) -> bool:
         return self.policy.should_retry(method=method, failure=kind, attempt=attempts, body_replayable=replayable)
@@ -281,8 +279,7 @@ class Forwarder:
         # With the backend's pool full, this try first waits for a connection: a timeout then
         # says the balancer is busy, not that the backend is sick.
         queued = backend.active_requests >= self.config.proxy.max_connections_per_backend
-        backend.requests += 1
-        backend.active_requests += 1
+        self.pool.acquire(backend)
         upstream = None
         try:
             if timeout <= 0:
@@ -303,7 +300,7 @@ class Forwarder:
                 else:
                     data = None
         except BaseException as error:
-            backend.active_requests -= 1
+            self.pool.release(backend)
             if upstream is not None:
                 upstream.release()
             if not isinstance(error, Exception):  # cancelled: the client left or the server stops
@@ -345,7 +342,7 @@ class Forwarder:
                     headers.pop("Content-Length", None)
                 response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data or None)
         finally:
-            _finish_try(backend, upstream)
+            self._finish_try(backend, upstream)
         if upstream.status >= 400:
             response[ERROR_SERVER] = backend.name
             response[UPSTREAM_RECORDED] = backend.hosted
