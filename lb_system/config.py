@@ -127,6 +127,9 @@ class ProxyConfig(_Section):
     max_pending: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
     max_body_bytes: Annotated[int, Field(ge=0)] = 0  # 0: no limit at the balancer
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 8190
+    max_header_section_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = 65536
+    header_timeout: PositiveSeconds = 10.0
+    body_timeout: PositiveSeconds = 30.0
     idle_timeout: PositiveSeconds = 75.0
     upstream_idle_timeout: PositiveSeconds = 30.0
     max_tunnels_per_backend: Annotated[int, Field(ge=1, le=1_000_000)] = 1000

@@ -55,16 +55,13 @@ def json_response(data: object, status: int = 200, headers: dict[str, str] | Non
     return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json", headers=headers)
 
 
-def problem_body(status: int, detail: str, *, instance: str, request_id: str, **extra: object) -> bytes:
-    body = {
-        "type": "about:blank",
-        "title": status_title(status),
-        "status": status,
-        "detail": detail,
-        "instance": instance,
-        "request_id": request_id,
-        **extra,
-    }
+def problem_body(status: int, detail: str, *, instance: str | None, request_id: str, **extra: object) -> bytes:
+    """The JSON of a problem; `instance` None (a request refused before its path was known) leaves it out."""
+    body: dict[str, object] = {"type": "about:blank", "title": status_title(status), "status": status, "detail": detail}
+    if instance is not None:
+        body["instance"] = instance
+    body["request_id"] = request_id
+    body.update(extra)
     return json.dumps(body).encode()
 
 
@@ -72,7 +69,7 @@ def problem_response(
     status: int,
     detail: str,
     *,
-    instance: str,
+    instance: str | None,
     request_id: str,
     headers: dict[str, str] | None = None,
     **extra: object,

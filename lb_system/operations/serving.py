@@ -51,9 +51,16 @@ def dial_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def serve(app: web.Application, sock: socket.socket, *, shutdown_timeout: float, **runner_options: Any) -> web.AppRunner:
+async def serve(
+    app: web.Application,
+    sock: socket.socket,
+    *,
+    shutdown_timeout: float,
+    runner_class: type[web.AppRunner] = web.AppRunner,
+    **runner_options: Any,
+) -> web.AppRunner:
     """Serve `app` on the bound `sock`; `shutdown_timeout` is how long cleanup() lets in-flight requests finish."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, **runner_options)
+    runner = runner_class(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, **runner_options)
     try:
         await runner.setup()
         await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # it listens again

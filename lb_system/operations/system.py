@@ -17,6 +17,7 @@ from lb_system.operations.config_watch import ConfigWatcher
 from lb_system.operations.membership import HostedBackend, Membership
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
 from lb_system.proxy.balancer import Balancer, make_balancer_app
+from lb_system.proxy.client_limits import ClientLimitsRunner
 from lb_system.tasks.openapi import task_api_document
 from lb_system.tasks.store import TaskStore
 
@@ -115,6 +116,7 @@ class System:
             self.balancer.app,
             balancer_sock,
             shutdown_timeout=config.balancer.shutdown_grace,
+            runner_class=ClientLimitsRunner,
             keepalive_timeout=config.proxy.idle_timeout,
         )
         self.balancer_url = dial_url(config.balancer.host, port)

@@ -31,6 +31,7 @@ from lb_system.problems import (
     make_problem_middleware,
 )
 from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, add_admin_routes
+from lb_system.proxy.client_limits import CLIENT_LIMITS, ClientLimits, Refusal
 from lb_system.proxy.forwarder import Forwarder
 from lb_system.proxy.health import HealthChecker
 from lb_system.proxy.openapi import balancer_document
@@ -158,6 +159,15 @@ def make_balancer_app(
 
     forwarder = Forwarder(pool, lambda: app[CLIENT_SESSION], config, logger=logger)
     app[FORWARDER] = forwarder
+
+    def record_refusal(refusal: Refusal) -> None:
+        # Refused before routing: no middleware saw it, so it is recorded here, once.
+        tracker.record(
+            status=refusal.status, method="-", path="-", server=BALANCER, detail=refusal.detail, request_id=refusal.request_id
+        )
+        forwarder.refused(refusal)
+
+    app[CLIENT_LIMITS] = ClientLimits(lambda: forwarder.config.proxy, record_refusal)
 
     stats = RequestStats(clock=pool.clock)
     app[REQUEST_STATS] = stats

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from lb_system.balancing.events import BALANCER, ProxiedRequest, RequestListener, TryResult, render_tries
@@ -30,6 +31,7 @@ from lb_system.problems import (
     UPSTREAM_RECORDED,
     problem_response,
 )
+from lb_system.proxy.client_limits import Refusal
 from lb_system.proxy.headers import HeaderPolicy, response_headers
 from lb_system.proxy.transport import describe_failure, is_connect_failure
 from lb_system.proxy.websocket import WEBSOCKET_HANDSHAKE, is_websocket_upgrade, pump_both_ways
@@ -41,22 +43,32 @@ NO_BACKEND = "No healthy backend available"
 OVERLOADED = "Too many requests waiting for a backend connection"
 
 
+BODY_INCOMPLETE = "Request body incomplete or malformed"
+
+
 class _LimitedBody:
     """A request body streamed upstream; past `limit` bytes (when set) the upload is cut and
-    the client gets a 413, not a 502 blaming the backend."""
+    the client gets a 413. Whatever goes wrong on the client's side (too large, too slow, cut,
+    malformed) is kept in `client_error`: the client's failure, never the backend's."""
 
     def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
         self.content, self.limit = content, limit
-        self.exceeded = False
+        self.client_error: web.HTTPException | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in self.content.iter_chunked(STREAM_CHUNK):
-            seen += len(chunk)
-            if self.limit and seen > self.limit:
-                self.exceeded = True
-                raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=seen)
-            yield chunk
+        try:
+            async for chunk in self.content.iter_chunked(STREAM_CHUNK):
+                seen += len(chunk)
+                if self.limit and seen > self.limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=seen)
+                yield chunk
+        except web.HTTPException as error:
+            self.client_error = error
+            raise
+        except Exception:
+            self.client_error = web.HTTPBadRequest(text=BODY_INCOMPLETE)
+            raise
 
 
 def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND) -> web.Response:
@@ -104,22 +116,39 @@ class Forwarder:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request[REQUEST_ID]
-        # Capacity is never below max_pending: the scan over backends only runs near overload.
-        if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
-            self._access_log(request, 503, "-", started, request_id, "shed")
-            self._notify(request.method, 503, BALANCER, started, [])
-            return _unavailable(request, request_id, OVERLOADED)
-        self.in_flight += 1
+        deadline = asyncio.get_running_loop().time() + self.config.proxy.request_timeout
         try:
-            if is_websocket_upgrade(request):
-                return await self._websocket(request, request_id, started)
-            return await self._forward(request, request_id, started)
+            websocket = is_websocket_upgrade(request)
+            # Read before the request counts against any backend: an upload in progress holds no
+            # backend connection, so stalled uploads cannot starve other clients.
+            body, replayable = (None, True) if websocket else await self._request_body(request)
+            # Capacity is never below max_pending: the scan over backends only runs near overload.
+            if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
+                self._access_log(request, 503, "-", started, request_id, "shed")
+                self._notify(request.method, 503, BALANCER, started, [])
+                return _unavailable(request, request_id, OVERLOADED)
+            self.in_flight += 1
+            try:
+                if websocket:
+                    return await self._websocket(request, request_id, started)
+                return await self._forward(request, request_id, started, body, replayable, deadline)
+            finally:
+                self.in_flight -= 1
         except web.HTTPException as error:
-            # The client's fault found on the way (a body over the limit): the balancer answers it.
+            # The client's fault found on the way (a body too large, too slow or cut): the balancer answers it.
+            reason = getattr(error, "refusal_reason", None) or ("body_too_large" if error.status == 413 else "bad_body")
+            self._access_log(request, error.status, "-", started, request_id, "-", reason=reason)
             self._notify(request.method, error.status, BALANCER, started, [])
             raise
-        finally:
-            self.in_flight -= 1
+
+    def refused(self, refusal: Refusal) -> None:
+        """A request refused before routing (see client_limits): its access line and its count."""
+        if self._access.enabled():
+            self._access.info(
+                f"access method=- path=- status={refusal.status} backend=- duration_ms=0.00 request_id={refusal.request_id} "
+                f"tries=- client={refusal.client} reason={refusal.reason}"
+            )
+        self._notify("-", refusal.status, BALANCER, time.perf_counter(), [])
 
     def _capacity(self) -> int:
         """Requests past every eligible backend's connection cap wait, up to `max_pending`; more are shed."""
@@ -137,14 +166,22 @@ class Forwarder:
         if limit and length is not None and length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
         if length is not None and length <= BUFFER_LIMIT:
-            return await request.read(), True
+            try:
+                return await request.read(), True
+            except (ConnectionError, RequestPayloadError):
+                raise web.HTTPBadRequest(text=BODY_INCOMPLETE) from None
         return _LimitedBody(request.content, limit), False
 
-    async def _forward(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
+    async def _forward(
+        self,
+        request: web.Request,
+        request_id: str,
+        started: float,
+        body: bytes | _LimitedBody | None,
+        replayable: bool,
+        deadline: float,
+    ) -> web.StreamResponse:
         self.budget.on_request()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.proxy.request_timeout
-        body, replayable = await self._request_body(request)
         headers = self.header_policy.upstream_headers(request, request_id)
         key = self._hash_key(request)
 
@@ -305,8 +342,8 @@ class Forwarder:
                 upstream.release()
             if not isinstance(error, Exception):  # cancelled: the client left or the server stops
                 raise
-            if isinstance(body, _LimitedBody) and body.exceeded:
-                raise web.HTTPRequestEntityTooLarge(max_size=body.limit, actual_size=body.limit + 1) from None
+            if isinstance(body, _LimitedBody) and body.client_error is not None:
+                raise body.client_error from None
             reason = describe_failure(error)
             if is_connect_failure(error):
                 kind = FailureKind.CONNECT
@@ -385,7 +422,9 @@ class Forwarder:
             await response.write_eof()
         return response
 
-    def _access_log(self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: str) -> None:
+    def _access_log(
+        self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: str, *, reason: str = ""
+    ) -> None:
         if self._access.enabled():
             self._access.info(
                 "access method=%s path=%s status=%d backend=%s duration_ms=%.2f request_id=%s tries=%s"
@@ -398,4 +437,5 @@ class Forwarder:
                     request_id,
                     tries,
                 )
+                + (f" client={request.remote or '-'} reason={reason}" if reason else "")
             )
