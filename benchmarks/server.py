@@ -1,5 +1,6 @@
 """The process under test: a System (hosted backends + balancer) and, in the same event loop,
-the bare forwarder a user would write by hand in front of the same backends, and the aiohttp floor.
+the bare forwarder a user would write by hand in front of the same backends, the aiohttp floor,
+and the featureless forwarder on lb_system's own upstream transport.
 
 Usage: python benchmarks/server.py CONFIG [--bare-port 0] [--watch-stdin]
 
@@ -28,6 +29,7 @@ from lb_system import System, load_config  # noqa: E402
 from lb_system.cli.main import new_event_loop_factory, tune_gc  # noqa: E402
 from lb_system.observability.log import configure_logging  # noqa: E402
 from lb_system.proxy.transport import make_client_session  # noqa: E402
+from lb_system.proxy.upstream import UpstreamPool  # noqa: E402
 
 SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
 
@@ -70,6 +72,25 @@ def make_floor_forwarder(backend_urls: list[str], session: aiohttp.ClientSession
     return web.Server(forward, access_log=None)
 
 
+def make_transport_forwarder(backend_urls: list[str], pool: UpstreamPool) -> web.Server:
+    """The floor's shape on lb_system's own upstream transport (keep-alive pool, llhttp parser):
+    aiohttp's low-level server in front, round robin, no features. The balancer's features are
+    measured against this."""
+    endpoints = itertools.cycle([pool.endpoint(url) for url in backend_urls])
+
+    async def forward(request: web.BaseRequest) -> web.Response:
+        body = await request.read() if request.body_exists else None
+        upstream = await next(endpoints).request(request.method, request.raw_path, request.headers.items(), body)
+        try:
+            data = await upstream.read()
+        finally:
+            upstream.release()
+        content_type = upstream.headers.get("Content-Type")
+        return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type} if content_type else None)
+
+    return web.Server(forward, access_log=None)
+
+
 async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
     config = load_config(config_path)
     loop = asyncio.get_running_loop()
@@ -90,6 +111,9 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
         floor_session = make_client_session(config.proxy)  # the balancer's own kind of session
         floor = make_floor_forwarder([h.url for h in system.hosted.values()], floor_session)
         floor_server = await loop.create_server(floor, config.balancer.host, 0)
+        upstream_pool = UpstreamPool.from_config(config.proxy)
+        transport = make_transport_forwarder([h.url for h in system.hosted.values()], upstream_pool)
+        transport_server = await loop.create_server(transport, config.balancer.host, 0)
         try:
             bare_bound = bare_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             ready = {
@@ -98,10 +122,15 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
                 "backends": {name: hosted.url for name, hosted in system.hosted.items()},
                 "bare": f"http://{config.balancer.host}:{bare_bound}",
                 "floor": f"http://{config.balancer.host}:{floor_server.sockets[0].getsockname()[1]}",
+                "transport": f"http://{config.balancer.host}:{transport_server.sockets[0].getsockname()[1]}",
             }
             print(json.dumps(ready), flush=True)
             await stop.wait()
         finally:
+            transport_server.close()
+            await transport_server.wait_closed()
+            await transport.shutdown(1.0)
+            await upstream_pool.close()
             floor_server.close()
             await floor_server.wait_closed()
             await floor.shutdown(1.0)
