@@ -8,6 +8,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -182,6 +183,22 @@ PROBLEM_SCHEMA: dict[str, object] = {
         "request_id": {"type": "string"},
     },
 }
+
+
+REQUEST_ID_HEADER_SPEC: dict[str, object] = {
+    "description": "The client's valid X-Request-ID, or one made for this request",
+    "required": True,
+    "schema": {"type": "string", "pattern": f"^{_VALID_REQUEST_ID.pattern}$"},
+}
+
+
+def add_response_headers(paths: dict[str, Any], headers: dict[str, Any]) -> None:
+    """Declare `headers` on every response of every operation in an OpenAPI `paths` object."""
+    for item in paths.values():
+        for method, operation in item.items():
+            if method != "parameters":
+                for response in operation["responses"].values():
+                    response["headers"] = {**response.get("headers", {}), **headers}
 
 
 def problem_spec(description: str) -> dict[str, object]:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from lb_system.problems import PROBLEM_SCHEMA, problem_spec
+from lb_system.problems import (
+    ANSWERED_BY_HEADER,
+    PROBLEM_SCHEMA,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_HEADER_SPEC,
+    add_response_headers,
+    problem_spec,
+)
 from lb_system.proxy.admin import ACTIONS
 
 OPENAPI_VERSION = "3.1.0"
@@ -234,6 +241,12 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
+_ANSWERED_BY = {
+    "description": "The backend that answered, or `balancer` for the balancer's own answers",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+
 # What the balancer itself may answer on a forwarded request when no backend can.
 _FORWARDING_ANSWERS = {
     "502": problem_spec("No backend answered"),
@@ -255,6 +268,7 @@ def balancer_document(forwarded: dict[str, Any] | None = None, *, admin: bool = 
     paths.update(_own_paths())
     if admin:
         paths.update(_admin_paths())
+    add_response_headers(paths, {REQUEST_ID_HEADER: REQUEST_ID_HEADER_SPEC, ANSWERED_BY_HEADER: _ANSWERED_BY})
     info = forwarded.get("info", {})
     return copy.deepcopy(
         {

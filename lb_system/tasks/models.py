@@ -24,7 +24,11 @@ Description = Annotated[str, StringConstraints(max_length=2000)]
 class TaskFields(BaseModel):
     """A full task body, as POST and PUT take it."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"title": "Write tests", "description": "real ones", "done": False}]},
+    )
     title: Title
     description: Description = ""
     done: bool = False
@@ -34,7 +38,7 @@ class TaskPatch(BaseModel):
     """Any subset of the fields; an explicit null is invalid, not "unset"."""
 
     # An empty patch is answered as an empty body (400), so the schema asks for one field at least.
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1, "examples": [{"done": True}]})
     title: Title = None  # type: ignore[assignment]
     description: Description = None  # type: ignore[assignment]
     done: bool = None  # type: ignore[assignment]

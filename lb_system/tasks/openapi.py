@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lb_system.problems import PROBLEM_SCHEMA, problem_spec
+from lb_system.problems import PROBLEM_SCHEMA, REQUEST_ID_HEADER, REQUEST_ID_HEADER_SPEC, add_response_headers, problem_spec
 from lb_system.tasks.models import MAX_ID, TaskFields, TaskPatch
 
 OPENAPI_VERSION = "3.1.0"
@@ -199,11 +199,13 @@ def task_api_document(*, debug_endpoints: bool) -> dict[str, Any]:
         "TaskPatch": model_schema(TaskPatch),
         "BackendHealth": BACKEND_HEALTH_SCHEMA,
     }
+    paths = copy.deepcopy(_task_paths(debug_endpoints))
+    add_response_headers(paths, {REQUEST_ID_HEADER: REQUEST_ID_HEADER_SPEC})
     return copy.deepcopy(
         {
             "openapi": OPENAPI_VERSION,
             "info": {"title": "lb_system task API", "version": "1.0.0"},
-            "paths": _task_paths(debug_endpoints),
+            "paths": paths,
             "components": {"schemas": schemas},
         }
     )
