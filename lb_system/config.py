@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = "config.toml"
 
@@ -84,14 +84,25 @@ class HealthConfig(_Section):
     rise: Annotated[int, Field(ge=1, le=100)] = 2
     fall: Annotated[int, Field(ge=1, le=100)] = 3
     passive_fall: Annotated[int, Field(ge=0, le=1000)] = 3
-    passive_5xx: bool = True
+    # A 5xx is an answer: the backend is alive, and a client can provoke one (as in nginx and HAProxy).
+    passive_5xx: bool = False
     max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
+    ejection_time: PositiveSeconds = 10.0
+    max_ejection_time: PositiveSeconds = 300.0
 
     @field_validator("path")
     @classmethod
     def _absolute_path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+    @field_validator("max_ejection_time")
+    @classmethod
+    def _not_below_ejection_time(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("ejection_time")
+        if base is not None and value < base:
+            raise ValueError(f"must be at least ejection_time ({base})")
         return value
 
 

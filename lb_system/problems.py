@@ -28,6 +28,8 @@ PROBLEM_DETAIL = web.ResponseKey("problem_detail", str)
 # backend (sharing our tracker) already recorded it, so each failure is counted once.
 ERROR_SERVER = web.ResponseKey("error_server", str)
 UPSTREAM_RECORDED = web.ResponseKey("upstream_recorded", bool)
+# Set by the proxy when a backend cut an answer already under way: recorded as that backend's 502 with this detail.
+RESPONSE_CUT = web.ResponseKey("response_cut", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -140,13 +142,15 @@ def make_problem_middleware(
             if request.writer.output_size > 0:
                 raise  # bytes already went out: aiohttp cuts the connection, the only honest signal left
             response = problem_response(500, "Internal server error", instance=request.path, request_id=request_id)
-        if response.status >= 400 and not response.get(UPSTREAM_RECORDED, False):
+        cut = response.get(RESPONSE_CUT)  # a cut answer is recorded as the backend's 502
+        status = response.status if cut is None else 502
+        if status >= 400 and (cut is not None or not response.get(UPSTREAM_RECORDED, False)):
             tracker.record(
-                status=response.status,
+                status=status,
                 method=request.method,
                 path=request.path,
                 server=response.get(ERROR_SERVER, server),
-                detail=response.get(PROBLEM_DETAIL) or status_title(response.status),
+                detail=cut or response.get(PROBLEM_DETAIL) or status_title(status),
                 request_id=request_id,
                 route=_route_pattern(request),
             )

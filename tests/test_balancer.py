@@ -337,7 +337,8 @@ async def test_get_fails_over_without_client_visible_errors(make_config, start_s
             assert r.status == 200
             assert r.headers["X-Backend"] == "remote-1"
     remote_2 = system.pool.get("remote-2")
-    assert remote_2.consecutive_failures >= 1, "a failed forward counts as a failed check"
+    assert remote_2.ejections == 1, "failed forwards eject it (they are not failed checks)"
+    assert remote_2.consecutive_failures == 0
     assert remote_2.last_error == "connection refused"
 
 

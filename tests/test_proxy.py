@@ -380,9 +380,11 @@ async def test_a_streamed_body_is_not_replayed(backends, balancer, http) -> None
     async with http.put(system.balancer_url + "/drop", data=io.BytesIO(b"x" * (2 * MiB))) as r:
         assert r.status == 502
     assert sum(s.hits for s in servers) == 1
+    before = [s.hits for s in servers]
     async with http.put(system.balancer_url + "/drop", data=b"x" * 1000) as r:
         assert r.status == 502
-    assert sum(s.hits for s in servers) == 3, "a small PUT is buffered, so it is retried once"
+    # (aiohttp itself also re-sends an idempotent request once when the server disconnects.)
+    assert all(s.hits > hit for s, hit in zip(servers, before)), "a small PUT is buffered, so it is retried elsewhere"
 
 
 # --- timeouts ----------------------------------------------------------------------------
@@ -444,13 +446,13 @@ async def test_a_streamed_body_that_stalls_is_cut_after_per_try_timeout(backends
 
 async def test_consecutive_proxied_failures_eject_before_the_next_check(backends, balancer, http, lb_log) -> None:
     sick, good = await backends("sick", "good")
-    system = await balancer([sick, good], health={"interval": 60.0, "passive_fall": 2, "fall": 10})
+    system = await balancer([sick, good], health={"interval": 60.0, "passive_fall": 2, "fall": 10, "passive_5xx": True})
     for _ in range(4):
         async with http.get(system.balancer_url + "/code/500") as r:
             assert r.status == 500
     # Both answered 500; whichever reached passive_fall first is ejected, the cap keeps the other.
     (ejected,) = [b.name for b in system.pool.backends if not b.healthy]
-    reason = "ejected after 2 failed requests: status 500"
+    reason = "ejected for 10s after 2 failed requests: status 500"
     async with http.get(system.balancer_url + "/status") as r:
         status = {b["name"]: b for b in (await r.json())["backends"]}
     assert status[ejected]["ejections"] == 1
@@ -463,21 +465,29 @@ async def test_consecutive_proxied_failures_eject_before_the_next_check(backends
 
 async def test_ejection_never_takes_the_last_eligible_backend(backends, balancer, http) -> None:
     a, b, c, d = await backends("a", "b", "c", "d")
-    system = await balancer([a, b, c, d], health={"interval": 60.0, "passive_fall": 1, "max_ejection_percent": 50})
+    system = await balancer(
+        [a, b, c, d], health={"interval": 60.0, "passive_fall": 1, "max_ejection_percent": 50, "passive_5xx": True}
+    )
     for _ in range(12):
         async with http.get(system.balancer_url + "/code/500") as r:
             assert r.status == 500
     assert system.pool.healthy_count == 2, "50% of 4 backends at most"
 
 
-async def test_an_ejected_backend_returns_through_active_checks(backends, balancer, http) -> None:
+async def test_an_ejected_backend_returns_through_active_checks_after_its_ejection_time(backends, balancer, http) -> None:
     sick, good = await backends("sick", "good")
-    system = await balancer([sick, good], health={"interval": 60.0, "passive_fall": 1, "rise": 1, "passive_5xx": True})
+    system = await balancer(
+        [sick, good], health={"interval": 60.0, "passive_fall": 1, "rise": 1, "passive_5xx": True, "ejection_time": 0.3}
+    )
     async with http.get(system.balancer_url + "/code/500") as r:
-        ejected = r.headers["X-Backend"]
-    assert not system.pool.get(ejected).healthy
+        ejected = system.pool.get(r.headers["X-Backend"])
+    assert not ejected.healthy and ejected.ejected_until is not None
     await system.balancer.health_checker.check_once()
-    assert system.pool.get(ejected).healthy
+    assert not ejected.healthy, "a good check within the ejection time does not bring it back"
+    until = ejected.ejected_until
+    await wait_for(lambda: system.pool.clock() >= until, message="ejection time over")
+    await system.balancer.health_checker.check_once()
+    assert ejected.healthy
 
 
 # --- streaming and bodies ------------------------------------------------------------------

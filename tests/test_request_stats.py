@@ -35,8 +35,8 @@ def test_latency_is_null_before_any_request(clock: FakeClock) -> None:
 def test_latency_percentiles_per_backend(clock: FakeClock) -> None:
     stats = RequestStats(clock=clock)
     for ms in range(1, 101):
-        stats.record(answered("backend-1", 200, ms))
-    stats.record(answered("backend-2", 200, 500))
+        stats.on_request(answered("backend-1", 200, ms))
+    stats.on_request(answered("backend-2", 200, 500))
     assert stats.latency_ms("backend-1") == {"p50": 50, "p95": 95, "p99": 99}
     assert stats.latency_ms("backend-2") == {"p50": 500, "p95": 500, "p99": 500}
 
@@ -44,9 +44,9 @@ def test_latency_percentiles_per_backend(clock: FakeClock) -> None:
 def test_latency_covers_only_the_last_1000_requests(clock: FakeClock) -> None:
     stats = RequestStats(clock=clock)
     for _ in range(LATENCY_SAMPLES):
-        stats.record(answered("backend-1", 200, 900))
+        stats.on_request(answered("backend-1", 200, 900))
     for _ in range(LATENCY_SAMPLES):
-        stats.record(answered("backend-1", 200, 2))
+        stats.on_request(answered("backend-1", 200, 2))
     assert stats.latency_ms("backend-1")["p99"] == 2
 
 
@@ -55,7 +55,7 @@ def test_failed_tries_have_no_latency_but_count_as_errors(clock: FakeClock) -> N
     retried = ProxiedRequest(
         "GET", 200, "backend-2", 0.01, (TryResult("backend-1", None, 0.001), TryResult("backend-2", 200, 0.009))
     )
-    stats.record(retried)
+    stats.on_request(retried)
     assert stats.latency_ms("backend-1")["p50"] is None
     assert stats.error_rate("backend-1") == 1.0
     assert stats.error_rate("backend-2") == 0.0
@@ -68,16 +68,16 @@ def test_failed_tries_have_no_latency_but_count_as_errors(clock: FakeClock) -> N
 def test_error_rate_is_the_failed_share_of_the_last_minute(clock: FakeClock) -> None:
     stats = RequestStats(clock=clock)
     for status in (200, 200, 200, 404):
-        stats.record(answered("backend-1", status, 1))
+        stats.on_request(answered("backend-1", status, 1))
     assert stats.error_rate("backend-1") == 0.25
     assert stats.error_rate("never-seen") == 0.0
 
 
 def test_error_rate_forgets_requests_older_than_a_minute(clock: FakeClock) -> None:
     stats = RequestStats(clock=clock)
-    stats.record(answered("backend-1", 500, 1))
+    stats.on_request(answered("backend-1", 500, 1))
     clock.advance(30)
-    stats.record(answered("backend-1", 200, 1))
+    stats.on_request(answered("backend-1", 200, 1))
     assert stats.error_rate("backend-1") == 0.5
     clock.advance(30)  # the 500 is now 60 s old: out of the window
     assert stats.error_rate("backend-1") == 0.0
@@ -88,8 +88,8 @@ def test_error_rate_forgets_requests_older_than_a_minute(clock: FakeClock) -> No
 def test_server_error_rate_counts_only_unanswered_tries_and_5xx(clock: FakeClock) -> None:
     stats = RequestStats(clock=clock)
     for status in (200, 404, 404, 400, 503):
-        stats.record(answered("backend-1", status, 1))
-    stats.record(ProxiedRequest("GET", 502, "backend-1", 0.01, (TryResult("backend-1", None, 0.01),)))
+        stats.on_request(answered("backend-1", status, 1))
+    stats.on_request(ProxiedRequest("GET", 502, "backend-1", 0.01, (TryResult("backend-1", None, 0.01),)))
     assert stats.error_rate("backend-1") == round(5 / 6, 4)
     assert stats.server_error_rate("backend-1") == round(2 / 6, 4)
     assert stats.backend_fields("backend-1")["server_error_rate"] == round(2 / 6, 4)
@@ -116,8 +116,8 @@ def test_second_ring_series_is_oldest_first_ending_now(clock: FakeClock) -> None
 
 def test_requests_per_second_history_covers_five_minutes(clock: FakeClock) -> None:
     stats = RequestStats(clock=clock)
-    stats.record(answered("backend-1", 200, 1))
-    stats.record(answered("backend-1", 200, 1))
+    stats.on_request(answered("backend-1", 200, 1))
+    stats.on_request(answered("backend-1", 200, 1))
     series = stats.requests.series(clock())
     assert len(series) == 300 and series[-1] == 2 and sum(series) == 2
     clock.advance(299)

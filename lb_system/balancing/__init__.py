@@ -3,7 +3,7 @@ and their budget, and the events observers consume. Nothing here opens a socket 
 
 from __future__ import annotations
 
-from lb_system.balancing.events import BALANCER, ProxiedRequest, Transition, TryResult
+from lb_system.balancing.events import BALANCER, CheckResult, Observer, Observers, ProxiedRequest, Transition, TryResult
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.balancing.retry import RetryBudget, RetryPolicy
 from lb_system.balancing.strategies import Strategy, make_strategy
@@ -12,6 +12,9 @@ __all__ = [
     "BALANCER",
     "Backend",
     "BackendPool",
+    "CheckResult",
+    "Observer",
+    "Observers",
     "ProxiedRequest",
     "RetryBudget",
     "RetryPolicy",

@@ -1,13 +1,15 @@
-"""What the balancer reports to its observers: tries, proxied requests and health transitions.
+"""What the balancer reports to its observers: checks, health transitions, tries and proxied
+requests, and the one protocol (`Observer`) and guarded loop (`Observers`) that deliver them.
 
 Plain values, made on every request: observability consumes them without importing the proxy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from lb_system.timestamps import iso_utc_or_none
 
@@ -40,7 +42,7 @@ def render_tries(tries: Sequence[TryResult]) -> str:
 
 
 class ProxiedRequest(NamedTuple):
-    """What one forwarded request came to, reported to the forwarder's listeners (a tuple: made on every request)."""
+    """What one forwarded request came to, reported to the observers (a tuple: made on every request)."""
 
     method: str
     status: int
@@ -55,4 +57,69 @@ class ProxiedRequest(NamedTuple):
         return tuple(t.backend for t in self.tries[:-1])
 
 
-RequestListener = Callable[[ProxiedRequest], None]
+class CheckResult(NamedTuple):
+    """One active health check of one backend."""
+
+    backend: str
+    ok: bool
+    status: str  # the HTTP status, or why there was none
+    duration_s: float
+
+
+class Observer(Protocol):
+    """What metrics, request stats and the live feed hear about: checks, transitions and proxied
+    requests. Subclass it to inherit no-op methods for the events you do not need."""
+
+    def on_check(self, result: CheckResult) -> None:
+        """An active health check finished."""
+        return None  # a no-op by default, not abstract
+
+    def on_transition(self, backend: str, transition: Transition) -> None:
+        """A backend went up or down (its first check included)."""
+        return None
+
+    def on_request(self, done: ProxiedRequest) -> None:
+        """A forwarded request finished (or its WebSocket handshake was answered)."""
+        return None
+
+
+class Observers(Observer):
+    """Every observer of one balancer, called in one guarded loop: an observer that raises is
+    logged with its traceback and never stops the caller (the checker, the pool, the forwarder)."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger("lb_system.events")
+        self._observers: list[Observer] = []
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def remove(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def __len__(self) -> int:
+        return len(self._observers)
+
+    def _failed(self, observer: Observer, event: str) -> None:
+        self.logger.exception("observer failed observer=%s event=%s", type(observer).__name__, event)
+
+    def on_check(self, result: CheckResult) -> None:
+        for observer in self._observers:
+            try:
+                observer.on_check(result)
+            except Exception:
+                self._failed(observer, "check")
+
+    def on_transition(self, backend: str, transition: Transition) -> None:
+        for observer in self._observers:
+            try:
+                observer.on_transition(backend, transition)
+            except Exception:
+                self._failed(observer, "transition")
+
+    def on_request(self, done: ProxiedRequest) -> None:
+        for observer in self._observers:
+            try:
+                observer.on_request(done)
+            except Exception:
+                self._failed(observer, "request")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lb_system.balancing.events import Transition
+from lb_system.balancing.events import Observers, Transition
 from lb_system.balancing.strategies import Strategy, make_strategy
 from lb_system.config import BackendConfig, HealthConfig
 from lb_system.timestamps import iso_utc_or_none
@@ -45,6 +45,10 @@ class Backend:
     checks_ok: int = 0
     checks_failed: int = 0
     ejections: int = 0
+    # Passive ejection: out of rotation until this time whatever the checks say; None when not ejected.
+    ejected_until: float | None = None
+    # Consecutive ejections (lowered by time spent in service): the exponent of the ejection time.
+    ejection_streak: int = 0
     requests: int = 0
     active_requests: int = 0
     state_since: float = field(default_factory=time.time)
@@ -86,6 +90,8 @@ class Backend:
             "last_check": iso_utc_or_none(self.last_check),
             "last_check_ms": self.last_check_ms,
             "last_check_status": self.last_check_status,
+            # Seconds since the last check: a stalled checker shows here.
+            "last_check_age_s": None if self.last_check is None else round(max(0.0, now - self.last_check), 3),
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "requests": self.requests,
@@ -96,6 +102,7 @@ class Backend:
             "checks_ok": self.checks_ok,
             "checks_failed": self.checks_failed,
             "ejections": self.ejections,
+            "ejected_until": iso_utc_or_none(self.ejected_until),
             "state_since": iso_utc_or_none(self.state_since),
             "downtime_s": self.downtime_s(now),
             "transitions": [t.as_dict() for t in reversed(self.transitions)],
@@ -107,9 +114,6 @@ def new_backend(config: BackendConfig, url: str) -> Backend:
     return Backend(
         name=config.name, url=url, hosted=config.hosted, weight=config.weight, listening=True if config.hosted else None
     )
-
-
-TransitionListener = Callable[[Backend, Transition], None]
 
 
 class BackendPool:
@@ -133,7 +137,9 @@ class BackendPool:
         self.strategy.set_backends(self.backends)
         self.logger = logger or logging.getLogger("lb_system.pool")
         self.clock = clock
-        self.listeners: list[TransitionListener] = []
+        # Told of every transition; the balancer adds its observers here and shares it with the
+        # checker and the forwarder, so all three events go through one guarded loop.
+        self.observers = Observers(self.logger)
         # Removed from the config, finishing their in-flight requests: never chosen, still shown.
         self.retiring: list[Backend] = []
         # One per draining backend, set by the release() that ends its last request.
@@ -274,17 +280,22 @@ class BackendPool:
 
     def record_check(self, backend: Backend, ok: bool, status: str, duration_ms: float | None) -> None:
         """One active check: `fall` failures in a row take it down, `rise` successes bring it up.
-        The very first check sets the state directly."""
-        backend.last_check = self.clock()
+        The very first check sets the state directly. An ejected backend's good checks count
+        only once its ejection time is over. Checks never touch the count of proxied failures."""
+        now = self.clock()
+        backend.last_check = now
         backend.last_check_ms = None if duration_ms is None else round(duration_ms, 2)
         backend.last_check_status = status
         if ok:
             backend.checks_ok += 1
-            backend.consecutive_successes += 1
             backend.consecutive_failures = 0
-            backend.passive_failures = 0
             backend.last_error = None
             backend.awaiting_check = False
+            if backend.ejected_until is not None and now < backend.ejected_until:
+                backend.consecutive_successes = 0
+            else:
+                backend.ejected_until = None
+                backend.consecutive_successes += 1
             if not backend.checked or (not backend.healthy and backend.consecutive_successes >= self.health.rise):
                 self._transition(backend, up=True, reason="health check passed")
         else:
@@ -298,25 +309,38 @@ class BackendPool:
 
     # --- what the proxy saw ----------------------------------------------------------
 
-    def record_passive_failure(self, backend: Backend, reason: str, *, unreachable: bool = True) -> None:
-        """A proxied request failed on this backend: `unreachable` for connect errors, resets and
-        timeouts (each also counts as a failed check), otherwise a 5xx answer. `passive_fall` such
-        failures in a row eject the backend at once, within the `max_ejection_percent` cap."""
+    def record_passive_failure(self, backend: Backend, reason: str) -> None:
+        """A proxied request failed on this backend (no answer, a cut answer, or a 5xx when
+        `passive_5xx`). `passive_fall` such failures in a row eject it, within `max_ejection_percent`."""
         backend.passive_failures += 1
-        if unreachable:
-            backend.consecutive_failures += 1
-            backend.consecutive_successes = 0
-            backend.last_error = reason
-        if not backend.healthy:
+        backend.last_error = reason
+        if not backend.healthy or self.health.passive_fall == 0 or backend.passive_failures < self.health.passive_fall:
             return
-        fall_reached = backend.consecutive_failures >= self.health.fall
-        passive_reached = self.health.passive_fall > 0 and backend.passive_failures >= self.health.passive_fall
-        if (fall_reached or passive_reached) and self._may_eject():
-            backend.ejections += 1
-            self._transition(backend, up=False, reason=f"ejected after {backend.passive_failures} failed requests: {reason}")
+        if self._may_eject():
+            self._eject(backend, reason)
 
     def record_passive_success(self, backend: Backend) -> None:
+        """A proxied request got a whole answer: the only thing that resets the count of proxied failures."""
         backend.passive_failures = 0
+
+    def _eject(self, backend: Backend, reason: str) -> None:
+        """Out for `ejection_time`, doubled for each consecutive ejection up to `max_ejection_time`;
+        then back after `rise` good checks.
+
+        After Envoy's outlier detection (envoyproxy.io, api/envoy/config/cluster/v3/outlier_detection.proto:
+        base_ejection_time, max_ejection_time, max_ejection_percent; arch_overview/upstream/outlier):
+        passive ejection independent of active checks, and the ejection multiplier lowered by one
+        for each base ejection time the host stayed in service. We double where Envoy multiplies."""
+        health, now = self.health, self.clock()
+        in_service = max(0.0, now - backend.state_since)  # up since: the backend is healthy here
+        backend.ejection_streak = max(0, backend.ejection_streak - int(in_service // health.ejection_time)) + 1
+        exponent = min(backend.ejection_streak - 1, 32)  # 2**32 x any base is past any cap
+        duration = min(health.ejection_time * 2**exponent, health.max_ejection_time)
+        backend.ejected_until = now + duration
+        backend.ejections += 1
+        failures, backend.passive_failures = backend.passive_failures, 0
+        backend.consecutive_successes = 0
+        self._transition(backend, up=False, reason=f"ejected for {duration:g}s after {failures} failed requests: {reason}")
 
     def _may_eject(self) -> bool:
         total = len(self.backends)
@@ -343,5 +367,4 @@ class BackendPool:
             self.logger.info("backend up backend=%s reason=%r", backend.name, reason)
         else:
             self.logger.warning("backend down backend=%s reason=%r", backend.name, reason)
-        for listener in self.listeners:
-            listener(backend, transition)
+        self.observers.on_transition(backend.name, transition)

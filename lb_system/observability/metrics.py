@@ -1,8 +1,8 @@
 """Prometheus metrics for one system, in a registry of its own (never the library's global one,
 so several systems in one process, as in the tests, do not collide).
 
-Events (proxied requests, health checks, transitions) are counted as they happen through the
-listeners of the forwarder, the checker and the pool. State (up/down, active requests) and the
+Events (proxied requests, health checks, transitions) are counted as they happen: Metrics is an
+`Observer` of the balancer. State (up/down, active requests) and the
 error counts are read at scrape time, so they always agree with `/status` and `/errors/stats`.
 Labels stay low-cardinality: backend names come from the config, methods outside
 the standard set are "OTHER", never a raw path or id. No `*_created` series are exported, and
@@ -27,8 +27,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lb_system.balancing.events import ProxiedRequest, Transition
-from lb_system.balancing.pool import ADMIN_STATES, Backend, BackendPool
+from lb_system.balancing.events import CheckResult, Observer, ProxiedRequest, Transition
+from lb_system.balancing.pool import ADMIN_STATES, BackendPool
 from lb_system.observability.error_tracker import ErrorTracker, error_type
 
 __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics"]
@@ -106,7 +106,7 @@ class _WithoutCreated(Collector):
             yield metric
 
 
-class Metrics:
+class Metrics(Observer):
     """Every `lb_*` metric of one system, and its text exposition for `GET /metrics`."""
 
     def __init__(self, pool: BackendPool, tracker: ErrorTracker) -> None:
@@ -152,8 +152,7 @@ class Metrics:
                 self.transitions.labels(backend.name, to)
             self.retries.labels(backend.name)
 
-    def observe_request(self, done: ProxiedRequest) -> None:
-        """A forwarder listener."""
+    def on_request(self, done: ProxiedRequest) -> None:
         method = done.method if done.method in _METHODS else "OTHER"
         key = (done.backend, method, done.status)
         series = self._request_series.get(key)
@@ -170,14 +169,12 @@ class Metrics:
         if done.no_backend:
             self.no_backend.inc()
 
-    def observe_check(self, backend: Backend, ok: bool, duration_s: float) -> None:
-        """A health checker listener."""
-        self.health_checks.labels(backend.name, "ok" if ok else "failed").inc()
-        self.health_check_duration.labels(backend.name).observe(duration_s)
+    def on_check(self, result: CheckResult) -> None:
+        self.health_checks.labels(result.backend, "ok" if result.ok else "failed").inc()
+        self.health_check_duration.labels(result.backend).observe(result.duration_s)
 
-    def observe_transition(self, backend: Backend, transition: Transition) -> None:
-        """A pool listener."""
-        self.transitions.labels(backend.name, transition.to).inc()
+    def on_transition(self, backend: str, transition: Transition) -> None:
+        self.transitions.labels(backend, transition.to).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self._exported)

@@ -1,6 +1,6 @@
 """Per-backend latency and error rate, and the balancer's requests per second, from proxied requests.
 
-Fed by the forwarder's listeners, read by `/status` and the dashboard. Every structure has a
+An `Observer` of proxied requests, read by `/status` and the dashboard. Every structure has a
 fixed size (a deque of the last 1000 latencies, rings of per-second buckets), so recording is
 O(1) and memory does not grow with traffic.
 """
@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from lb_system.balancing.events import ProxiedRequest
+from lb_system.balancing.events import Observer, ProxiedRequest
 
 LATENCY_SAMPLES = 1000
 ERROR_RATE_WINDOW_S = 60
@@ -70,7 +70,7 @@ class _BackendWindow:
         self.minute = SecondRing(ERROR_RATE_WINDOW_S, fields=3)  # tries, failed tries, server failures
 
 
-class RequestStats:
+class RequestStats(Observer):
     """Latency percentiles and last-minute error rate per backend; requests/s for the balancer.
 
     A try counts as an error when the backend did not answer or answered with status >= 400,
@@ -88,8 +88,8 @@ class RequestStats:
             window = self._backends[name] = _BackendWindow()
         return window
 
-    def record(self, done: ProxiedRequest) -> None:
-        """A forwarder listener: one call per proxied request."""
+    def on_request(self, done: ProxiedRequest) -> None:
+        """One call per proxied request."""
         now = self.clock()
         self.requests.add(now, 1)
         for attempt in done.tries:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -33,7 +31,7 @@ from lb_system.problems import (
 from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, add_admin_routes
 from lb_system.proxy.client_limits import CLIENT_LIMITS, ClientLimits, Refusal
 from lb_system.proxy.forwarder import Forwarder
-from lb_system.proxy.health import HealthChecker
+from lb_system.proxy.health import HealthChecker, make_check_session, session_probe
 from lb_system.proxy.openapi import balancer_document
 from lb_system.proxy.transport import make_client_session
 
@@ -145,7 +143,7 @@ def make_balancer_app(
     control: AdminControl | None = None,
     forwarded_api: dict[str, Any] | None = None,
 ) -> Balancer:
-    """The balancer. Its cleanup context owns the shared client session and the health checker:
+    """The balancer. Its cleanup context owns the client sessions (the proxy's and the checks') and the health checker:
     every backend has had one check before the app is ready to accept a request. With a
     `control` (the system's membership) it also serves the admin API. `forwarded_api` (the
     backends' OpenAPI document) joins the balancer's own in /openapi.json."""
@@ -157,7 +155,8 @@ def make_balancer_app(
     app[BACKEND_POOL] = pool
     app[ERROR_TRACKER] = tracker
 
-    forwarder = Forwarder(pool, lambda: app[CLIENT_SESSION], config, logger=logger)
+    observers = pool.observers
+    forwarder = Forwarder(pool, lambda: app[CLIENT_SESSION], config, logger=logger, observers=observers)
     app[FORWARDER] = forwarder
 
     def record_refusal(refusal: Refusal) -> None:
@@ -173,8 +172,8 @@ def make_balancer_app(
     app[REQUEST_STATS] = stats
     observer = Metrics(pool, tracker)
     app[METRICS] = observer
-    forwarder.listeners += [stats.record, observer.observe_request]
-    pool.listeners.append(observer.observe_transition)
+    observers.add(stats)
+    observers.add(observer)
     feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker), logger=logger)
     app[LIVE_FEED] = feed
 
@@ -187,19 +186,16 @@ def make_balancer_app(
     async def client_and_health(app: web.Application) -> AsyncIterator[None]:
         session = make_client_session(config.proxy)
         app[CLIENT_SESSION] = session
-        checker = HealthChecker(pool, session, logger=logger)
-        checker.listeners.append(observer.observe_check)
+        check_session = make_check_session()
+        checker = HealthChecker(pool, session_probe(check_session), observers=observers, logger=logger)
         app[HEALTH_CHECKER] = checker
-        task = None
         try:
             await checker.check_once()
-            task = asyncio.create_task(checker.run(), name="health-checker")
+            checker.start()
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await checker.stop()
+            await check_session.close()
             await session.close()
 
     async def end_streams(app: web.Application) -> None:

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
-from lb_system.balancing.events import BALANCER, ProxiedRequest, RequestListener, TryResult, render_tries
+from lb_system.balancing.events import BALANCER, Observer, Observers, ProxiedRequest, TryResult, render_tries
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.balancing.retry import FailureKind, RetryBudget, RetryPolicy
 from lb_system.balancing.strategies import hash_key
@@ -28,6 +28,7 @@ from lb_system.problems import (
     ERROR_SERVER,
     REQUEST_ID,
     REQUEST_ID_HEADER,
+    RESPONSE_CUT,
     UPSTREAM_RECORDED,
     problem_response,
 )
@@ -41,6 +42,9 @@ BUFFER_LIMIT = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 NO_BACKEND = "No healthy backend available"
 OVERLOADED = "Too many requests waiting for a backend connection"
+# The access line's word for a try whose answer started and was then cut (`tries=backend-1:cut`).
+CUT = "cut"
+INCOMPLETE = "response body incomplete"
 
 
 BODY_INCOMPLETE = "Request body incomplete or malformed"
@@ -93,6 +97,7 @@ class Forwarder:
         *,
         logger: logging.Logger,
         budget: RetryBudget | None = None,
+        observers: Observer | None = None,
     ) -> None:
         self.pool = pool
         self._session = session_getter
@@ -101,7 +106,7 @@ class Forwarder:
         self.apply_config(config)
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
         self.in_flight = 0
-        self.listeners: list[RequestListener] = []
+        self.observers = observers if observers is not None else Observers(logger)
 
     def apply_config(self, config: Config) -> None:
         proxy = config.proxy
@@ -210,13 +215,21 @@ class Forwarder:
                     and self.pool.has_candidate(exclude=tried)
                     and (holding_budget := holding_budget or self.budget.try_acquire())
                 ):
+                    if data is None:  # a streamed answer's outcome is otherwise recorded when it ends
+                        self._record_answer(backend, upstream.status)
                     self._finish_try(backend, upstream)
                     tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                     continue
                 response = await self._respond(request, backend, upstream, data, request_id)
-                tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
+                cut = response.get(RESPONSE_CUT)
+                duration = time.perf_counter() - try_started
+                if cut is None:
+                    tries.append(TryResult(backend.name, upstream.status, duration))
+                else:
+                    tries.append(TryResult(backend.name, None, duration, CUT))
                 self._access_log(request, response.status, backend.name, started, request_id, render_tries(tries))
-                self._notify(request.method, response.status, backend.name, started, tries)
+                # A cut answer is the backend's 502 for the observers, whatever its status line said.
+                self._notify(request.method, response.status if cut is None else 502, backend.name, started, tries)
                 return response
         finally:
             if holding_budget:  # one budget slot covers all the retries of one request
@@ -237,10 +250,9 @@ class Forwarder:
     def _notify(
         self, method: str, status: int, backend: str, started: float, tries: list[TryResult], *, no_backend: bool = False
     ) -> None:
-        if self.listeners:
-            done = ProxiedRequest(method, status, backend, time.perf_counter() - started, tuple(tries), no_backend)
-            for listener in self.listeners:
-                listener(done)
+        self.observers.on_request(
+            ProxiedRequest(method, status, backend, time.perf_counter() - started, tuple(tries), no_backend)
+        )
 
     def _hash_key(self, request: web.Request) -> str | None:
         if self.hash_on is None:
@@ -269,9 +281,10 @@ class Forwarder:
                     )
             except Exception as error:
                 reason = describe_failure(error)
-                self.pool.record_passive_failure(
-                    backend, reason, unreachable=not isinstance(error, aiohttp.WSServerHandshakeError)
-                )
+                if not isinstance(error, aiohttp.WSServerHandshakeError):
+                    self.pool.record_passive_failure(backend, reason)
+                else:  # refused with a status: an answer
+                    self._record_answer(backend, error.status)
                 failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
                 self._access_log(request, 502, backend.name, started, request_id, render_tries([failed]))
                 self._notify(request.method, 502, BALANCER, started, [failed])
@@ -354,11 +367,16 @@ class Forwarder:
             if not (queued and kind is FailureKind.TIMEOUT):
                 self.pool.record_passive_failure(backend, reason)
             raise _TryFailed(kind, reason) from None
-        if upstream.status >= 500 and self.pool.health.passive_5xx:
-            self.pool.record_passive_failure(backend, f"status {upstream.status}", unreachable=False)
+        if data is not None:
+            self._record_answer(backend, upstream.status)
+        return upstream, data
+
+    def _record_answer(self, backend: Backend, status: int) -> None:
+        """A whole answer: a proxied success for the pool, unless it is a 5xx and `passive_5xx` counts those."""
+        if status >= 500 and self.pool.health.passive_5xx:
+            self.pool.record_passive_failure(backend, f"status {status}")
         else:
             self.pool.record_passive_success(backend)
-        return upstream, data
 
     async def _respond(
         self,
@@ -373,7 +391,7 @@ class Forwarder:
             headers[ANSWERED_BY_HEADER] = backend.name
             headers[REQUEST_ID_HEADER] = request_id
             if data is None:
-                response = await self._stream(request, upstream, headers)
+                response = await self._stream(request, backend, upstream, headers)
             else:
                 if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
                     headers.pop("Content-Length", None)
@@ -386,8 +404,11 @@ class Forwarder:
         return response
 
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+        self, request: web.Request, backend: Backend, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
+        """Relay a large or chunked answer. One the backend cuts (closed early, short, stalled past
+        `per_try_timeout`) is that backend's failure: counted towards ejection and marked on the
+        response (RESPONSE_CUT) so it is recorded as its 502."""
         headers.pop("Content-Length", None)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         if upstream.content_length is not None:
@@ -407,17 +428,23 @@ class Forwarder:
                 except ConnectionResetError:
                     return response  # the client left: nothing to tell anyone
         except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as error:
-            # The status line is gone already: the only honest signal left is a cut connection.
+            reason = describe_failure(error)
             self.logger.warning(
-                "upstream body failed method=%s path=%s reason=%r request_id=%s",
+                "upstream body failed backend=%s method=%s path=%s reason=%r request_id=%s",
+                backend.name,
                 request.method,
                 request.path,
-                describe_failure(error),
+                reason,
                 request[REQUEST_ID],
             )
+            self.pool.record_passive_failure(backend, reason)
+            response[RESPONSE_CUT] = INCOMPLETE if reason == INCOMPLETE else f"{INCOMPLETE}: {reason}"
+            response[ERROR_SERVER] = backend.name
+            # The status line is gone already: the only honest signal left to the client is a cut connection.
             if request.transport is not None:
                 request.transport.abort()
             return response
+        self._record_answer(backend, upstream.status)
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response

@@ -1,35 +1,70 @@
-"""Active health checks: every backend gets `GET <path>` each `interval` seconds."""
+"""Active health checks: every backend gets `GET <path>` each `interval` seconds.
+
+Checks go through a probe of their own (its own connections), never through the proxy's capped
+pool: a backend busy with slow answers must not look dead because its checks queued behind them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from lb_system.balancing.events import CheckResult, Observer, Observers
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import HealthConfig
 from lb_system.proxy.transport import describe_failure
 
-CheckListener = Callable[[Backend, bool, float], None]
+# GET `url` within `timeout` seconds and return the status; raises on any failure to get one.
+Probe = Callable[[str, float], Awaitable[int]]
+
+
+def make_check_session() -> aiohttp.ClientSession:
+    """The checks' own client: no connection cap, and a fresh connection per check, so a check
+    never waits for a connection that proxied traffic holds (one connect per backend per interval)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        raise_for_status=False,
+    )
+
+
+def session_probe(session: aiohttp.ClientSession) -> Probe:
+    """A probe over an aiohttp session: the whole answer is read, redirects are not followed."""
+
+    async def probe(url: str, timeout: float) -> int:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False) as response:
+            await response.read()
+            return response.status
+
+    return probe
 
 
 class HealthChecker:
-    """Checks the pool's backends and reports each result to the pool."""
+    """Checks the pool's backends and reports each result to the pool and the observers.
+
+    `start()` runs the periodic checks in a task that is restarted (and logged) if it ever ends
+    unexpectedly; `stop()` ends it."""
 
     def __init__(
         self,
         pool: BackendPool,
-        session: aiohttp.ClientSession,
+        probe: Probe,
         *,
+        observers: Observer | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.pool = pool
-        self.session = session
+        self.probe = probe
+        self.observers = observers if observers is not None else Observers()
         self.logger = logger or logging.getLogger("lb_system.health")
-        self.listeners: list[CheckListener] = []
+        self.restarts = 0
+        self.task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._wakeup = asyncio.Event()
 
     @property
@@ -41,22 +76,18 @@ class HealthChecker:
         config = self.config
         started = time.perf_counter()
         try:
-            async with self.session.get(
-                backend.url + config.path,
-                timeout=aiohttp.ClientTimeout(total=config.timeout),
-                allow_redirects=False,
-            ) as response:
-                await response.read()
-                ok = 200 <= response.status < 300
-                status = str(response.status)
+            code = await self.probe(backend.url + config.path, config.timeout)
+            ok, status = 200 <= code < 300, str(code)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # every failure is a failed check, never a crash of the loop
             ok, status = False, describe_failure(error)
         duration = time.perf_counter() - started
-        self.pool.record_check(backend, ok, status, duration * 1000)
-        for listener in self.listeners:
-            listener(backend, ok, duration)
+        try:
+            self.pool.record_check(backend, ok, status, duration * 1000)
+        except Exception:  # a bug in the pool must not stop the checks of the other backends
+            self.logger.exception("recording a health check failed backend=%s", backend.name)
+        self.observers.on_check(CheckResult(backend.name, ok, status, duration))
         return ok
 
     async def check_once(self) -> None:
@@ -70,7 +101,7 @@ class HealthChecker:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Check every `interval` seconds after the first round (done at start-up); cancelled on shutdown."""
+        """Check every `interval` seconds (the first round is done by whoever starts the checker)."""
         loop = asyncio.get_running_loop()
         next_round = loop.time() + self.config.interval
         while True:
@@ -81,3 +112,31 @@ class HealthChecker:
             self._wakeup.clear()
             next_round = loop.time() + self.config.interval
             await self.check_once()
+
+    def start(self) -> None:
+        """Run the checks in the background until `stop()`."""
+        self._stopping = False
+        self.task = asyncio.create_task(self.run(), name="health-checker")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping or task is not self.task:
+            return
+        # Frozen health states are worse than a noisy log: say why, and check on.
+        error = None if task.cancelled() else task.exception()
+        self.restarts += 1
+        self.logger.error(
+            "health checker ended unexpectedly, restarted reason=%r restarts=%d",
+            "cancelled" if error is None else describe_failure(error),
+            self.restarts,
+            exc_info=error,
+        )
+        self.start()
+
+    async def stop(self) -> None:
+        """End the background checks and wait for them to finish."""
+        self._stopping = True
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -14,7 +14,7 @@ _SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Typ
 
 
 def make_client_session(proxy: ProxyConfig) -> aiohttp.ClientSession:
-    """The keep-alive pool used for every forwarded request and every health check."""
+    """The keep-alive pool used for every forwarded request (health checks have their own)."""
     connector = aiohttp.TCPConnector(
         limit=0,  # the per-backend cap below is the one that matters
         limit_per_host=proxy.max_connections_per_backend,
