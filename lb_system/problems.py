@@ -98,12 +98,29 @@ def _detail_for_http_exception(error: web.HTTPException) -> str:
     return text
 
 
+class RouteGroups:
+    """The dynamic route patterns of an app ("/tasks/{id}"), to group raw paths another app
+    saw under them. Read once from the app's router: no route is listed twice by hand."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._patterns: list[tuple[re.Pattern[str], str]] = []
+        for resource in app.router.resources():
+            pattern = resource.get_info().get("pattern")
+            if isinstance(pattern, re.Pattern):
+                self._patterns.append((pattern, resource.canonical))
+
+    def __call__(self, path: str) -> str | None:
+        """The pattern `path` matches, or None (plain routes need no grouping)."""
+        return next((canonical for pattern, canonical in self._patterns if pattern.fullmatch(path)), None)
+
+
 def make_problem_middleware(
     *,
     server: str,
     tracker: ErrorTracker,
     logger: logging.Logger,
     name_answers: bool = False,
+    group_own: Callable[[str], str | None] | None = None,
 ) -> Middleware:
     """Wraps everything: assigns the request id, renders every failure as problem details,
     and records each response with status >= 400 once, under `server`.
@@ -112,6 +129,8 @@ def make_problem_middleware(
     and not at all when a hosted backend already recorded it. A response that has already
     started streaming is never replaced by an error page. With `name_answers`, answers that
     name no backend get `X-Backend: <server>` (a handler that streams sets it before preparing).
+    `group_own` gives the route pattern of a path on which `server` answered an error itself
+    from a route that says nothing (the balancer's 502/503/504 on a backend's path).
     """
 
     @web.middleware
@@ -145,14 +164,18 @@ def make_problem_middleware(
         cut = response.get(RESPONSE_CUT)  # a cut answer is recorded as the backend's 502
         status = response.status if cut is None else 502
         if status >= 400 and (cut is not None or not response.get(UPSTREAM_RECORDED, False)):
+            answered_by = response.get(ERROR_SERVER)
+            route = _route_pattern(request)
+            if route is None and answered_by is None and group_own is not None:
+                route = group_own(request.path)
             tracker.record(
                 status=status,
                 method=request.method,
                 path=request.path,
-                server=response.get(ERROR_SERVER, server),
+                server=answered_by or server,
                 detail=cut or response.get(PROBLEM_DETAIL) or status_title(status),
                 request_id=request_id,
-                route=_route_pattern(request),
+                route=route,
             )
         if not response.prepared:
             response.headers.setdefault(REQUEST_ID_HEADER, request_id)

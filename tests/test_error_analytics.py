@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import wait_for
 
 SEED_KEYS = ["total_errors", "error_types", "by_server", "recent_errors", "since"]
 
@@ -108,3 +109,33 @@ async def test_a_bad_filter_is_a_400_naming_it(provoked: str, http, query: str, 
         assert response.headers["Content-Type"] == "application/problem+json"
         problem = await response.json()
     assert f"'{named}'" in problem["detail"]
+
+
+async def test_the_balancers_own_errors_on_a_hosted_route_are_grouped_under_its_pattern(
+    make_config, start_system, http, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LB_ADMIN_TOKEN", "analytics-test-token")
+    system = await start_system(make_config())
+    url = system.balancer_url
+    assert await call(http, "GET", f"{url}/tasks/920001") == 404  # the backend's own: grouped by its router
+    for name in ("backend-1", "backend-2"):
+        auth = {"Authorization": "Bearer analytics-test-token"}
+        assert await call(http, "POST", f"{url}/admin/backends/{name}/disable", headers=auth) == 200
+    for path in ("/tasks/1", "/tasks/2", "/tasks", "/nowhere/5"):
+        assert await call(http, "GET", url + path) == 503  # the balancer's own: no backend serves
+    body = await stats(http, url)
+    paths = {entry["path"]: entry["count"] for entry in body["top_paths"]}
+    assert paths == {"/tasks/{id}": 3, "/tasks": 1, "/nowhere/5": 1}
+    assert body["by_server"] == {"backend-1": 1, "balancer": 4} or body["by_server"] == {"backend-2": 1, "balancer": 4}
+    assert [e["path"] for e in body["recent_errors"][:2]] == ["/nowhere/5", "/tasks"]  # records keep the raw path
+
+
+async def test_without_hosted_backends_the_balancers_errors_keep_the_raw_path(
+    make_config, start_system, outside_backend, http
+) -> None:
+    outside = await outside_backend("outside")
+    system = await start_system(make_config(backends=[{"name": "outside", "url": outside.url}]))
+    await outside.stop()
+    await wait_for(lambda: not system.pool.backends[0].healthy, message="the outside backend down")
+    assert await call(http, "GET", system.balancer_url + "/tasks/1") == 503
+    assert (await stats(http, system.balancer_url))["top_paths"] == [{"path": "/tasks/1", "count": 1}]

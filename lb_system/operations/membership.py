@@ -125,9 +125,12 @@ class Membership:
         runner = await self._serve(backend.name, sock)
         return HostedBackend(backend, runner, dial_url(host, port), port, host)
 
+    def backend_app(self, name: str) -> web.Application:
+        """A hosted backend's app (served, or read for its routes)."""
+        return make_backend_app(name, store=self._store, tracker=self.tracker, api=self.config.api, logger=self.logger)
+
     async def _serve(self, name: str, sock: socket.socket) -> web.AppRunner:
-        app = make_backend_app(name, store=self._store, tracker=self.tracker, api=self.config.api, logger=self.logger)
-        return await serve(app, sock, shutdown_timeout=self.config.balancer.shutdown_grace)
+        return await serve(self.backend_app(name), sock, shutdown_timeout=self.config.balancer.shutdown_grace)
 
     def _attached(self) -> tuple[BackendPool, Balancer]:
         assert self.pool is not None and self._balancer is not None, "the system has not started"

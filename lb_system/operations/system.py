@@ -16,6 +16,7 @@ from lb_system.observability.log import LOGGER_NAME
 from lb_system.operations.config_watch import ConfigWatcher
 from lb_system.operations.membership import HostedBackend, Membership
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
+from lb_system.problems import RouteGroups
 from lb_system.proxy.balancer import Balancer, make_balancer_app
 from lb_system.proxy.client_limits import ClientLimitsRunner
 from lb_system.tasks.openapi import task_api_document
@@ -109,6 +110,7 @@ class System:
             logger=self.logger,
             control=self.membership,
             forwarded_api=task_api_document(debug_endpoints=config.api.debug_endpoints),
+            hosted_routes=RouteGroups(self.membership.backend_app("routes")),
         )
         self.membership.attach(pool, self.balancer)
         port = balancer_sock.getsockname()[1]

@@ -25,6 +25,7 @@ from lb_system.problems import (
     CATCH_ALL_VARIABLE,
     REQUEST_ID,
     REQUEST_ID_HEADER,
+    RouteGroups,
     json_response,
     make_problem_middleware,
 )
@@ -142,13 +143,23 @@ def make_balancer_app(
     logger: logging.Logger,
     control: AdminControl | None = None,
     forwarded_api: dict[str, Any] | None = None,
+    hosted_routes: RouteGroups | None = None,
 ) -> Balancer:
     """The balancer. Its cleanup context owns the client sessions (the proxy's and the checks') and the health checker:
     every backend has had one check before the app is ready to accept a request. With a
     `control` (the system's membership) it also serves the admin API. `forwarded_api` (the
-    backends' OpenAPI document) joins the balancer's own in /openapi.json."""
+    backends' OpenAPI document) joins the balancer's own in /openapi.json. `hosted_routes` (the
+    hosted backends' routes) groups the balancer's own errors on their paths as theirs are grouped."""
+
+    def group_own(path: str) -> str | None:
+        if hosted_routes is None or not any(b.hosted for b in pool.backends):
+            return None
+        return hosted_routes(path)
+
     app = web.Application(
-        middlewares=[make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True)],
+        middlewares=[
+            make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True, group_own=group_own)
+        ],
         client_max_size=config.proxy.max_body_bytes or 2**63,
         handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
     )
