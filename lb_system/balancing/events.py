@@ -7,7 +7,7 @@ Plain values, made on every request: observability consumes them without importi
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -100,26 +100,19 @@ class Observers(Observer):
     def __len__(self) -> int:
         return len(self._observers)
 
-    def _failed(self, observer: Observer, event: str) -> None:
-        self.logger.exception("observer failed observer=%s event=%s", type(observer).__name__, event)
+    def _each(self, event: str, deliver: Callable[[Observer], None]) -> None:
+        # The one guarded loop: every event kind goes through here.
+        for observer in self._observers:
+            try:
+                deliver(observer)
+            except Exception:
+                self.logger.exception("observer failed observer=%s event=%s", type(observer).__name__, event)
 
     def on_check(self, result: CheckResult) -> None:
-        for observer in self._observers:
-            try:
-                observer.on_check(result)
-            except Exception:
-                self._failed(observer, "check")
+        self._each("check", lambda observer: observer.on_check(result))
 
     def on_transition(self, backend: str, transition: Transition) -> None:
-        for observer in self._observers:
-            try:
-                observer.on_transition(backend, transition)
-            except Exception:
-                self._failed(observer, "transition")
+        self._each("transition", lambda observer: observer.on_transition(backend, transition))
 
     def on_request(self, done: ProxiedRequest) -> None:
-        for observer in self._observers:
-            try:
-                observer.on_request(done)
-            except Exception:
-                self._failed(observer, "request")
+        self._each("request", lambda observer: observer.on_request(done))
