@@ -460,3 +460,31 @@ async def test_a_closed_pool_closes_its_connections(serve: Serve, make_pool: Mak
     await pool.close()
     await wait_for(lambda: server.open == 0)
     assert (await fails(fetch(endpoint))).reason == "cannot connect"
+
+
+async def test_a_cancelled_request_frees_its_connection(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(stall())
+    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):  # the caller's own deadline, as the forwarder sets one
+            await endpoint.request("GET", "/")
+    assert endpoint.open_connections == 0
+    assert await fetch(endpoint, wait_timeout=5) == (200, b"ok")
+
+
+async def test_an_answer_before_the_whole_upload_closes_the_connection(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(raw(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n", keep=True), read_bodies=False)
+    endpoint = make_pool().endpoint(server.url)
+    more = asyncio.Event()
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        await more.wait()  # the rest never comes while the answer is read
+        yield b"y" * 10
+
+    response = await endpoint.request("PUT", "/", body=upload(), body_length=20)
+    assert response.status == 413
+    response.release()
+    assert endpoint.open_connections == 0  # half a request on the wire: never reused
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2

@@ -32,8 +32,9 @@ class Request:
         return next((v for n, v in self.headers if n.lower() == name.lower()), None)
 
 
-async def read_request(reader: asyncio.StreamReader) -> Request | None:
-    """One request from the stream, or None when the client closed between requests."""
+async def read_request(reader: asyncio.StreamReader, *, body: bool = True) -> Request | None:
+    """One request from the stream (without its body unless `body`), or None when the client
+    closed between requests."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError:
@@ -42,6 +43,8 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
     method, target, _ = line.split(" ", 2)
     headers = [(n.strip(), v.strip()) for n, v in (item.split(":", 1) for item in lines)]
     request = Request(method, target, headers, b"", chunked=False)
+    if not body:
+        return request
     if (request.header("Transfer-Encoding") or "").lower() == "chunked":
         request.chunked = True
         parts = []
@@ -172,15 +175,21 @@ class ScriptedServer:
     requests: list[Request] = field(default_factory=list)
     sent: int = 0
     draining: bool = False
+    read_bodies: bool = True  # False: answer as soon as a request's head is in
     port: int = 0
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     async def start(
-        cls, *script: Behaviour, port: int = 0, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None
+        cls,
+        *script: Behaviour,
+        port: int = 0,
+        sock: socket.socket | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        read_bodies: bool = True,
     ) -> ScriptedServer:
-        server = cls(deque(script), ssl_context)
+        server = cls(deque(script), ssl_context, read_bodies=read_bodies)
         if sock is not None:
             server._server = await asyncio.start_server(server._serve, sock=sock, ssl=ssl_context)
         else:
@@ -200,7 +209,7 @@ class ScriptedServer:
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
-            while (request := await read_request(reader)) is not None:
+            while (request := await read_request(reader, body=self.read_bodies)) is not None:
                 self.requests.append(request)
                 behaviour = self.script.popleft() if self.script else answer()
                 if not await behaviour(self, request, reader, writer):
