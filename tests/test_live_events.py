@@ -70,10 +70,15 @@ async def test_first_event_is_a_full_snapshot(make_config, start_system, http) -
         assert response.headers["Content-Type"] == "text/event-stream"
         name, snapshot = await next_event(response)
     assert name == "snapshot"
-    assert snapshot["health"] == {"status": "ok", "healthy": 2, "total": 2}
+    assert snapshot["health"] == {"status": "ok", "healthy": 2, "serving": 2, "total": 2}
     assert [b["name"] for b in snapshot["backends"]] == ["backend-1", "backend-2"]
+    assert snapshot["retiring"] == [] and snapshot["config_error"] is None
     card = snapshot["backends"][0]
     assert {"url", "healthy", "requests", "active_requests", "latency_ms", "last_check_status", "state_since"} <= set(card)
+    assert {"admin_state", "listening", "serving", "error_rate", "server_error_rate"} <= set(card)
+    # What the page's captions name: the windows behind the figures, and the feed's tick.
+    assert snapshot["windows"] == {"latency_samples": 1000, "error_rate_s": 60, "rates_s": 300, "recent_errors": 20}
+    assert snapshot["interval_s"] == 1.0
     errors = snapshot["errors"]
     assert errors["error_types"] == {"400_BAD_REQUEST": 0, "404_NOT_FOUND": 0, "500_INTERNAL_ERROR": 0}
     assert errors["recent_errors"] == []

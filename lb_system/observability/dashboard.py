@@ -10,7 +10,7 @@ from aiohttp import web
 
 from lb_system.balancing.pool import BackendPool
 from lb_system.observability.error_tracker import ErrorTracker
-from lb_system.observability.request_stats import RATE_HISTORY_S, RequestStats
+from lb_system.observability.request_stats import ERROR_RATE_WINDOW_S, LATENCY_SAMPLES, RATE_HISTORY_S, RequestStats
 from lb_system.observability.status import backend_statuses
 from lb_system.timestamps import iso_utc
 
@@ -32,14 +32,39 @@ def make_page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
     return page_handler
 
 
-def dashboard_snapshot(pool: BackendPool, stats: RequestStats, tracker: ErrorTracker) -> dict[str, object]:
-    """Everything the page shows, in one JSON-able document."""
+def _no_config_error() -> str | None:
+    return None
+
+
+def dashboard_snapshot(
+    pool: BackendPool,
+    stats: RequestStats,
+    tracker: ErrorTracker,
+    config_error: Callable[[], str | None] = _no_config_error,
+) -> dict[str, object]:
+    """Everything the page shows, in one JSON-able document. `config_error` tells the refused
+    edit of the config file, if any (the System knows it; observability does not import it)."""
     now = pool.clock()
     errors = tracker.stats(limit=RECENT_ERRORS_SHOWN)
     return {
         "now": iso_utc(now),
-        "health": {"status": pool.health_word(), "healthy": pool.healthy_count, "total": len(pool.backends)},
+        "health": {
+            "status": pool.health_word(),
+            "healthy": pool.healthy_count,
+            "serving": pool.serving_count,
+            "total": len(pool.backends),
+        },
+        "config_error": config_error(),
         "backends": backend_statuses(pool, stats),
+        # Removed by a reload, finishing their in-flight requests.
+        "retiring": backend_statuses(pool, stats, retiring=True),
+        # The windows behind the figures, so the page's captions say what the numbers cover.
+        "windows": {
+            "latency_samples": LATENCY_SAMPLES,
+            "error_rate_s": ERROR_RATE_WINDOW_S,
+            "rates_s": RATE_HISTORY_S,
+            "recent_errors": RECENT_ERRORS_SHOWN,
+        },
         "errors": {key: errors[key] for key in _ERROR_FIELDS},
         # Per-second counts, oldest first; the last entry is the second that ends at `end`.
         "rates": {

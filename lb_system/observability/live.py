@@ -65,7 +65,8 @@ class LiveFeed:
         return self._task is not None and not self._task.done()
 
     def _message(self) -> str:
-        return json.dumps(self._snapshot(), separators=(",", ":"))
+        # The page counts missed ticks to notice a feed that stalled without closing.
+        return json.dumps(self._snapshot() | {"interval_s": self.interval}, separators=(",", ":"))
 
     async def _publish(self) -> None:
         while True:

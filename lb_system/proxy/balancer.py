@@ -185,7 +185,11 @@ def make_balancer_app(
     app[METRICS] = observer
     observers.add(stats)
     observers.add(observer)
-    feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker), logger=logger)
+
+    def config_error() -> str | None:
+        return control.config_error if control is not None else None
+
+    feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker, config_error), logger=logger)
     app[LIVE_FEED] = feed
 
     async def forward(request: web.Request) -> web.StreamResponse:
