@@ -131,16 +131,17 @@ async def test_a_busy_backend_with_slow_answers_stays_up_and_serves_the_next_req
         proxy={"max_connections_per_backend": 2},
         health={"interval": 60.0, "timeout": 0.5, "fall": 1},
     )
-    slow = [asyncio.create_task(http.get(system.balancer_url + "/slow")) for _ in range(3)]
+    slow = [asyncio.create_task(http.get(system.balancer_url + "/slow")) for _ in range(2)]
     await wait_for(lambda: busy.active == 2, message="both connections busy")
     await system.balancer.health_checker.check_once()  # its own connection: instant, whatever the pool holds
     backend = system.pool.get("busy")
     assert backend.healthy and backend.last_check_status == "200"
-    async with http.get(system.balancer_url + "/x") as r:
-        assert r.status == 200, "the next request waits for a connection and is served"
-    for task in slow:
+    following = asyncio.create_task(http.get(system.balancer_url + "/slow"))
+    await wait_for(lambda: system.balancer.forwarder.in_flight == 3, message="the next request waiting for a connection")
+    busy.release.set()  # answer now rather than after 1.5 s: the test needs no more waiting
+    for task in [*slow, following]:
         async with await task as r:
-            assert r.status == 200
+            assert r.status == 200, "the next request waits for a connection and is served"
     assert backend.ejections == 0
 
 
