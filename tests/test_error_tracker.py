@@ -529,8 +529,8 @@ def test_internal_sizes_stay_bounded_after_200k_distinct_paths(clock: FakeClock)
     assert len(tracker._paths) <= et.MAX_PATHS + 1
     assert tracker._paths[et.OTHER_PATH] == 200_000 - et.MAX_PATHS
     assert len(tracker._by_method) <= et.MAX_METHODS + 1
-    assert len(tracker._buckets) == len(tracker._bucket_secs) <= 900
-    assert all(len(bucket) <= 5 for bucket in tracker._buckets)
+    assert tracker._per_second.seconds == 900  # one bucket per second of the widest window
+    assert len(tracker._per_second.totals(clock())) <= 5  # keyed by error type, not by path
     assert len(tracker.stats()["recent_errors"]) == 50
 
 

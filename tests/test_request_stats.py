@@ -10,7 +10,7 @@ from lb_system.balancing.events import ProxiedRequest, TryResult
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import HealthConfig
 from lb_system.observability.error_tracker import ErrorTracker
-from lb_system.observability.request_stats import LATENCY_SAMPLES, RequestStats, SecondRing, percentile
+from lb_system.observability.request_stats import LATENCY_SAMPLES, RequestStats, percentile
 
 
 def answered(backend: str, status: int, ms: float) -> ProxiedRequest:
@@ -99,19 +99,6 @@ def test_server_error_rate_counts_only_unanswered_tries_and_5xx(clock: FakeClock
 
 
 # --- per-second rates ---------------------------------------------------------------
-
-
-def test_second_ring_series_is_oldest_first_ending_now(clock: FakeClock) -> None:
-    ring = SecondRing(5)
-    ring.add(clock(), 2)
-    clock.advance(2)
-    ring.add(clock(), 1)
-    assert ring.series(clock()) == [0, 0, 2, 0, 1]
-    clock.advance(3)
-    assert ring.series(clock()) == [0, 1, 0, 0, 0]
-    clock.advance(10)
-    assert ring.series(clock()) == [0, 0, 0, 0, 0]
-    assert ring.totals(clock()) == [0]
 
 
 def test_requests_per_second_history_covers_five_minutes(clock: FakeClock) -> None:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lb_system.second_ring import SecondRing
+
 __all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -81,8 +83,8 @@ class RetryBudget:
     Retries in flight/recent may add at most `percent` of the requests of the
     last `window` seconds, plus a floor of `min_concurrent` concurrent retries.
     The forwarder takes one slot per retried request, whatever its number of retries.
-    Counts live in per-second buckets (so the window has 1 s granularity and
-    memory is bounded by the window length, not by traffic).
+    Counts live in a `SecondRing` (so the window has 1 s granularity and memory is
+    bounded by the window length, not by traffic).
     """
 
     def __init__(
@@ -102,12 +104,7 @@ class RetryBudget:
         self._percent = percent
         self._min_concurrent = min_concurrent
         self._clock = clock
-        buckets = math.ceil(window)
-        self._requests = [0] * buckets
-        self._retries = [0] * buckets
-        self._requests_total = 0
-        self._retries_total = 0
-        self._second: int | None = None  # the second the newest bucket holds
+        self._window: SecondRing[str] = SecondRing(math.ceil(window))  # "requests", "retries"
         self._active = 0
 
     @property
@@ -117,18 +114,19 @@ class RetryBudget:
 
     def on_request(self) -> None:
         """Count one incoming client request."""
-        slot = self._advance()
-        self._requests[slot] += 1
-        self._requests_total += 1
+        self._window.add(self._clock(), "requests")
 
     def try_acquire(self) -> bool:
         """May a retry start now? If so it is counted as active and in the window."""
-        slot = self._advance()
-        allowed = self._active < self._min_concurrent or ((self._retries_total + 1) * 100 <= self._percent * self._requests_total)
+        now = self._clock()
+        if self._active < self._min_concurrent:
+            allowed = True
+        else:
+            counts = self._window.totals(now)
+            allowed = (counts.get("retries", 0) + 1) * 100 <= self._percent * counts.get("requests", 0)
         if allowed:
             self._active += 1
-            self._retries[slot] += 1
-            self._retries_total += 1
+            self._window.add(now, "retries")
         return allowed
 
     def release(self) -> None:
@@ -136,19 +134,3 @@ class RetryBudget:
         if self._active == 0:
             raise RuntimeError("release() without a matching successful try_acquire()")
         self._active -= 1
-
-    def _advance(self) -> int:
-        """Expire buckets that left the window; return the current bucket's index."""
-        now = math.floor(self._clock())
-        size = len(self._requests)
-        if self._second is None:
-            self._second = now
-        elif now > self._second:
-            for second in range(self._second + 1, self._second + 1 + min(now - self._second, size)):
-                slot = second % size
-                self._requests_total -= self._requests[slot]
-                self._retries_total -= self._retries[slot]
-                self._requests[slot] = 0
-                self._retries[slot] = 0
-            self._second = now
-        return self._second % size

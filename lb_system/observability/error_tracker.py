@@ -10,7 +10,6 @@ memory without bound.
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -18,6 +17,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
+from lb_system.second_ring import SecondRing
 from lb_system.timestamps import iso_utc
 
 __all__ = ["ErrorTracker", "error_type"]
@@ -87,8 +87,7 @@ class ErrorTracker:
         self._by_server_type: dict[tuple[str, str], int] = {}
         self._by_method: dict[str, int] = {}
         self._paths: dict[str, int] = {}
-        self._bucket_secs: list[int] = [-1] * _BUCKET_COUNT
-        self._buckets: list[dict[str, int]] = [{} for _ in range(_BUCKET_COUNT)]
+        self._per_second: SecondRing[str] = SecondRing(_BUCKET_COUNT)  # error type -> count
 
     @property
     def recent(self) -> int:
@@ -145,14 +144,7 @@ class ErrorTracker:
             path_key = OTHER_PATH
         paths[path_key] = paths.get(path_key, 0) + 1
 
-        sec = math.floor(now)
-        slot = sec % _BUCKET_COUNT
-        bucket = self._buckets[slot]
-        if self._bucket_secs[slot] != sec:
-            # The slot still holds a second that is at least 15 minutes old.
-            bucket.clear()
-            self._bucket_secs[slot] = sec
-        bucket[etype] = bucket.get(etype, 0) + 1
+        self._per_second.add(now, etype)
 
     def stats(
         self,
@@ -211,33 +203,16 @@ class ErrorTracker:
         return out
 
     def _windows(self) -> dict[str, dict[str, Any]]:
-        now_sec = math.floor(self._clock())
-        totals = {name: 0 for name, _ in _WINDOWS}
-        by_type: dict[str, dict[str, int]] = {name: {} for name, _ in _WINDOWS}
-        for bucket_sec, bucket in zip(self._bucket_secs, self._buckets):
-            age = now_sec - bucket_sec
-            # A negative age means the wall clock stepped back: a little, and these are
-            # still the newest errors (counted in every window); a lot, and they are noise.
-            if not bucket or age <= -_BUCKET_COUNT:
-                continue
-            for name, seconds in _WINDOWS:
-                if age < seconds:
-                    counts = by_type[name]
-                    for etype, count in bucket.items():
-                        counts[etype] = counts.get(etype, 0) + count
-                        totals[name] += count
-        return {name: {"total": totals[name], "by_type": dict(sorted(by_type[name].items()))} for name, _ in _WINDOWS}
+        now = self._clock()
+        out = {}
+        for name, seconds in _WINDOWS:
+            by_type = self._per_second.totals(now, seconds)
+            out[name] = {"total": sum(by_type.values()), "by_type": dict(sorted(by_type.items()))}
+        return out
 
     def per_second(self, seconds: int = 300) -> list[int]:
         """Errors per second over the last ``seconds`` (at most 900), oldest first, ending now."""
-        if not 0 < seconds <= _BUCKET_COUNT:
-            raise ValueError(f"seconds must be 1-{_BUCKET_COUNT}, not {seconds}")
-        now_sec = math.floor(self._clock())
-        out = []
-        for sec in range(now_sec - seconds + 1, now_sec + 1):
-            slot = sec % _BUCKET_COUNT
-            out.append(sum(self._buckets[slot].values()) if self._bucket_secs[slot] == sec else 0)
-        return out
+        return self._per_second.series(self._clock(), seconds=seconds)
 
     def reset(self) -> None:
         """Forget every record and counter of the document; ``since`` becomes now.

@@ -13,49 +13,13 @@ from collections import deque
 from collections.abc import Callable
 
 from lb_system.balancing.events import Observer, ProxiedRequest
+from lb_system.second_ring import SecondRing
 
 LATENCY_SAMPLES = 1000
 ERROR_RATE_WINDOW_S = 60
 RATE_HISTORY_S = 300
-
-
-class SecondRing:
-    """Counts per second over the last `seconds` seconds, in a fixed ring of buckets."""
-
-    def __init__(self, seconds: int, fields: int = 1) -> None:
-        self.seconds = seconds
-        self._secs = [-1] * seconds
-        self._counts = [[0] * fields for _ in range(seconds)]
-
-    def add(self, now: float, *amounts: int) -> None:
-        sec = math.floor(now)
-        slot = sec % self.seconds
-        counts = self._counts[slot]
-        if self._secs[slot] != sec:
-            # The slot holds a second that has left the window: start it afresh.
-            self._secs[slot] = sec
-            counts[:] = [0] * len(counts)
-        for i, amount in enumerate(amounts):
-            counts[i] += amount
-
-    def totals(self, now: float) -> list[int]:
-        """Sum of each field over the window ending with the current second."""
-        sec = math.floor(now)
-        sums = [0] * len(self._counts[0])
-        for bucket_sec, counts in zip(self._secs, self._counts):
-            if 0 <= sec - bucket_sec < self.seconds:
-                for i, count in enumerate(counts):
-                    sums[i] += count
-        return sums
-
-    def series(self, now: float, field: int = 0) -> list[int]:
-        """One count per second, oldest first, the last one being the current second."""
-        sec = math.floor(now)
-        out = []
-        for past in range(sec - self.seconds + 1, sec + 1):
-            slot = past % self.seconds
-            out.append(self._counts[slot][field] if self._secs[slot] == past else 0)
-        return out
+# What a backend's last-minute ring counts.
+TRIES, FAILED, SERVER_FAILED = "tries", "failed", "server_failed"
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -67,7 +31,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 class _BackendWindow:
     def __init__(self) -> None:
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self.minute = SecondRing(ERROR_RATE_WINDOW_S, fields=3)  # tries, failed tries, server failures
+        self.minute: SecondRing[str] = SecondRing(ERROR_RATE_WINDOW_S)  # TRIES, FAILED, SERVER_FAILED
 
 
 class RequestStats(Observer):
@@ -80,7 +44,7 @@ class RequestStats(Observer):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._backends: dict[str, _BackendWindow] = {}
-        self.requests = SecondRing(RATE_HISTORY_S)
+        self.requests: SecondRing[str] = SecondRing(RATE_HISTORY_S)  # proxied requests per second
 
     def _window(self, name: str) -> _BackendWindow:
         window = self._backends.get(name)
@@ -91,12 +55,18 @@ class RequestStats(Observer):
     def on_request(self, done: ProxiedRequest) -> None:
         """One call per proxied request."""
         now = self.clock()
-        self.requests.add(now, 1)
+        self.requests.add(now, "requests")
         for attempt in done.tries:
             window = self._window(attempt.backend)
+            minute = window.minute
             status = attempt.status
-            window.minute.add(now, 1, int(status is None or status >= 400), int(status is None or status >= 500))
-            if attempt.status is not None:
+            minute.add(now, TRIES)
+            if status is None or status >= 500:
+                minute.add(now, FAILED)
+                minute.add(now, SERVER_FAILED)
+            elif status >= 400:
+                minute.add(now, FAILED)
+            if status is not None:
                 window.latencies_ms.append(attempt.duration_s * 1000)
 
     def latency_ms(self, name: str) -> dict[str, float | None]:
@@ -111,8 +81,7 @@ class RequestStats(Observer):
         window = self._backends.get(name)
         if window is None:
             return 0.0
-        tries, failed, _ = window.minute.totals(self.clock())
-        return round(failed / tries, 4) if tries else 0.0
+        return self._share(window, FAILED)
 
     def server_error_rate(self, name: str) -> float:
         """Share of the last minute's tries to this backend that got no answer or a 5xx; 0.0 with none.
@@ -120,8 +89,12 @@ class RequestStats(Observer):
         window = self._backends.get(name)
         if window is None:
             return 0.0
-        tries, _, server_failed = window.minute.totals(self.clock())
-        return round(server_failed / tries, 4) if tries else 0.0
+        return self._share(window, SERVER_FAILED)
+
+    def _share(self, window: _BackendWindow, key: str) -> float:
+        counts = window.minute.totals(self.clock())
+        tries = counts.get(TRIES, 0)
+        return round(counts.get(key, 0) / tries, 4) if tries else 0.0
 
     def backend_fields(self, name: str) -> dict[str, object]:
         return {
