@@ -19,7 +19,7 @@ from lb_system.operations.system import System
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description="lb_system: a load balancer with built-in fault detection.")
+    parser = argparse.ArgumentParser(description="lb_system: a load balancer with built-in fault detection.")
     parser.add_argument(
         "command",
         nargs="?",
