@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.log import FIELDS
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -152,11 +153,8 @@ def make_problem_middleware(
             )
         except Exception:
             logger.exception(
-                "unhandled error server=%s method=%s path=%s request_id=%s",
-                server,
-                request.method,
-                request.path,
-                request_id,
+                "unhandled error",
+                extra={FIELDS: {"server": server, "method": request.method, "path": request.path, "request_id": request_id}},
             )
             if request.writer.output_size > 0:
                 raise  # bytes already went out: aiohttp cuts the connection, the only honest signal left

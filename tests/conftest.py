@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from lb_system import Config, System, load_config, parse_config
+from lb_system.observability.log import render_message
 
 # Fast health checks (the shortest interval the config allows) so state changes show within a fraction of a second.
 FAST_HEALTH = {"interval": 0.1, "timeout": 0.5, "rise": 1, "fall": 1}
@@ -321,7 +322,8 @@ class LogRecords(logging.Handler):
         self.records.append(record)
 
     def messages(self, level: int = logging.INFO) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno >= level]
+        """Each record as its text line after time and level: `<event> key=value ...`."""
+        return [render_message(r) for r in self.records if r.levelno >= level]
 
 
 @pytest.fixture

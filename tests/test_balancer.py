@@ -13,6 +13,8 @@ import aiohttp
 import pytest
 from conftest import FAST_HEALTH, wait_for
 
+from lb_system.observability.log import render_message
+
 PROBLEM = "application/problem+json"
 
 
@@ -152,7 +154,7 @@ async def test_request_id_is_kept_passed_to_the_backend_returned_and_logged(
             assert r.headers["X-Request-ID"] == "trace-42"
             assert r.headers["X-Backend"] == "remote-1"
     assert body["headers"]["X-Request-ID"] == "trace-42"
-    access = [r.getMessage() for r in caplog.records if r.getMessage().startswith("access ")]
+    access = [render_message(r) for r in caplog.records if r.getMessage() == "access"]
     assert any("request_id=trace-42" in line and "status=200" in line and "backend=remote-1" in line for line in access)
     async with http.get(system.balancer_url + "/echo", headers={"X-Request-ID": "bad id!"}) as r:
         assert r.headers["X-Request-ID"] != "bad id!"
@@ -282,8 +284,8 @@ async def test_stopped_backend_goes_down_gets_no_traffic_and_comes_back(
     assert remote_2.transitions[-1].to == "up"
     down = [r for r in caplog.records if r.levelno == logging.WARNING and "backend down" in r.getMessage()]
     up = [r for r in caplog.records if r.levelno == logging.INFO and "backend up" in r.getMessage()]
-    assert any("remote-2" in r.getMessage() and "connection refused" in r.getMessage() for r in down)
-    assert any("remote-2" in r.getMessage() for r in up)
+    assert any(r.fields["backend"] == "remote-2" and "connection refused" in r.fields["reason"] for r in down)
+    assert any(r.fields["backend"] == "remote-2" for r in up)
     async with http.get(system.balancer_url + "/status") as r:
         backend = (await r.json())["backends"][1]
     assert backend["healthy"] is True and backend["consecutive_failures"] == 0

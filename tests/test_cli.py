@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -39,11 +40,11 @@ async def run(*args: str, cwd: Path, timeout: float = 20) -> tuple[int, str, str
 class Served:
     """A `python run.py` process, started and read until its balancer URL is known."""
 
-    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
-        self.process, self.url = process, url
+    def __init__(self, process: asyncio.subprocess.Process, url: str, banner: str) -> None:
+        self.process, self.url, self.banner = process, url, banner
 
     @classmethod
-    async def start(cls, config: Path) -> Served:
+    async def start(cls, config: Path, env: dict[str, str] | None = None) -> Served:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             RUN,
@@ -52,6 +53,7 @@ class Served:
             cwd=config.parent,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
         assert process.stderr is not None
         while True:
@@ -60,7 +62,7 @@ class Served:
                 raise AssertionError(f"run.py exited with {await process.wait()} before serving")
             found = re.search(r"balancer on (http://\S+?);", line)
             if found:
-                return cls(process, found.group(1))
+                return cls(process, found.group(1), line)
 
     async def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
         self.process.send_signal(sig)
@@ -72,8 +74,8 @@ class Served:
 async def served(tmp_path: Path):
     started: list[Served] = []
 
-    async def start(config: Path) -> Served:
-        server = await Served.start(config)
+    async def start(config: Path, env: dict[str, str] | None = None) -> Served:
+        server = await Served.start(config, env)
         started.append(server)
         return server
 
@@ -127,6 +129,31 @@ async def test_serve_stops_cleanly_on_a_signal(tmp_path: Path, served, sig: int)
     assert not (tmp_path / "tasks.db-wal").exists(), "the database was not closed"
     log = (tmp_path / "balancer.log").read_text()
     assert "started balancer=" in log and "stopping" in log
+
+
+@pytest.mark.skipif(not POSIX, reason="signals are POSIX")
+@pytest.mark.parametrize("token", ["", "s3cret-admin-token"])
+async def test_start_up_says_where_the_dashboard_is_and_if_admin_is_on_and_the_log_ends_with_stopped(
+    tmp_path: Path, served, token: str
+) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "LB_ADMIN_TOKEN"}
+    if token:
+        env["LB_ADMIN_TOKEN"] = token
+    server = await served(write_config(tmp_path), env)
+    code, stderr = await server.stop()
+    assert code == 0
+    state = "on" if token else "off"
+    banner = server.banner.strip()
+    assert f"; dashboard at {server.url}/;" in banner and f"; admin API {state} " in banner
+    assert re.fullmatch(r"lb_system: ([^;]+; )+Ctrl-C stops", banner)  # no empty segment
+    lines = (tmp_path / "balancer.log").read_text().splitlines()
+    (started,) = [line.split(" ", 2)[2] for line in lines if " INFO started " in line]
+    where = f"balancer={server.url} dashboard={server.url}/"
+    assert started.startswith(f"started {where} admin={state} admin_token_env=LB_ADMIN_TOKEN backends=backend-1@http")
+    assert re.fullmatch(r"started( \w+=[^\s']+)+", started)  # every field has a value
+    assert lines[-1].split(" ", 2)[1:] == ["INFO", f"stopped balancer={server.url}"]  # after the database closed
+    assert not (tmp_path / "tasks.db-wal").exists()
+    assert not token or token not in banner + stderr + "\n".join(lines)
 
 
 async def test_demo_prints_the_three_errors_and_the_stats(tmp_path: Path, served) -> None:

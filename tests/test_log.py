@@ -1,7 +1,9 @@
-"""The log file: the cheap access-log path writes what Logger.info would, and rotation holds."""
+"""The log's records: fields rendered as text and typed JSON, the access-log fast path, rotation."""
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from lb_system.config import LogConfig
-from lb_system.observability.log import LOGGER_NAME, LineLogger, configure_logging
+from lb_system.observability.access_log import AccessLog
+from lb_system.observability.log import FIELDS, LOGGER_NAME, configure_logging, text_value
 
 
 @pytest.fixture
@@ -43,34 +46,72 @@ def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def test_line_logger_writes_the_same_line_as_logger_info(configured) -> None:
+ACCESS = {
+    "method": "GET",
+    "path": "/tasks/1",
+    "status": 200,
+    "backend": "backend-1",
+    "duration_ms": 1.57,
+    "request_id": "abc",
+    "tries": "backend-1:200",
+}
+
+
+def test_access_log_writes_the_same_line_as_logger_info(configured) -> None:
     setup, stop = configured
     logger, path = setup()
-    logger.info("access method=%s path=%s status=%d", "GET", "/tasks/1", 200)
-    LineLogger(logger).info("access method=GET path=/tasks/1 status=200")
+    logger.info("access", extra={FIELDS: ACCESS})
+    AccessLog(logger).write(**ACCESS)  # type: ignore[arg-type]
     stop()
     first, second = _lines(path)
+    expected = (
+        "INFO access method=GET path=/tasks/1 status=200 backend=backend-1 duration_ms=1.57 request_id=abc tries=backend-1:200"
+    )
     # "<time> INFO access ...": identical but for the time stamp.
-    assert first.split(" ", 1)[1] == second.split(" ", 1)[1] == "INFO access method=GET path=/tasks/1 status=200"
-    assert first.endswith("status=200") and second[:4].isdigit() and second[23] == "Z"
+    assert first.split(" ", 1)[1] == second.split(" ", 1)[1] == expected
+    assert second[:4].isdigit() and second[23] == "Z"
 
 
-def test_line_logger_json_lines_carry_the_fields(configured) -> None:
+def test_access_log_adds_optional_fields_only_when_given(configured) -> None:
     setup, stop = configured
-    logger, path = setup(format="json")
-    LineLogger(logger).info("access method=GET path=/x status=404 request_id=abc")
+    logger, path = setup()
+    access = AccessLog(logger)
+    access.write(**{**ACCESS, "backend": None, "duration_ms": 2.004}, client="10.0.0.7", reason=None, cut=True)  # type: ignore[arg-type]
     stop()
     (line,) = _lines(path)
-    assert '"event": "access"' in line and '"status": "404"' in line and '"logger": "lb_system"' in line
+    assert line.endswith(" backend=- duration_ms=2.0 request_id=abc tries=backend-1:200 client=10.0.0.7 cut=true")
 
 
-def test_line_logger_respects_the_level(configured) -> None:
+def test_json_lines_are_typed(configured) -> None:
+    setup, stop = configured
+    logger, path = setup(format="json")
+    AccessLog(logger).write(**{**ACCESS, "backend": None}, cut=True)  # type: ignore[arg-type]
+    logger.warning("backend down", extra={FIELDS: {"backend": "b", "reason": "refused", "active": 0, "up": False}})
+    stop()
+    access, down = (json.loads(line) for line in _lines(path))
+    assert access == {
+        "time": access["time"],
+        "level": "INFO",
+        "logger": "lb_system",
+        "event": "access",
+        **ACCESS,
+        "backend": None,
+        "cut": True,
+    }
+    assert type(access["status"]) is int and type(access["duration_ms"]) is float
+    assert down["event"] == "backend down" and down["active"] == 0 and down["up"] is False and down["level"] == "WARNING"
+
+
+def test_access_log_respects_the_level(configured) -> None:
     setup, stop = configured
     logger, path = setup(level="WARNING")
-    line_logger = LineLogger(logger)
-    assert not line_logger.enabled()
+    access = AccessLog(logger)
+    assert not access.enabled()
+    access.write(**ACCESS)  # type: ignore[arg-type]
     logger.setLevel(logging.INFO)
-    assert line_logger.enabled()
+    assert access.enabled()
+    stop()
+    assert _lines(path) == []
 
 
 def test_records_with_arguments_and_tracebacks_are_still_rendered(configured) -> None:
@@ -81,20 +122,61 @@ def test_records_with_arguments_and_tracebacks_are_still_rendered(configured) ->
     except ZeroDivisionError:
         logger.exception("unhandled error path=%s", "/boom")
     stop()
-    text = path.read_text(encoding="utf-8")
-    assert "ERROR unhandled error path=/boom" in text and "ZeroDivisionError" in text
+    first, *traceback = _lines(path)
+    assert first.endswith("ERROR unhandled error path=/boom")
+    assert traceback[-1] == "  ZeroDivisionError: division by zero"
+    assert all(line.startswith("  ") for line in traceback)  # a traceback line never passes for a record
+
+
+FORGERIES = [
+    "/tasks\n2026-01-01T00:00:00.000Z WARNING backend down backend=backend-1",
+    "/tasks\r2026-01-01T00:00:00.000Z WARNING x",
+    "/a b=c",
+    '/it\'s "quoted" \\ back\\slash',
+    "/line\u2028separator\x85next\x1c\x7f\x00\x1b[31m",
+    "",
+    "/café=1",
+]
+
+
+@pytest.mark.parametrize("value", FORGERIES)
+def test_a_text_value_stays_one_word_and_reads_back_exactly(value: str) -> None:
+    rendered = text_value(value)
+    assert rendered.isprintable() and len(rendered.splitlines()) == 1  # no control character left, one line
+    assert rendered.startswith("'") and ast.literal_eval(rendered) == value
+
+
+def test_plain_values_stay_bare() -> None:
+    assert [text_value(v) for v in ("/tasks/1", "backend-1:200,b:503", 200, 1.5, None, True, False)] == [
+        "/tasks/1",
+        "backend-1:200,b:503",
+        "200",
+        "1.5",
+        "-",
+        "true",
+        "false",
+    ]
+
+
+def test_a_classic_message_with_a_newline_stays_one_line(configured) -> None:
+    setup, stop = configured
+    logger, path = setup()
+    logger.info("something path=%s", "/x\n2026-01-01T00:00:00.000Z WARNING forged")
+    stop()
+    (line,) = _lines(path)
+    assert line.endswith(r"INFO something path=/x\n2026-01-01T00:00:00.000Z WARNING forged")
 
 
 def test_rotation_keeps_every_file_under_max_bytes_and_loses_no_recent_line(configured) -> None:
     setup, stop = configured
     logger, path = setup(max_bytes=2000, backups=3)
-    line_logger = LineLogger(logger)
+    access = AccessLog(logger)
     for number in range(120):
-        line_logger.info(f"access n={number:04d} " + "x" * 40)
+        access.write(**{**ACCESS, "request_id": f"n{number:04d}", "tries": "x" * 40})  # type: ignore[arg-type]
     stop()
     files = [path, *(path.with_name(f"{path.name}.{i}") for i in (1, 2, 3))]
     assert all(f.exists() and f.stat().st_size < 2000 for f in files)
     kept = [line for f in reversed(files) for line in _lines(f)]
-    numbers = [int(line.split("n=")[1][:4]) for line in kept]
+    numbers = [int(line.split("request_id=n")[1][:4]) for line in kept]
     assert numbers == list(range(numbers[0], 120))  # the newest lines, in order, none missing
     assert not path.with_name(f"{path.name}.4").exists()

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import json
 import logging
 import logging.handlers
 import re
-import shlex
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from lb_system.config import Config
 from lb_system.observability.log import LOGGER_NAME, configure_logging
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S")
+# A text record, strictly: time, level, event words, then ` key=value` fields to the end of the line,
+# each value bare (no space or quote) or a single-quoted Python string literal.
+_VALUE = r"(?:'(?:[^'\\]|\\.)*'|[^\s'\"\\=]+)"
+_RECORD = re.compile(rf"^(\S+) ([A-Z]+) ([a-z][\w ]*?)((?: \w+={_VALUE})*)$")
+_FIELD = re.compile(rf" (\w+)=({_VALUE})")
+
+
+def parse_text_line(line: str) -> dict[str, object]:
+    """{"time", "level", "event", field: value as str}, or AssertionError if the line is not one whole record."""
+    match = _RECORD.match(line)
+    assert match, f"not one whole record: {line!r}"
+    stamp, level, event, fields = match.groups()
+    values = {key: ast.literal_eval(value) if value.startswith("'") else value for key, value in _FIELD.findall(fields)}
+    return {"time": stamp, "level": level, "event": event, **values}
 
 
 class LogSetup:
@@ -134,6 +150,8 @@ async def test_json_lines_parse_and_carry_the_same_fields_as_text(make_config, s
         config = make_config(log={"format": form, "file": f"{form}.log"}, database={"path": f"{form}.db"})
         log_to.start(config)
         system = await start_system(config)
+        backends = system.pool.backends
+        await wait_for(lambda b=backends: all(x.healthy for x in b), message="backends up")  # else a 503
         for path in ("/tasks/555", "/debug/crash"):
             async with http.get(system.balancer_url + path, headers={"X-Request-ID": f"{form}-{path[1:6]}"}) as r:
                 await r.read()
@@ -147,11 +165,13 @@ async def test_json_lines_parse_and_carry_the_same_fields_as_text(make_config, s
     for from_text, from_json in zip(text_access, json_access):
         assert set(from_json) == set(from_text) | {"logger"}
         varying = ("time", "request_id", "duration_ms", "logger")  # differ between the two runs
-        assert {k: v for k, v in from_json.items() if k not in varying} == {
+        # Text has only words; JSON has the same values typed (a number where text wrote digits).
+        assert {k: str(v) for k, v in from_json.items() if k not in varying} == {
             k: v for k, v in from_text.items() if k not in varying
         }
+        assert type(from_json["duration_ms"]) is float and float(str(from_text["duration_ms"])) >= 0
     assert {d["request_id"] for d in json_access} == {"json-tasks", "json-debug"}
-    assert {d["status"] for d in json_access} == {"404", "500"}
+    assert {d["status"] for d in json_access} == {404, 500}
     crash = next(d for d in documents["json"] if d["event"] == "unhandled error")
     assert "ZeroDivisionError" in str(crash["traceback"])
     assert crash["level"] == "ERROR" and crash["path"] == "/debug/crash"
@@ -165,10 +185,86 @@ def parse(path: Path, form: str) -> list[dict[str, object]]:
             document = json.loads(line)  # every line, tracebacks included, is one JSON object
             assert isinstance(document, dict) and {"time", "level", "event"} <= set(document)
             records.append(document)
-        elif TEXT_LINE.match(line):
-            stamp, level, message = line.split(" ", 2)
-            words = shlex.split(message)
-            event = " ".join(w for w in words if "=" not in w)
-            fields = dict(w.split("=", 1) for w in words if "=" in w)
-            records.append({"time": stamp, "level": level, "event": event, **fields})
+        elif not line.startswith("  "):  # a traceback's lines are indented under their record
+            records.append(parse_text_line(line))
     return records
+
+
+FORGED = "2026-01-01T00:00:00.000Z"
+F = FORGED.encode()
+# (method, request target as sent, the path an access record must then carry). The C parser refuses
+# raw bytes outside ASCII that the pure-Python one accepts: those may get no access record.
+ATTACKS: list[tuple[bytes, bytes, str]] = [
+    (
+        b"GET",
+        b"/tasks%0a" + F + b"%20WARNING%20backend%20down%20backend=backend-1",
+        f"/tasks\n{FORGED} WARNING backend down backend=backend-1",
+    ),
+    (b"GET", b"/tasks%0d" + F + b"%20WARNING%20x", f"/tasks\r{FORGED} WARNING x"),
+    (b"GET", b"/tasks%0d%0a" + F + b"%20ERROR%20y", f"/tasks\r\n{FORGED} ERROR y"),
+    (b"GET", b"/tasks/a'b\"c\\d%20status=999%20backend=evil", "/tasks/a'b\"c\\d status=999 backend=evil"),
+    (b"GET", b"/tasks/%e2%80%a8" + F + b"%c2%85z%1b[31m%00%7f", f"/tasks/\u2028{FORGED}\x85z\x1b[31m\x00\x7f"),
+    (b"GET", b"/tasks/\xc3\xa9\xe2\x80\xa8" + F, f"/tasks/\xe9\u2028{FORGED}"),
+    (b"GET", b"/tasks/\x85" + F, f"/tasks/\udc85{FORGED}"),
+    (b"X'Y", b"/tasks/1", "/tasks/1"),
+    (b"POST", b"/admin/backends/b%0a" + F + b"%20WARNING%20x=y/disable", f"/admin/backends/b\n{FORGED} WARNING x=y/disable"),
+]
+
+
+async def raw_request(url: str, method: bytes, target: bytes, request_id: str) -> bytes:
+    """Sends one request as raw bytes; returns the status line."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nX-Request-ID: " + request_id.encode())
+        writer.write(b"\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return (await reader.read()).split(b"\r\n", 1)[0]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+async def test_no_request_can_split_a_log_line_or_add_a_field(make_config, start_system, log_to, form: str) -> None:
+    config = make_config(log={"format": form})
+    log_to.start(config)
+    system = await start_system(config)
+    answered = {}
+    for number, (method, target, _) in enumerate(ATTACKS):
+        status_line = await raw_request(system.balancer_url, method, target, f"forge-{number}")
+        answered[number] = b"HTTP/1.1" in status_line  # the parser may refuse raw bytes (HTTP/1.0 400)
+    await system.stop()
+    log_to.flush()
+
+    records = parse(Path(config.log.file), form)  # every line is one whole record, or parse fails
+    assert not any(str(r["time"]).startswith(FORGED[:10]) for r in records)
+    access = {r["request_id"]: r for r in records if r["event"] == "access"}
+    for number, (method, _target, path) in enumerate(ATTACKS):
+        if not answered[number] or method == b"POST":
+            continue
+        record = access.pop(f"forge-{number}")
+        assert set(record) - {"time", "level", "logger", "event"} == set(ACCESS_FIELDS), record
+        assert record["method"] == method.decode() and record["path"] == path, record
+    admin = [r for r in records if r["event"] == "admin"]
+    assert [r["target"] for r in admin] == ["b\n" + FORGED + " WARNING x=y"] and admin[0]["action"] == "disable"
+    assert sum(answered.values()) >= 6  # most attacks got through the parser to the balancer
+
+
+ACCESS_FIELDS = ("method", "path", "status", "backend", "duration_ms", "request_id", "tries")
+
+
+async def test_start_up_line_has_no_empty_field_and_stop_ends_the_log(make_config, start_system, log_to, monkeypatch) -> None:
+    monkeypatch.delenv("LB_ADMIN_TOKEN", raising=False)
+    config = make_config(backends=[])
+    log_to.start(config)
+    system = await start_system(config)
+    await system.stop()
+    await system.stop()  # a second stop logs nothing more
+    log_to.flush()
+    records = parse(Path(config.log.file), "text")
+    started = next(r for r in records if r["event"] == "started")
+    assert started["dashboard"] == system.balancer_url + "/" and started["admin"] == "off" and "backends" not in started
+    assert [r["event"] for r in records[-2:]] == ["stopping", "stopped"]
+    text = Path(config.log.file).read_text(encoding="utf-8")
+    assert not re.search(r"=( |$)", text, re.MULTILINE)

@@ -18,6 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import started_servers, wait_for
 
+from lb_system.observability.log import render_message
+
 MiB = 1024 * 1024
 
 
@@ -338,7 +340,7 @@ async def test_every_try_is_in_the_access_log(backends, balancer, http, caplog) 
     with caplog.at_level("INFO", logger="lb_system"):
         async with http.get(system.balancer_url + "/code/503", headers={"X-Request-ID": "retry-log"}) as r:
             final = r.headers["X-Backend"]
-    (line,) = [r.getMessage() for r in caplog.records if "request_id=retry-log" in r.getMessage()]
+    (line,) = [render_message(r) for r in caplog.records if "request_id=retry-log" in render_message(r)]
     first = "a" if final == "b" else "b"
     assert f"backend={final}" in line and f"tries={first}:503,{final}:503" in line
 
@@ -440,7 +442,7 @@ async def test_a_streamed_body_that_stalls_is_cut_after_per_try_timeout(backends
                 received += len(chunk)
     assert received == MiB  # what came before the stall reached the client
     assert time.perf_counter() - started < 3
-    assert any("upstream body failed" in r.getMessage() and "timeout" in r.getMessage() for r in caplog.records)
+    assert any("upstream body failed" in r.getMessage() and "timeout" in render_message(r) for r in caplog.records)
     server.release.set()
 
 

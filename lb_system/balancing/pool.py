@@ -210,7 +210,7 @@ class BackendPool:
             raise ValueError(f"unknown admin state {state!r}")
         if backend.admin_state == state:
             return False
-        self.logger.info("backend admin state backend=%s state=%s", backend.name, state)
+        self.logger.info("backend admin state", extra={"fields": {"backend": backend.name, "state": state}})
         if state == DRAINING:
             self._begin_drain(backend)
             return True
@@ -248,7 +248,7 @@ class BackendPool:
             return  # not draining any more, or its drain timed out
         backend.drained_at = self.clock()
         event.set()
-        self.logger.info("backend drained backend=%s", backend.name)
+        self.logger.info("backend drained", extra={"fields": {"backend": backend.name}})
 
     @property
     def healthy_count(self) -> int:
@@ -364,7 +364,7 @@ class BackendPool:
         transition = Transition(at=now, to="up" if up else "down", reason=reason)
         backend.transitions.append(transition)
         if up:
-            self.logger.info("backend up backend=%s reason=%r", backend.name, reason)
+            self.logger.info("backend up", extra={"fields": {"backend": backend.name, "reason": reason}})
         else:
-            self.logger.warning("backend down backend=%s reason=%r", backend.name, reason)
+            self.logger.warning("backend down", extra={"fields": {"backend": backend.name, "reason": reason}})
         self.observers.on_transition(backend.name, transition)

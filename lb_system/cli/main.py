@@ -16,6 +16,7 @@ from lb_system.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_conf
 from lb_system.observability.log import configure_logging
 from lb_system.operations.serving import StartupError, dial_url
 from lb_system.operations.system import System
+from lb_system.proxy.admin import admin_api_on
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,12 +98,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
         tune_gc()
-        print(
-            f"lb_system: balancer on {system.balancer_url}; "
-            + ", ".join(f"{name} on {hosted.url}" for name, hosted in system.hosted.items())
-            + "; Ctrl-C stops",
-            file=sys.stderr,
-        )
+        print(_banner(system), file=sys.stderr)
         try:
             await stop.wait()
         except asyncio.CancelledError:
@@ -111,15 +107,21 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-        system.logger.info(
-            "stopping: no new connections; in-flight requests get up to shutdown_grace=%ss",
-            config.balancer.shutdown_grace,
-        )
         return 0
     finally:
         await system.stop()
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def _banner(system: System) -> str:
+    """The console's start-up line: where everything is, whether the admin API is on; no empty segment."""
+    token_env = system.config.admin.token_env
+    on = admin_api_on(system.config)
+    admin = f"admin API on (token in {token_env})" if on else f"admin API off (set {token_env} to turn it on)"
+    hosted = ", ".join(f"{name} on {backend.url}" for name, backend in system.hosted.items())
+    segments = [f"balancer on {system.balancer_url}", f"dashboard at {system.dashboard_url}", hosted, admin, "Ctrl-C stops"]
+    return "lb_system: " + "; ".join(segment for segment in segments if segment)
 
 
 def new_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -1,27 +1,94 @@
-"""balancer.log and the console: one self-contained line per event, written off the event loop."""
+"""balancer.log and the console: one self-contained line per event, written off the event loop.
+
+A record is an event name and ordered fields: `logger.info("backend down", extra={"fields":
+{"backend": name, "reason": why}})`. The text and the JSON formatter both render those fields,
+so a value a client sent can never split a line or add a field: in text, anything outside a safe
+set of characters is quoted with its control characters escaped; in JSON it is a string.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import copy
+import io
 import json
 import logging
 import logging.handlers
 import os
 import queue
-import shlex
+import re
 import sys
-import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lb_system.config import LogConfig
 
 LOGGER_NAME = "lb_system"
+# The LogRecord attribute that carries a record's fields (set through `extra={"fields": ...}`).
+FIELDS = "fields"
+
+# Text values outside this set are quoted: no space, quote, backslash, `=` or control character.
+_SAFE = re.compile(r"[A-Za-z0-9._~:/@+,%*!?&;#^|()\[\]{}<>$-]+")
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quote(text: str) -> str:
+    """`text` in single quotes, as Python's repr writes it but always with `'`: backslashes,
+    quotes and every non-printable character (newlines, U+2028, DEL) escaped."""
+    if text.isprintable() and "'" not in text and "\\" not in text:
+        return f"'{text}'"
+    out = []
+    for char in text:
+        escaped = _ESCAPES.get(char)
+        if escaped is not None:
+            out.append(escaped)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(repr(char)[1:-1])  # \x7f, \x85, \u2028, ...
+    return "'" + "".join(out) + "'"
+
+
+def text_value(value: object) -> str:
+    """One field's value in a text line: numbers as written, None as `-`, booleans as
+    `true`/`false`, strings bare when safe and quoted otherwise."""
+    if type(value) is str:
+        return value if _SAFE.fullmatch(value) else quote(value)
+    if value is None:
+        return "-"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int or type(value) is float:
+        return repr(value)
+    return text_value(str(value))
+
+
+def fields_of(record: logging.LogRecord) -> Mapping[str, object]:
+    """The record's fields; empty for a record logged the classic way."""
+    fields = record.__dict__.get(FIELDS)
+    return fields if isinstance(fields, Mapping) else {}
+
+
+def render_message(record: logging.LogRecord) -> str:
+    """`<event> key=value ...`: the text line after its time and level."""
+    message = record.getMessage()
+    if not message.isprintable():  # a classic record with a client's text in it
+        message = quote(message)[1:-1]
+    fields = fields_of(record)
+    if not fields:
+        return message
+    return message + " " + " ".join(f"{key}={text_value(value)}" for key, value in fields.items())
+
+
+def json_value(value: object) -> object:
+    """A field's value for JSON: numbers, booleans and None as themselves, anything else as text."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return str(value)
 
 
 class _UTCFormatter(logging.Formatter):
-    converter = time.gmtime
     # (whole second, its text): consecutive lines mostly share the second, and strftime is slow.
     _second: tuple[int, str] = (-1, "")
 
@@ -29,49 +96,44 @@ class _UTCFormatter(logging.Formatter):
         second = int(record.created)
         cached = self._second
         if cached[0] != second:
-            cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(second)))
+            cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
         return f"{cached[1]}.{int(record.msecs):03d}Z"
+
+    def _traceback(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        parts = [record.exc_text or "", record.stack_info or ""]
+        return "\n".join(part for part in parts if part)
 
 
 class TextFormatter(_UTCFormatter):
-    """`<time> <LEVEL> <event> key=value ...`, traceback lines indented under it."""
+    """`<time> <LEVEL> <event> key=value ...`, traceback lines indented under it (so no line
+    of a traceback, whatever its exception says, can pass for a record)."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.formatTime(record)} {record.levelname} {render_message(record)}"
+        traceback = self._traceback(record)
+        if traceback:
+            line += "\n" + "\n".join("  " + part for part in traceback.splitlines())
+        return line
 
 
 class JsonFormatter(_UTCFormatter):
-    """One JSON object per line with the same fields as the text line, for log shippers."""
+    """One JSON object per line with the same fields as the text line, typed, for log shippers."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        event, fields = _split_fields(message)
-        document: dict[str, object] = {
+        document: dict[str, Any] = {
             "time": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
-            "event": event,
-            **fields,
+            "event": record.getMessage(),
         }
-        if record.exc_text:
-            document["traceback"] = record.exc_text
+        for key, value in fields_of(record).items():
+            document[key] = json_value(value)
+        traceback = self._traceback(record)
+        if traceback:
+            document["traceback"] = traceback
         return json.dumps(document)
-
-
-def _split_fields(message: str) -> tuple[str, dict[str, str]]:
-    """ "access method=GET path=/x" -> ("access", {"method": "GET", "path": "/x"})."""
-    try:
-        words = shlex.split(message, posix=True)
-    except ValueError:
-        return message, {}
-    event_words, fields = [], {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if sep and key.isidentifier():
-            fields[key] = value
-        elif not fields:
-            event_words.append(word)
-    return " ".join(event_words), fields
 
 
 class _HandOff(logging.handlers.QueueHandler):
@@ -125,45 +187,51 @@ class _FileHandler(_BatchStreamHandler, logging.handlers.RotatingFileHandler):
     but each line formatted once and the file's size kept in memory: the stock handler formats
     every record twice and stats, seeks and flushes the file per line."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._size: int | None = None
         self._rolls = False
 
-    def _open(self):  # noqa: ANN202 - stdlib signature
+    def _open(self) -> io.TextIOWrapper:
         stream = super()._open()
         self._size = None
         return stream
 
-    def _opened(self) -> None:
-        if self.stream is None:
-            self.stream = self._open()
+    def _opened(self) -> tuple[io.TextIOWrapper, int]:
+        """The open file and its size."""
+        stream = self.stream
+        if stream is None:
+            stream = self.stream = self._open()
         if self._size is None:
-            self.stream.seek(0, 2)
-            self._size = self.stream.tell()
+            stream.seek(0, 2)
+            self._size = stream.tell()
             # bpo-45401: never roll over anything but a regular file.
             self._rolls = self.maxBytes > 0 and os.path.isfile(self.baseFilename)
+        return stream, self._size
 
     def _write_lines(self, lines: list[str]) -> None:
-        self._opened()
+        stream, size = self._opened()
         pending: list[str] = []
         pending_size = 0
         for line in lines:
             # An empty file is never rolled over, even by a line longer than max_bytes.
-            if self._rolls and self._size + pending_size + len(line) >= self.maxBytes and (pending or self._size):
-                self.stream.write("".join(pending))
+            if self._rolls and size + pending_size + len(line) >= self.maxBytes and (pending or size):
+                stream.write("".join(pending))
                 pending, pending_size = [], 0
                 self.doRollover()
-                self._opened()
+                stream, size = self._opened()
             pending.append(line)
             pending_size += len(line) if line.isascii() else len(line.encode(self.encoding or "utf-8"))
-        self.stream.write("".join(pending))
+        stream.write("".join(pending))
         self.flush()
-        self._size += pending_size
+        self._size = size + pending_size
 
 
 class _BatchListener(logging.handlers.QueueListener):
     """Takes everything waiting in the queue at each wake-up and hands it over as one batch."""
+
+    queue: queue.SimpleQueue[logging.LogRecord | None]
+    _sentinel: None
 
     def _monitor(self) -> None:
         q = self.queue
@@ -177,7 +245,7 @@ class _BatchListener(logging.handlers.QueueListener):
             stop = self._sentinel in batch
             if stop:
                 batch = batch[: batch.index(self._sentinel)]
-            self._handle_batch(batch)
+            self._handle_batch(batch)  # type: ignore[arg-type] # the sentinel was cut off
             if stop:
                 return
 
@@ -190,43 +258,6 @@ class _BatchListener(logging.handlers.QueueListener):
             else:
                 for record in chosen:
                     handler.handle(record)
-
-
-class LineLogger:
-    """Logs ready-made INFO lines through a logger and its handlers, without what
-    `Logger.info` spends per call that a hot path (the access log) can do without: the
-    caller's frame lookup, the record's __init__ and, at the queue, a copy of the record."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger = logger
-        self._template: dict[str, object] | None = None
-        self._thread: int | None = None
-
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
-
-    def info(self, message: str) -> None:
-        logger = self.logger
-        if logging.getLogRecordFactory() is not logging.LogRecord:
-            logger.info("%s", message)  # someone customised records: build them their way
-            return
-        thread = threading.get_ident()
-        if self._template is None or self._thread != thread:
-            # A real record made once on this thread: everything but the time and text is the same.
-            self._template = dict(logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, "", (), None).__dict__)
-            self._thread = thread
-        template = self._template
-        record = logging.LogRecord.__new__(logging.LogRecord)
-        record.__dict__.update(template)
-        created = time.time()
-        record.created = created
-        record.msecs = int((created - int(created)) * 1000) + 0.0
-        record.relativeCreated = template["relativeCreated"] + (created - template["created"]) * 1000  # type: ignore[operator]
-        record.msg = message
-        if "taskName" in template:  # Python 3.12+ names the asyncio task, as LogRecord.__init__ does
-            task = asyncio.current_task() if logging.logAsyncioTasks else None  # type: ignore[attr-defined]
-            record.taskName = task.get_name() if task is not None else None  # type: ignore[attr-defined]
-        logger.handle(record)
 
 
 def configure_logging(config: LogConfig, *, console: bool = True) -> logging.handlers.QueueListener:

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from lb_system.observability.log import FIELDS
+
 Fingerprint = tuple[int, int, str] | None  # (mtime_ns, size, sha256), None when the file is missing
 
 
@@ -70,5 +72,5 @@ class ConfigWatcher:
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a failed reload is logged where it failed; keep watching
-                    self.logger.exception("config reload failed file=%s", self.path)
+                    self.logger.exception("config reload failed", extra={FIELDS: {"file": str(self.path)}})
             previous = current

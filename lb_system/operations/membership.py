@@ -16,6 +16,7 @@ from aiohttp import web
 from lb_system.balancing.pool import Backend, BackendPool, new_backend
 from lb_system.config import BackendConfig, Config, ConfigError, load_config
 from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.log import FIELDS
 from lb_system.operations.reload_plan import BackendEdit, ReloadPlan, plan_reload
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
 from lb_system.proxy.admin import ActionRefused
@@ -165,13 +166,12 @@ class Membership:
                 started = await self._prepare(plan)
             except ConfigError as error:
                 self.config_error = str(error)
-                self.logger.error("config reload rejected origin=%s error=%r", origin, str(error))
+                self.logger.error("config reload rejected", extra={FIELDS: {"origin": origin, "error": str(error)}})
                 raise
             self._apply(plan, started)
         self.config_error = None
-        self.logger.info(
-            "config reloaded origin=%s file=%s changes=%r", origin, self.config_path, "; ".join(plan.changes()) or "none"
-        )
+        changes = "; ".join(plan.changes()) or "none"
+        self.logger.info("config reloaded", extra={FIELDS: {"origin": origin, "file": str(self.config_path), "changes": changes}})
         return plan
 
     async def reload_quietly(self, origin: str) -> None:
@@ -276,17 +276,13 @@ class Membership:
         pool, _ = self._attached()
         timeout = self.config.balancer.drain_timeout
         if not await pool.wait_drained(backend, timeout):
-            self.logger.warning(
-                "backend drain timed out backend=%s active_requests=%d timeout=%s",
-                backend.name,
-                backend.active_requests,
-                timeout,
-            )
+            fields = {"backend": backend.name, "active_requests": backend.active_requests, "timeout": timeout}
+            self.logger.warning("backend drain timed out", extra={FIELDS: fields})
         if runner is not None:
             await asyncio.shield(self._close_soon(runner))
             pool.set_listening(backend, False)
         pool.forget(backend)
-        self.logger.info("backend removed backend=%s", backend.name)
+        self.logger.info("backend removed", extra={FIELDS: {"backend": backend.name}})
         if runner is not None and self._reload_after_drain:
             # The port a refused edit wanted is free now: apply the saved file again.
             self._reload_after_drain = False
@@ -324,7 +320,7 @@ class Membership:
             backend = pool.get(name)
             if backend is not None:
                 pool.set_listening(backend, False)
-            self.logger.warning("backend stopped backend=%s port=%d by=admin", name, hosted.port)
+            self.logger.warning("backend stopped", extra={FIELDS: {"backend": name, "port": hosted.port, "by": "admin"}})
             await runner.cleanup()
         balancer.wake_checks()
         return True
@@ -345,6 +341,6 @@ class Membership:
             backend = pool.get(name)
             if backend is not None:
                 pool.set_listening(backend, True)
-            self.logger.info("backend started backend=%s port=%d by=admin", name, hosted.port)
+            self.logger.info("backend started", extra={FIELDS: {"backend": name, "port": hosted.port, "by": "admin"}})
         balancer.wake_checks()
         return True

@@ -12,11 +12,12 @@ from aiohttp import web
 from lb_system.balancing.pool import BackendPool
 from lb_system.config import Config
 from lb_system.observability.error_tracker import ErrorTracker
-from lb_system.observability.log import LOGGER_NAME
+from lb_system.observability.log import FIELDS, LOGGER_NAME
 from lb_system.operations.config_watch import ConfigWatcher
 from lb_system.operations.membership import HostedBackend, Membership
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
 from lb_system.problems import RouteGroups
+from lb_system.proxy.admin import admin_api_on
 from lb_system.proxy.balancer import Balancer, make_balancer_app
 from lb_system.proxy.client_limits import ClientLimitsRunner
 from lb_system.tasks.openapi import task_api_document
@@ -49,6 +50,7 @@ class System:
         self.balancer_url = ""
         self.watch_interval = watch_interval
         self._watcher: ConfigWatcher | None = None
+        self._started = False  # "started" was logged: stop() logs stopping and stopped
 
     @property
     def config(self) -> Config:
@@ -78,6 +80,11 @@ class System:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    @property
+    def dashboard_url(self) -> str:
+        """The live dashboard: the balancer's root page."""
+        return self.balancer_url + "/"
 
     async def start(self) -> None:
         try:
@@ -122,11 +129,16 @@ class System:
             keepalive_timeout=config.proxy.idle_timeout,
         )
         self.balancer_url = dial_url(config.balancer.host, port)
-        self.logger.info(
-            "started balancer=%s backends=%s",
-            self.balancer_url,
-            ",".join(f"{b.name}@{urls[b.name]}" for b in config.backends),
-        )
+        started: dict[str, object] = {
+            "balancer": self.balancer_url,
+            "dashboard": self.dashboard_url,
+            "admin": "on" if admin_api_on(config) else "off",
+            "admin_token_env": config.admin.token_env,
+        }
+        if config.backends:
+            started["backends"] = ",".join(f"{b.name}@{urls[b.name]}" for b in config.backends)
+        self.logger.info("started", extra={FIELDS: started})
+        self._started = True
         if self.config_path is not None:
             self._watcher = ConfigWatcher(
                 self.config_path,
@@ -140,7 +152,11 @@ class System:
 
     async def stop(self) -> None:
         """Stop accepting on every port at once, let in-flight requests finish (up to
-        [balancer] shutdown_grace), then close the client pool and the database."""
+        [balancer] shutdown_grace), then close the client pool and the database. Logs
+        `stopping`, and `stopped` once everything is closed."""
+        if self._started:
+            grace = self.config.balancer.shutdown_grace
+            self.logger.info("stopping", extra={FIELDS: {"shutdown_grace": grace}})
         if self._watcher is not None:
             watcher, self._watcher = self._watcher, None
             await watcher.stop()
@@ -155,3 +171,6 @@ class System:
             await balancer_runner.cleanup()
         await asyncio.gather(*(runner.cleanup() for runner in backend_runners), self.membership.wait_closed())
         await self.store.close()
+        if self._started:
+            self._started = False
+            self.logger.info("stopped", extra={FIELDS: {"balancer": self.balancer_url}})

@@ -14,6 +14,7 @@ from aiohttp import web
 from lb_system.balancing.pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
 from lb_system.config import DEFAULT_TOKEN_ENV, Config, ConfigError
 from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.log import FIELDS
 from lb_system.problems import Handler, json_response
 
 ACTIONS = ("disable", "enable", "drain", "stop", "start")
@@ -52,24 +53,21 @@ class AdminControl(Protocol):
 ADMIN_CONTROL = web.AppKey("admin_control", AdminControl)
 
 
-_LOGGABLE = re.compile(r"[A-Za-z0-9._/-]{1,128}")
-
-
-def _loggable(value: str) -> str:
-    # Paths come from the client: quote anything that could forge or break a log line.
-    return value if _LOGGABLE.fullmatch(value) else repr(value[:128])
-
-
 def _describe(request: web.Request) -> tuple[str, str]:
-    """(action, target) for the admin log line."""
+    """(action, target) for the admin log line; the log quotes what the client wrote."""
     match = _BACKEND_ACTION.match(request.path)
     if match:
-        return _loggable(match.group(2)), _loggable(match.group(1))
+        return match.group(2), match.group(1)
     if request.path == "/admin/reload":
         return "reload", "config"
     if request.path == "/errors/stats":
         return "reset_errors", "/errors/stats"
-    return "unknown", _loggable(request.path)
+    return "unknown", request.path
+
+
+def admin_api_on(config: Config) -> bool:
+    """Whether the admin API answers: its token variable is set (and never shown)."""
+    return bool(os.environ.get(config.admin.token_env, ""))
 
 
 def _authorize(request: web.Request, token_env: str) -> None:
@@ -113,14 +111,8 @@ def _guarded(handler: Handler, logger: logging.Logger) -> Handler:
             raise
         finally:
             level = logging.INFO if status < 400 else logging.WARNING
-            logger.log(
-                level,
-                "admin action=%s target=%s client=%s result=%d",
-                action,
-                target,
-                request.remote or "-",
-                status,
-            )
+            fields = {"action": action, "target": target, "client": request.remote, "result": status}
+            logger.log(level, "admin", extra={FIELDS: fields})
 
     return guarded
 

@@ -22,7 +22,8 @@ from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.balancing.retry import FailureKind, RetryBudget, RetryPolicy
 from lb_system.balancing.strategies import hash_key
 from lb_system.config import Config
-from lb_system.observability.log import LineLogger
+from lb_system.observability.access_log import AccessLog
+from lb_system.observability.log import FIELDS
 from lb_system.problems import (
     ANSWERED_BY_HEADER,
     ERROR_SERVER,
@@ -102,7 +103,7 @@ class Forwarder:
         self.pool = pool
         self._session = session_getter
         self.logger = logger
-        self._access = LineLogger(logger)
+        self.access_log = AccessLog(logger)
         self.apply_config(config)
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
         self.in_flight = 0
@@ -129,7 +130,7 @@ class Forwarder:
             body, replayable = (None, True) if websocket else await self._request_body(request)
             # Capacity is never below max_pending: the scan over backends only runs near overload.
             if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
-                self._access_log(request, 503, "-", started, request_id, "shed")
+                self._access_log(request, 503, None, started, request_id, "shed")
                 self._notify(request.method, 503, BALANCER, started, [])
                 return _unavailable(request, request_id, OVERLOADED)
             self.in_flight += 1
@@ -142,17 +143,23 @@ class Forwarder:
         except web.HTTPException as error:
             # The client's fault found on the way (a body too large, too slow or cut): the balancer answers it.
             reason = getattr(error, "refusal_reason", None) or ("body_too_large" if error.status == 413 else "bad_body")
-            self._access_log(request, error.status, "-", started, request_id, "-", reason=reason)
+            self._access_log(request, error.status, None, started, request_id, None, reason=reason)
             self._notify(request.method, error.status, BALANCER, started, [])
             raise
 
     def refused(self, refusal: Refusal) -> None:
         """A request refused before routing (see client_limits): its access line and its count."""
-        if self._access.enabled():
-            self._access.info(
-                f"access method=- path=- status={refusal.status} backend=- duration_ms=0.00 request_id={refusal.request_id} "
-                f"tries=- client={refusal.client} reason={refusal.reason}"
-            )
+        self.access_log.write(
+            method=None,
+            path=None,
+            status=refusal.status,
+            backend=None,
+            duration_ms=0.0,
+            request_id=refusal.request_id,
+            tries=None,
+            client=refusal.client,
+            reason=refusal.reason,
+        )
         self._notify("-", refusal.status, BALANCER, time.perf_counter(), [])
 
     def _capacity(self) -> int:
@@ -243,7 +250,7 @@ class Forwarder:
             response = problem_response(
                 502, f"No backend answered: {last_failure.reason}", instance=request.path, request_id=request_id
             )
-        self._access_log(request, response.status, "-", started, request_id, render_tries(tries))
+        self._access_log(request, response.status, None, started, request_id, render_tries(tries))
         self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None)
         return response
 
@@ -430,12 +437,16 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as error:
             reason = describe_failure(error)
             self.logger.warning(
-                "upstream body failed backend=%s method=%s path=%s reason=%r request_id=%s",
-                backend.name,
-                request.method,
-                request.path,
-                reason,
-                request[REQUEST_ID],
+                "upstream body failed",
+                extra={
+                    FIELDS: {
+                        "backend": backend.name,
+                        "method": request.method,
+                        "path": request.path,
+                        "reason": reason,
+                        "request_id": request[REQUEST_ID],
+                    }
+                },
             )
             self.pool.record_passive_failure(backend, reason)
             response[RESPONSE_CUT] = INCOMPLETE if reason == INCOMPLETE else f"{INCOMPLETE}: {reason}"
@@ -450,19 +461,24 @@ class Forwarder:
         return response
 
     def _access_log(
-        self, request: web.Request, status: int, backend: str, started: float, request_id: str, tries: str, *, reason: str = ""
+        self,
+        request: web.Request,
+        status: int,
+        backend: str | None,
+        started: float,
+        request_id: str,
+        tries: str | None,
+        *,
+        reason: str | None = None,
     ) -> None:
-        if self._access.enabled():
-            self._access.info(
-                "access method=%s path=%s status=%d backend=%s duration_ms=%.2f request_id=%s tries=%s"
-                % (
-                    request.method,
-                    request.path,
-                    status,
-                    backend,
-                    (time.perf_counter() - started) * 1000,
-                    request_id,
-                    tries,
-                )
-                + (f" client={request.remote or '-'} reason={reason}" if reason else "")
-            )
+        self.access_log.write(
+            method=request.method,
+            path=request.path,
+            status=status,
+            backend=backend,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            request_id=request_id,
+            tries=tries,
+            client=(request.remote or "-") if reason else None,
+            reason=reason,
+        )
