@@ -265,3 +265,83 @@ async def test_1200_stalled_uploads_do_not_starve_a_normal_client(fronted, http)
     counted = system.pool.get("counted")
     assert counted.healthy and counted.consecutive_failures == 0
     assert (await error_stats(http, system))["error_types"]["408_REQUEST_TIMEOUT"] == 1200
+
+
+# --- request targets: absolute-form forwarded, the rest refused without blaming anyone ----------
+
+
+async def test_absolute_form_is_forwarded_in_origin_form_with_host_from_the_target(fronted) -> None:
+    system, backend = await fronted()
+    for _ in range(3):
+        answer = await exchange(
+            system, b"GET http://example.com:8081/tasks?x=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n"
+        )
+        assert answer.status == 200
+        seen = json.loads(answer.body)
+        assert seen["path"] == "/tasks?x=1"
+        assert seen["headers"]["Host"] == "example.com:8081"
+    counted = system.pool.get("counted")
+    assert counted.healthy and counted.consecutive_failures == 0 and backend.hits == 3
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"CONNECT example.com:443 HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+        b"GET ftp://example.com/tasks HTTP/1.1",
+        b"GET http://user:secret@example.com/tasks HTTP/1.1",
+    ],
+    ids=["connect", "asterisk", "ftp", "userinfo"],
+)
+async def test_a_target_that_cannot_be_forwarded_is_400_and_no_backends_failure(fronted, http, request_line) -> None:
+    system, backend = await fronted()
+    answer = await exchange(system, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.status == 400
+    assert answer.problem()["detail"].startswith("Request target cannot be forwarded")
+    assert backend.hits == 0
+    assert system.pool.get("counted").consecutive_failures == 0
+    assert (await error_stats(http, system))["by_server"] == {"balancer": 1}
+
+
+# --- the admin namespace and the balancer's own endpoints are never forwarded --------------------
+
+ADMIN_SPELLINGS = [
+    b"/x/../admin/backends/counted/disable",
+    b"/x/%2e%2e/admin/backends/counted/disable",
+    b"/x/%2E%2E/admin/backends/counted/disable",
+    b"/x/.%2e/admin/backends/counted/disable",
+    b"/./admin/backends/counted/disable",
+    b"/x/..%2fadmin/backends/counted/disable",
+    b"/x%2f..%2fadmin/backends/counted/disable",
+    b"/x\\..\\admin/backends/counted/disable",
+    b"//admin/backends/counted/disable",
+    b"/admin%2fbackends/counted/disable",
+    b"http://example.com/x/../admin/backends/counted/disable",
+]
+OWN_SPELLINGS = [b"/x/../errors/stats", b"/x/%2e%2e/health", b"/x/./../metrics", b"/x/../openapi.json", b"/x/../status", b"/x/.."]
+
+
+async def test_a_path_that_resolves_to_the_balancers_own_never_reaches_a_backend(fronted) -> None:
+    system, backend = await fronted()
+    for target in ADMIN_SPELLINGS + OWN_SPELLINGS:
+        head = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        answer = await exchange(system, head)
+        assert answer.status == 400, target
+        assert answer.problem()["detail"] == "The path resolves to the balancer's own endpoint: not forwarded"
+        assert backend.hits == 0, f"the backend saw {target!r}"
+    assert system.pool.get("counted").admin_state == "enabled"
+
+
+async def test_a_wrong_method_on_any_own_route_is_the_balancers_405_read_from_its_router(fronted, http) -> None:
+    system, backend = await fronted()
+    methods: dict[str, set[str]] = {}
+    for own in system.balancer.app.router.resources():
+        if "proxied_path" not in own.canonical and "app" not in own.get_info():
+            methods.setdefault(own.canonical, set()).update(route.method for route in own)
+    assert methods.keys() >= {"/", "/health", "/status", "/errors/stats", "/metrics", "/events", "/openapi.json"}
+    for path, allowed in methods.items():
+        async with http.put(system.balancer_url + path) as response:
+            assert response.status == 405, path
+            assert set(response.headers["Allow"].split(",")) == allowed
+    assert backend.hits == 0

@@ -13,9 +13,8 @@ from lb_system.proxy.openapi import balancer_document
 from lb_system.tasks.models import TaskFields, TaskPatch
 from lb_system.tasks.openapi import task_api_document
 
-# Catch-alls route whatever no other route takes: everything else to a backend, and any /admin
-# path to the admin 404/405. They are no operations of their own.
-CATCH_ALLS = {"/{proxied_path}", "/admin", "/admin/{tail}"}
+# The catch-all routes whatever no other route takes to a backend: no operation of its own.
+CATCH_ALLS = {"/{proxied_path}"}
 # aiohttp answers HEAD wherever it answers GET; the document lists the GETs.
 IMPLIED = {"HEAD"}
 
@@ -25,6 +24,9 @@ def routed_operations(app: web.Application) -> set[tuple[str, str]]:
     operations = set()
     for resource in app.router.resources():
         info = resource.get_info()
+        if "app" in info:  # a sub-application (the admin API): its routes carry the prefix already
+            operations |= routed_operations(info["app"])
+            continue
         path = info.get("path") or info["formatter"]
         if path in CATCH_ALLS:
             continue

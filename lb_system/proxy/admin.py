@@ -20,7 +20,6 @@ from lb_system.problems import Handler, json_response
 ACTIONS = ("disable", "enable", "drain", "stop", "start")
 _STATE_FOR = {"disable": DISABLED, "enable": ENABLED, "drain": DRAINING}
 _BACKEND_ACTION = re.compile(r"^/admin/backends/([^/]+)/([^/]+)$")
-_KNOWN_POST_PATHS = re.compile(r"^/admin/(reload|backends/[^/]+/(" + "|".join(ACTIONS) + "))$")
 
 
 class ActionRefused(Exception):
@@ -93,28 +92,35 @@ def _authorize(request: web.Request, token_env: str) -> None:
         )
 
 
-def _guarded(handler: Handler, logger: logging.Logger) -> Handler:
-    """An admin handler behind the token: authorised before anything else (even a 404 or 405
-    tells nothing without it), and logged with action, target, client and result. Wrapping
-    the admin routes, not every request, keeps this off the proxied path."""
+async def _authorized_and_logged(request: web.Request, handler: Handler, logger: logging.Logger) -> web.StreamResponse:
+    """Authorise before anything else (even a 404 or 405 tells nothing without the token), then
+    handle; log action, target, client and result, never the token."""
+    action, target = _describe(request)
+    status = 500
+    try:
+        control = request.app.get(ADMIN_CONTROL)
+        if control is None:
+            raise web.HTTPNotFound(text="No admin API is served here")
+        _authorize(request, control.config.admin.token_env)
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        level = logging.INFO if status < 400 else logging.WARNING
+        fields = {"action": action, "target": target, "client": request.remote, "result": status}
+        logger.log(level, "admin", extra={FIELDS: fields})
 
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        action, target = _describe(request)
-        status = 500
-        try:
-            _authorize(request, request.app[ADMIN_CONTROL].config.admin.token_env)
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as error:
-            status = error.status
-            raise
-        finally:
-            level = logging.INFO if status < 400 else logging.WARNING
-            fields = {"action": action, "target": target, "client": request.remote, "result": status}
-            logger.log(level, "admin", extra={FIELDS: fields})
 
-    return guarded
+def guarded(handler: Handler, logger: logging.Logger) -> Handler:
+    """One handler of the balancer app behind the admin token (DELETE /errors/stats)."""
+
+    async def guarded_handler(request: web.Request) -> web.StreamResponse:
+        return await _authorized_and_logged(request, handler, logger)
+
+    return guarded_handler
 
 
 async def backend_action(request: web.Request) -> web.Response:
@@ -154,19 +160,18 @@ async def reset_error_stats(request: web.Request) -> web.Response:
     return json_response({"reset": True, "cleared_errors": cleared})
 
 
-async def unknown_admin_path(request: web.Request) -> web.Response:
-    # Never forwarded to a backend: /admin/ belongs to the balancer.
-    if _KNOWN_POST_PATHS.match(request.path):
-        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
-    raise web.HTTPNotFound(text=f"Unknown admin endpoint {request.path}")
+def make_admin_app(control: AdminControl | None, logger: logging.Logger) -> web.Application:
+    """The admin API, a sub-application for /admin. Its middleware authorises and logs every
+    request that falls under /admin, before the sub-app's own 404 or 405; nothing under /admin
+    is ever forwarded. Without a `control` every request is 404."""
 
+    @web.middleware
+    async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await _authorized_and_logged(request, handler, logger)
 
-def add_admin_routes(app: web.Application, control: AdminControl, logger: logging.Logger) -> None:
-    """Every path under /admin (any method, any character) and DELETE /errors/stats."""
-    app[ADMIN_CONTROL] = control
-    router = app.router
-    router.add_post("/admin/backends/{name}/{action:" + "|".join(ACTIONS) + "}", _guarded(backend_action, logger))
-    router.add_post("/admin/reload", _guarded(reload_config, logger))
-    router.add_delete("/errors/stats", _guarded(reset_error_stats, logger))
-    router.add_route("*", "/admin", _guarded(unknown_admin_path, logger))
-    router.add_route("*", r"/admin/{tail:[\s\S]*}", _guarded(unknown_admin_path, logger))
+    app = web.Application(middlewares=[admin_auth])
+    if control is not None:
+        app[ADMIN_CONTROL] = control
+    app.router.add_post("/backends/{name}/{action:" + "|".join(ACTIONS) + "}", backend_action)
+    app.router.add_post("/reload", reload_config)
+    return app

@@ -29,11 +29,12 @@ from lb_system.problems import (
     json_response,
     make_problem_middleware,
 )
-from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, add_admin_routes
+from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, guarded, make_admin_app, reset_error_stats
 from lb_system.proxy.client_limits import CLIENT_LIMITS, ClientLimits, Refusal
 from lb_system.proxy.forwarder import Forwarder
 from lb_system.proxy.health import HealthChecker, make_check_session, session_probe
 from lb_system.proxy.openapi import balancer_document
+from lb_system.proxy.targets import OwnPaths
 from lb_system.proxy.transport import make_client_session
 
 # The balancer app's state, set once by make_balancer_app (the session and checker by its cleanup context).
@@ -123,18 +124,6 @@ class Balancer:
         self.health_checker.wake()
 
 
-# The balancer's own paths: a wrong method there is the balancer's 405, never forwarded.
-OWN_ROUTES: dict[str, tuple[str, ...]] = {
-    "/health": ("GET", "HEAD"),
-    "/status": ("GET", "HEAD"),
-    "/errors/stats": ("GET", "HEAD", "DELETE"),
-    "/metrics": ("GET", "HEAD"),
-    "/": ("GET", "HEAD"),
-    "/events": ("GET",),
-    "/openapi.json": ("GET", "HEAD"),
-}
-
-
 def make_balancer_app(
     config: Config,
     *,
@@ -193,9 +182,6 @@ def make_balancer_app(
     app[LIVE_FEED] = feed
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        allowed = OWN_ROUTES.get(request.path)
-        if allowed is not None:
-            raise web.HTTPMethodNotAllowed(request.method, allowed)
         return await forwarder(request)
 
     async def client_and_health(app: web.Application) -> AsyncIterator[None]:
@@ -232,6 +218,10 @@ def make_balancer_app(
 
     app.router.add_get("/openapi.json", openapi)
     if control is not None:
-        add_admin_routes(app, control, logger)
+        app[ADMIN_CONTROL] = control
+        app.router.add_delete("/errors/stats", guarded(reset_error_stats, logger))
+    app.add_subapp("/admin", make_admin_app(control, logger))
     app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", r":[\s\S]*}"), forward)
+    # Read from the router, so a route added above is never forwarded by another spelling.
+    forwarder.own_paths = OwnPaths(app.router.resources(), skip=CATCH_ALL_VARIABLE)
     return Balancer(app, forwarder, feed)

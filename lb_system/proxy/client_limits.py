@@ -31,6 +31,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from lb_system.balancing.events import BALANCER
 from lb_system.config import ProxyConfig
 from lb_system.problems import ANSWERED_BY_HEADER, REQUEST_ID_HEADER, new_request_id, problem_response
+from lb_system.proxy.targets import CANNOT_FORWARD, forwardable_form
 
 
 class Refusal(NamedTuple):
@@ -159,7 +160,11 @@ class ClientConnection(RequestHandler):
         if not isinstance(message, RawRequestMessage):
             self._refused = True  # the parser refused it (answered by _make_error_handler): read no more
             return
-        if over and _head_size(message) > self._max_head:
+        if not forwardable_form(message.method, message.path):
+            # Authority-form (CONNECT), asterisk-form, or a scheme we do not speak: never routed.
+            self._messages[-1] = (self._err_info(400, "bad_target", CANNOT_FORWARD), EMPTY_PAYLOAD)
+            self._refused = True
+        elif over and _head_size(message) > self._max_head:
             # Still queued: answered as a refusal instead of being handled.
             refusal = self._err_info(431, "header_section_too_large", "Request header section too large")
             self._messages[-1] = (refusal, EMPTY_PAYLOAD)

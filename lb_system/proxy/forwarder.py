@@ -35,6 +35,7 @@ from lb_system.problems import (
 )
 from lb_system.proxy.client_limits import Refusal
 from lb_system.proxy.headers import HeaderPolicy, response_headers
+from lb_system.proxy.targets import OwnPaths, upstream_target
 from lb_system.proxy.transport import describe_failure, is_connect_failure
 from lb_system.proxy.websocket import WEBSOCKET_HANDSHAKE, is_websocket_upgrade, pump_both_ways
 
@@ -49,6 +50,7 @@ INCOMPLETE = "response body incomplete"
 
 
 BODY_INCOMPLETE = "Request body incomplete or malformed"
+_REASONS = {400: "bad_request", 405: "method_not_allowed", 408: "timeout", 413: "body_too_large"}
 
 
 class _LimitedBody:
@@ -108,6 +110,8 @@ class Forwarder:
         self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
         self.in_flight = 0
         self.observers = observers if observers is not None else Observers(logger)
+        # The balancer's own paths (set once its routes exist): never forwarded by another spelling.
+        self.own_paths: OwnPaths | None = None
 
     def apply_config(self, config: Config) -> None:
         proxy = config.proxy
@@ -123,6 +127,10 @@ class Forwarder:
         started = time.perf_counter()
         request_id = request[REQUEST_ID]
         deadline = asyncio.get_running_loop().time() + self.config.proxy.request_timeout
+        # Refused before anything is counted, like the balancer's other own answers.
+        target, host = upstream_target(request)
+        if self.own_paths is not None:
+            self.own_paths.refuse(request, target)
         try:
             websocket = is_websocket_upgrade(request)
             # Read before the request counts against any backend: an upload in progress holds no
@@ -136,13 +144,13 @@ class Forwarder:
             self.in_flight += 1
             try:
                 if websocket:
-                    return await self._websocket(request, request_id, started)
-                return await self._forward(request, request_id, started, body, replayable, deadline)
+                    return await self._websocket(request, request_id, started, target, host)
+                return await self._forward(request, request_id, started, (target, host), body, replayable, deadline)
             finally:
                 self.in_flight -= 1
         except web.HTTPException as error:
             # The client's fault found on the way (a body too large, too slow or cut): the balancer answers it.
-            reason = getattr(error, "refusal_reason", None) or ("body_too_large" if error.status == 413 else "bad_body")
+            reason = getattr(error, "refusal_reason", None) or _REASONS.get(error.status, "refused")
             self._access_log(request, error.status, None, started, request_id, None, reason=reason)
             self._notify(request.method, error.status, BALANCER, started, [])
             raise
@@ -189,12 +197,16 @@ class Forwarder:
         request: web.Request,
         request_id: str,
         started: float,
+        target: tuple[str, str | None],
         body: bytes | _LimitedBody | None,
         replayable: bool,
         deadline: float,
     ) -> web.StreamResponse:
         self.budget.on_request()
         headers = self.header_policy.upstream_headers(request, request_id)
+        path, host = target
+        if host is not None:  # an absolute-form target names the host (RFC 9112 §3.2.2)
+            headers["Host"] = host
         key = self._hash_key(request)
 
         tried: list[Backend] = []
@@ -206,7 +218,7 @@ class Forwarder:
                 tried.append(backend)
                 try_started = time.perf_counter()
                 try:
-                    upstream, data = await self._send(request, backend, headers, body, deadline)
+                    upstream, data = await self._send(request, backend, path, headers, body, deadline)
                 except _TryFailed as failure:
                     last_failure = failure
                     tries.append(TryResult(backend.name, None, time.perf_counter() - try_started, failure.reason))
@@ -266,13 +278,17 @@ class Forwarder:
             return None
         return hash_key(self.hash_on, client_ip=request.remote or "", path=request.path, headers=request.headers)
 
-    async def _websocket(self, request: web.Request, request_id: str, started: float) -> web.StreamResponse:
+    async def _websocket(
+        self, request: web.Request, request_id: str, started: float, path: str, host: str | None
+    ) -> web.StreamResponse:
         """Tunnel a WebSocket to one backend, message by message, until either side closes."""
         backend = self.pool.choose(self._hash_key(request))
         if backend is None:
             self._notify(request.method, 503, BALANCER, started, [], no_backend=True)
             return _unavailable(request, request_id)
         headers = self.header_policy.upstream_headers(request, request_id)
+        if host is not None:
+            headers["Host"] = host
         for name in WEBSOCKET_HANDSHAKE:
             headers.popall(name, None)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
@@ -281,7 +297,7 @@ class Forwarder:
             try:
                 async with asyncio.timeout(self.config.proxy.per_try_timeout):
                     upstream = await self._session().ws_connect(
-                        backend.url + request.raw_path,
+                        backend.url + path,
                         headers=headers,
                         protocols=protocols,
                         timeout=aiohttp.ClientWSTimeout(ws_close=self.config.proxy.connect_timeout),
@@ -324,6 +340,7 @@ class Forwarder:
         self,
         request: web.Request,
         backend: Backend,
+        path: str,
         headers: CIMultiDict[str],
         body: bytes | _LimitedBody | None,
         deadline: float,
@@ -344,7 +361,7 @@ class Forwarder:
             async with asyncio.timeout(timeout):
                 upstream = await self._session().request(
                     request.method,
-                    backend.url + request.raw_path,
+                    backend.url + path,
                     headers=headers,
                     data=body,
                     allow_redirects=False,
