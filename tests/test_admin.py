@@ -8,7 +8,7 @@ import logging
 import aiohttp
 import pytest
 import yarl
-from conftest import refused, wait_for
+from support.waiting import refused, wait_for
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -137,7 +137,7 @@ async def test_disable_takes_a_backend_out_now_and_in_flight_requests_finish(
     gated = await gated_backend("remote")
     system = await start_system(make_config(backends=[{"name": "remote", "url": gated.url}, {"name": "backend-1", "port": 0}]))
     slow = asyncio.create_task(http.get(system.balancer_url + "/slow"))
-    await wait_for(lambda: gated.waiting == 1)
+    await wait_for(lambda: gated.active == 1)
 
     status, body = await post(http, system.balancer_url + "/admin/backends/remote/disable")
     assert status == 200 and body["changed"] is True and body["status"]["admin_state"] == "disabled"
@@ -146,7 +146,7 @@ async def test_disable_takes_a_backend_out_now_and_in_flight_requests_finish(
     for _ in range(3):
         async with http.get(system.balancer_url + "/x") as response:
             assert response.headers["X-Backend"] == "backend-1"
-    gated.gate.set()
+    gated.release.set()
     response = await slow
     assert response.status == 200 and response.headers["X-Backend"] == "remote"
     response.release()
@@ -178,12 +178,12 @@ async def test_drain_reports_when_the_last_in_flight_request_finished(
     gated = await gated_backend("remote")
     system = await start_system(make_config(backends=[{"name": "remote", "url": gated.url}, {"name": "backend-1", "port": 0}]))
     slow = [asyncio.create_task(http.get(system.balancer_url + "/slow")) for _ in range(4)]
-    await wait_for(lambda: gated.waiting == 2)  # round robin: two on remote, two on backend-1 (404)
+    await wait_for(lambda: gated.active == 2)  # round robin: two on remote, two on backend-1 (404)
     status, body = await post(http, system.balancer_url + "/admin/backends/remote/drain")
     assert status == 200 and body["status"]["admin_state"] == "draining" and body["status"]["drained_at"] is None
     remote = await backend_status(http, system, "remote")
     assert remote["active_requests"] == 2 and remote["healthy"] is True and remote["serving"] is False
-    gated.gate.set()
+    gated.release.set()
     for task in slow:
         (await task).release()
     await wait_for(lambda: system.pool.get("remote").drained_at is not None)

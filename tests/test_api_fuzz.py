@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 import schemathesis
-from conftest import FAST_HEALTH
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis.core.transport import Response
+from support.config_files import FAST_HEALTH
 
 from lb_system import System, parse_config
 from lb_system.proxy.openapi import balancer_document
@@ -120,12 +120,15 @@ set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "lb_system-hypothesis")
 # here so the tests exist at collection time; requests go to the live system's socket.
 # (schemathesis.pytest.from_fixture would load it from the balancer, but its lazy schemas
 # use a pytest attribute that pytest 9 no longer has.)
-schema = schemathesis.openapi.from_dict(balancer_document(task_api_document(debug_endpoints=True)))
+schema: schemathesis.BaseSchema = schemathesis.openapi.from_dict(balancer_document(task_api_document(debug_endpoints=True)))
 for path in NOT_FUZZED:
     schema = schema.exclude(path=path)
 
-# Schemathesis's strategies draw from `random` (hypothesis deprecates that; schemathesis's concern, not ours).
-pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+pytestmark = [
+    pytest.mark.slow,  # thousands of generated requests
+    # Schemathesis's strategies draw from `random` (hypothesis deprecates that; schemathesis's concern, not ours).
+    pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning"),
+]
 
 
 @schema.parametrize()

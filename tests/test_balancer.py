@@ -7,11 +7,14 @@ import logging
 import re
 import select
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import FAST_HEALTH, wait_for
+from support.config_files import FAST_HEALTH
+from support.misbehaving import ScriptedServer, answer, hang_up, on_path
+from support.waiting import wait_for
 
 from lb_system.observability.log import render_message
 
@@ -379,57 +382,49 @@ async def test_nothing_answering_is_502(make_config, start_system, outside_backe
 
 
 @pytest.fixture
-async def dropper(aiohttp_server):
-    """A backend that reads each request and then cuts the connection before answering."""
-    from aiohttp import web
-
-    seen: list[bytes] = []
-
-    async def drop(request: web.Request) -> web.StreamResponse:
-        seen.append(await request.read())
-        request.transport.close()
-        return web.Response()
-
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_route("*", "/{tail:.*}", drop)
-    server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/"), seen
+async def dropper() -> AsyncIterator[ScriptedServer]:
+    """A backend whose health check passes and that cuts every other request before answering."""
+    server = await ScriptedServer.start(then=on_path("/health", answer(body=b'{"status": "ok"}'), hang_up))
+    yield server
+    await server.close()
 
 
 @pytest.fixture
 async def dropper_and_good(dropper, outside_backend, make_config, start_system):
-    url, seen = dropper
     good = await outside_backend("good")
     system = await start_system(
-        make_config(backends=[{"name": "dropper", "url": url}, {"name": "good", "url": good.url}], health={"interval": 60.0})
+        make_config(
+            backends=[{"name": "dropper", "url": dropper.url}, {"name": "good", "url": good.url}], health={"interval": 60.0}
+        )
     )
-    return system, good, seen
+    return system, good, dropper
+
+
+def dropped(dropper: ScriptedServer) -> int:
+    """How many requests the dropper cut (its health checks aside)."""
+    return sum(1 for r in dropper.requests if r.target != "/health")
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 async def test_idempotent_request_dropped_mid_exchange_is_retried_elsewhere(method, dropper_and_good, http) -> None:
-    system, good, seen = dropper_and_good
+    system, good, dropper = dropper_and_good
     for _ in range(2):
         async with http.request(method, system.balancer_url + "/tasks/1", json={"title": "x"}) as r:
             assert r.status == 200
             assert r.headers["X-Backend"] == "good"
-    assert len(seen) >= 1, "the dropper was tried first at least once"
+    assert dropped(dropper) >= 1, "the dropper was tried first at least once"
     assert good.hits == 2
 
 
 async def test_post_dropped_mid_exchange_is_not_retried(dropper_and_good, http) -> None:
-    system, good, seen = dropper_and_good
+    system, good, dropper = dropper_and_good
     statuses = []
     for _ in range(2):
         async with http.post(system.balancer_url + "/tasks", json={"title": "x"}) as r:
             statuses.append((r.status, r.headers.get("X-Backend")))
     assert (502, "balancer") in statuses, "the dropped POST must not be replayed on another backend"
     assert good.hits == 1
-    assert len(seen) == 1
+    assert dropped(dropper) == 1
 
 
 async def test_the_balancer_reuses_keep_alive_connections(make_config, start_system, outside_backend, http) -> None:

@@ -18,6 +18,10 @@ RUN = str(REPO / "run.py")
 POSIX = sys.platform != "win32"
 
 
+# Every test here runs `python run.py` in a subprocess.
+pytestmark = pytest.mark.slow
+
+
 def write_config(folder: Path, balancer_port: int = 0, **extra: str) -> Path:
     path = folder / "config.toml"
     path.write_text(
@@ -34,6 +38,7 @@ async def run(*args: str, cwd: Path, timeout: float = 20) -> tuple[int, str, str
         sys.executable, RUN, *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
 
 
@@ -67,6 +72,7 @@ class Served:
     async def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
         self.process.send_signal(sig)
         _, stderr = await asyncio.wait_for(self.process.communicate(), 20)
+        assert self.process.returncode is not None
         return self.process.returncode, stderr.decode()
 
 

@@ -9,8 +9,9 @@ import resource
 
 import aiohttp
 import pytest
-from conftest import OutsideBackend, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support.backends import FakeBackend
+from support.waiting import wait_for
 
 PROBLEM = "application/problem+json"
 
@@ -26,7 +27,7 @@ def fronted(outside_backend, make_config, start_system):
     """A system in front of one outside backend that counts what reaches it (`hits`)."""
 
     async def start(**sections) -> tuple:
-        backend: OutsideBackend = await outside_backend("counted")
+        backend: FakeBackend = await outside_backend("counted")
         sections.setdefault("health", {"interval": 60.0, "passive_fall": 1})
         system = await start_system(make_config(backends=[{"name": "counted", "url": backend.url}], **sections))
         return system, backend

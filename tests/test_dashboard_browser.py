@@ -13,8 +13,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import wait_for
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+from support.waiting import wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -28,9 +28,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)"),
+]
 
 
 @pytest.fixture
@@ -149,9 +150,9 @@ async def test_cards_show_admin_states_and_retiring_and_a_banner_shows_the_refus
 
     # A request held on remote, then a reload removes remote: it retires once the request ends.
     slow: list[asyncio.Task[aiohttp.ClientResponse]] = []
-    while not gated.waiting:
+    while not gated.active:
         slow.append(asyncio.create_task(http.get(system.balancer_url + "/slow")))
-        await wait_for(lambda: gated.waiting or slow[-1].done(), message="a /slow request answered or held")
+        await wait_for(lambda: gated.active or slow[-1].done(), message="a /slow request answered or held")
     config_file.write(backends=hosted)
     await expect_state(page, "remote", "retiring")
 
@@ -169,7 +170,7 @@ async def test_cards_show_admin_states_and_retiring_and_a_banner_shows_the_refus
     await expect(banner).to_be_visible(timeout=5000)
     await expect(banner).to_contain_text(system.config_error)
 
-    gated.gate.set()
+    gated.release.set()
     for task in slow:
         (await task).release()
     await expect(card(page, "remote")).to_have_count(0, timeout=5000)

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import wait_for
+from support.waiting import wait_for
 
 SEED_KEYS = ["total_errors", "error_types", "by_server", "recent_errors", "since"]
 

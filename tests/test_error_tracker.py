@@ -7,7 +7,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
-from conftest import T0, FakeClock
+from support.clock import T0, FakeClock
 
 import lb_system.observability.error_tracker as et
 from lb_system.observability.error_tracker import ErrorTracker, error_type
@@ -534,6 +534,7 @@ def test_internal_sizes_stay_bounded_after_200k_distinct_paths(clock: FakeClock)
     assert len(tracker.stats()["recent_errors"]) == 50
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_while_recording_200k_distinct_paths(clock: FakeClock) -> None:
     tracker = ErrorTracker(clock=clock)
     rng = random.Random(2)

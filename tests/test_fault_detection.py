@@ -7,104 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from conftest import started_servers, wait_for
+from support.waiting import wait_for
 
 from lb_system.balancing.events import CheckResult, Observer, ProxiedRequest, Transition
-
-
-class Misbehaving:
-    """A backend whose /health is always fine and whose other routes misbehave:
-    /slow answers after `slow_s` (or when released), /hang never answers until the server stops,
-    /cut starts a chunked answer and closes the connection mid-body, /short promises more bytes
-    than it sends, anything else answers 200 at once."""
-
-    def __init__(self, name: str, *, slow_s: float = 1.5) -> None:
-        self.name = name
-        self.slow_s = slow_s
-        self.active = 0
-        self.hits = 0
-        self.release = asyncio.Event()
-        self.server: TestServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
-
-    def app(self) -> web.Application:
-        async def health(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def slow(request: web.Request) -> web.Response:
-            self.hits += 1
-            self.active += 1
-            try:
-                try:
-                    await asyncio.wait_for(self.release.wait(), self.slow_s)
-                except TimeoutError:
-                    pass
-                return web.json_response({"server": self.name})
-            finally:
-                self.active -= 1
-
-        async def hang(request: web.Request) -> web.Response:
-            self.hits += 1
-            await self.release.wait()
-            return web.json_response({"server": self.name})
-
-        async def cut(request: web.Request) -> web.StreamResponse:
-            self.hits += 1
-            response = web.StreamResponse()
-            response.enable_chunked_encoding()
-            await response.prepare(request)
-            await response.write(b"c" * 4096)
-            assert request.transport is not None
-            request.transport.close()  # mid-body: no last chunk
-            return response
-
-        async def short(request: web.Request) -> web.StreamResponse:
-            self.hits += 1
-            response = web.StreamResponse()
-            response.content_length = 1024 * 1024  # large: streamed through
-            await response.prepare(request)
-            await response.write(b"s" * 4096)
-            assert request.transport is not None
-            request.transport.close()
-            return response
-
-        async def anything(request: web.Request) -> web.Response:
-            self.hits += 1
-            return web.json_response({"server": self.name})
-
-        app = web.Application()
-        app.router.add_get("/health", health)
-        app.router.add_get("/slow", slow)
-        app.router.add_get("/hang", hang)
-        app.router.add_get("/cut", cut)
-        app.router.add_get("/short", short)
-        app.router.add_route("*", r"/{tail:[\s\S]*}", anything)
-        return app
-
-    async def start(self) -> None:
-        self.server = TestServer(self.app(), host="127.0.0.1")
-        await self.server.start_server()
-
-    async def stop(self) -> None:
-        self.release.set()
-        if self.server is not None:
-            await self.server.close()
-
-
-@pytest.fixture
-async def misbehaving() -> AsyncIterator[Callable[..., Awaitable[Misbehaving]]]:
-    async with started_servers(Misbehaving) as start:
-        yield start
 
 
 @pytest.fixture
@@ -124,8 +32,8 @@ async def error_records(http: aiohttp.ClientSession, system) -> list[dict]:
 # --- active checks never wait behind proxied requests -----------------------------------------
 
 
-async def test_a_busy_backend_with_slow_answers_stays_up_and_serves_the_next_request(misbehaving, balancer, http) -> None:
-    busy = await misbehaving("busy")  # answers in 1.5 s
+async def test_a_busy_backend_with_slow_answers_stays_up_and_serves_the_next_request(outside_backend, balancer, http) -> None:
+    busy = await outside_backend("busy")
     system = await balancer(
         [busy],
         proxy={"max_connections_per_backend": 2},
@@ -148,10 +56,8 @@ async def test_a_busy_backend_with_slow_answers_stays_up_and_serves_the_next_req
 # --- passive and active signals are independent ---------------------------------------------
 
 
-async def test_a_hung_backend_with_good_checks_is_ejected_at_one_request_per_half_second(
-    misbehaving, outside_backend, balancer, http
-) -> None:
-    hung, good = await misbehaving("hung"), await outside_backend("good")
+async def test_a_hung_backend_with_good_checks_is_ejected_at_one_request_per_half_second(outside_backend, balancer, http) -> None:
+    hung, good = await outside_backend("hung"), await outside_backend("good", misbehaves=False)
     system = await balancer(
         [hung, good],
         weights={"hung": 100},  # nearly every request tries the hung one first
@@ -178,10 +84,8 @@ async def test_a_hung_backend_with_good_checks_is_ejected_at_one_request_per_hal
 
 
 @pytest.mark.parametrize("route", ["/cut", "/short"])
-async def test_a_backend_that_cuts_its_answers_is_ejected_and_recorded(
-    misbehaving, outside_backend, balancer, http, lb_log, route
-) -> None:
-    cutter, good = await misbehaving("cutter"), await outside_backend("good")
+async def test_a_backend_that_cuts_its_answers_is_ejected_and_recorded(outside_backend, balancer, http, lb_log, route) -> None:
+    cutter, good = await outside_backend("cutter"), await outside_backend("good", misbehaves=False)
     system = await balancer([cutter, good], health={"interval": 60.0})
     cut_ids: list[str] = []
     for _ in range(40):

@@ -9,14 +9,15 @@ import time
 from typing import Any
 
 import aiohttp
-from conftest import wait_for
+from support.waiting import wait_for
 
 FAST_FEED = 0.05  # seconds between updates in these tests (1 s in production)
 
 
 async def next_event(response: aiohttp.ClientResponse) -> tuple[str, Any]:
     """The next event on an SSE stream, as (event name, parsed data); comments are skipped."""
-    name, data = "message", []
+    name = "message"
+    data: list[str] = []
     while True:
         raw = await response.content.readline()
         if not raw:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ast
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,11 +17,11 @@ from lb_system.observability.log import FIELDS, LOGGER_NAME, configure_logging, 
 
 
 @pytest.fixture
-def configured(tmp_path: Path) -> Iterator[tuple[logging.Logger, Path, list]]:
+def configured(tmp_path: Path) -> Iterator[tuple[Callable[..., tuple[logging.Logger, Path]], Callable[[], None]]]:
     """Sets the lb_system logger up as `python run.py` does; yields (setup, stop)."""
     stopped = []
 
-    def setup(**log: object) -> tuple[logging.Logger, Path]:
+    def setup(**log: Any) -> tuple[logging.Logger, Path]:
         config = LogConfig(file=str(tmp_path / "balancer.log"), **log)
         stopped.append(configure_logging(config, console=False))
         return logging.getLogger(LOGGER_NAME), Path(config.file)

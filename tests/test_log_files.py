@@ -10,11 +10,13 @@ import logging.handlers
 import re
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from support.waiting import wait_for
 
+from lb_system.balancing.pool import Backend
 from lb_system.config import Config
 from lb_system.observability.log import LOGGER_NAME, configure_logging
 
@@ -143,6 +145,10 @@ def test_a_traceback_stays_in_the_file_of_its_record(make_config, log_to) -> Non
         assert headers == tails, file.name
 
 
+def all_healthy(backends: list[Backend]) -> bool:
+    return all(b.healthy for b in backends)
+
+
 async def test_json_lines_parse_and_carry_the_same_fields_as_text(make_config, start_system, log_to, http) -> None:
     """The same requests logged once as text and once as json give the same fields."""
     documents: dict[str, list[dict[str, object]]] = {}
@@ -150,8 +156,7 @@ async def test_json_lines_parse_and_carry_the_same_fields_as_text(make_config, s
         config = make_config(log={"format": form, "file": f"{form}.log"}, database={"path": f"{form}.db"})
         log_to.start(config)
         system = await start_system(config)
-        backends = system.pool.backends
-        await wait_for(lambda b=backends: all(x.healthy for x in b), message="backends up")  # else a 503
+        await wait_for(partial(all_healthy, system.pool.backends), message="backends up")  # else a 503
         for path in ("/tasks/555", "/debug/crash"):
             async with http.get(system.balancer_url + path, headers={"X-Request-ID": f"{form}-{path[1:6]}"}) as r:
                 await r.read()

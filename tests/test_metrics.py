@@ -7,14 +7,14 @@ import asyncio
 import contextlib
 import shutil
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support.waiting import wait_for
 
 # Health checks only at start-up: the counts stay put while a test compares them.
 QUIET_HEALTH = {"interval": 3600, "rise": 1, "fall": 1}
@@ -36,7 +36,7 @@ class Scrape:
         return sum(matches)
 
     def by(self, name: str, label: str) -> dict[str, float]:
-        totals: Counter[str] = Counter()
+        totals: defaultdict[str, float] = defaultdict(float)
         for found, value in self.samples.get(name, []):
             totals[found[label]] += value
         return {k: v for k, v in totals.items() if v}
@@ -273,6 +273,7 @@ async def test_deleting_error_stats_leaves_lb_errors_total_monotonic(make_config
     assert (await scrape(http, url)).value("lb_errors_total", code="404") == 3
 
 
+@pytest.mark.slow
 async def test_promtool_finds_the_exposition_clean(make_config, start_system, http) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

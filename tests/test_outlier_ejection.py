@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import FakeClock
+from support.clock import FakeClock
 
 from lb_system.balancing.events import CheckResult, Observer, Observers, ProxiedRequest, Transition
 from lb_system.balancing.pool import Backend, BackendPool

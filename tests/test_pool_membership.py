@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from conftest import FakeClock
+from support.clock import FakeClock
 
 from lb_system.balancing.pool import DRAINING, ENABLED, Backend, BackendPool
 from lb_system.config import HealthConfig

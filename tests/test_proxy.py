@@ -5,210 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gzip
 import io
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from conftest import started_servers, wait_for
+from support.backends import GZIPPED, FakeBackend, MiB, started_backends
+from support.waiting import wait_for
 
 from lb_system.observability.log import render_message
 
-MiB = 1024 * 1024
-
-
-class TestBackend:
-    """An outside backend with routes that misbehave on request."""
-
-    __test__ = False
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.hits = 0
-        self.active = 0
-        self.uploaded = 0
-        self.seen_headers: list[dict[str, str]] = []
-        self.release = asyncio.Event()
-        self.healthy = True
-        self.server: TestServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
-
-    def app(self) -> web.Application:
-        async def health(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok" if self.healthy else "sick"}, status=200 if self.healthy else 503)
-
-        async def echo(request: web.Request) -> web.Response:
-            self.hits += 1
-            self.seen_headers.append(dict(request.headers))
-            return web.json_response({"server": self.name, "headers": {k: v for k, v in request.headers.items()}})
-
-        async def status(request: web.Request) -> web.Response:
-            self.hits += 1
-            return web.json_response({"server": self.name}, status=int(request.match_info["code"]))
-
-        async def hold(request: web.Request) -> web.Response:
-            """Answers only when the test releases it (or after `s` seconds)."""
-            self.hits += 1
-            self.active += 1
-            try:
-                seconds = float(request.query.get("s", "30"))
-                try:
-                    await asyncio.wait_for(self.release.wait(), seconds)
-                except TimeoutError:
-                    pass
-                return web.json_response({"server": self.name})
-            finally:
-                self.active -= 1
-
-        async def flaky(request: web.Request) -> web.Response:
-            """503 at once on the backend named "first"; held elsewhere."""
-            if self.name == "first":
-                self.hits += 1
-                return web.json_response({"server": self.name}, status=503)
-            return await hold(request)
-
-        async def truncated(request: web.Request) -> web.StreamResponse:
-            self.hits += 1
-            response = web.StreamResponse()
-            response.content_length = 10 * MiB  # large: streamed, so bytes reach the client early
-            await response.prepare(request)
-            await response.write(b"p" * MiB)
-            request.transport.close()
-            return response
-
-        async def drop(request: web.Request) -> web.Response:
-            self.hits += 1
-            await request.read()
-            request.transport.close()
-            return web.Response()
-
-        async def trickle(request: web.Request) -> web.StreamResponse:
-            """A large answer whose headers come at once and whose body drips until released."""
-            self.active += 1
-            try:
-                response = web.StreamResponse()
-                response.content_length = 10 * MiB
-                await response.prepare(request)
-                while not self.release.is_set():
-                    await response.write(b"t" * 1024)
-                    await asyncio.sleep(0.05)
-                return response
-            finally:
-                self.active -= 1
-
-        async def stall(request: web.Request) -> web.StreamResponse:
-            """A large answer that sends its first MiB and then nothing until released."""
-            response = web.StreamResponse()
-            response.content_length = 10 * MiB
-            await response.prepare(request)
-            await response.write(b"s" * MiB)
-            await self.release.wait()
-            return response
-
-        async def download(request: web.Request) -> web.StreamResponse:
-            size = int(request.query["bytes"])
-            response = web.StreamResponse()
-            if request.query.get("chunked"):
-                response.enable_chunked_encoding()
-            else:
-                response.content_length = size
-            await response.prepare(request)
-            if request.method == "HEAD":
-                await response.write_eof()
-                return response
-            block = b"x" * (256 * 1024)
-            sent = 0
-            while sent < size:
-                part = block[: min(len(block), size - sent)]
-                await response.write(part)
-                sent += len(part)
-            await response.write_eof()
-            return response
-
-        async def upload(request: web.Request) -> web.Response:
-            total = 0
-            async for chunk in request.content.iter_chunked(64 * 1024):
-                total += len(chunk)
-            self.uploaded = total
-            return web.json_response({"received": total})
-
-        async def gzipped(request: web.Request) -> web.Response:
-            return web.Response(body=GZIPPED, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
-
-        async def no_content(request: web.Request) -> web.Response:
-            return web.Response(status=204, headers={"X-Extra": "1"})
-
-        async def not_modified(request: web.Request) -> web.Response:
-            return web.Response(status=304, headers={"ETag": '"v1"'})
-
-        async def hop_by_hop(request: web.Request) -> web.Response:
-            return web.Response(
-                text="ok",
-                headers={
-                    "Connection": "keep-alive, X-Secret-Hop",
-                    "X-Secret-Hop": "leak",
-                    "Keep-Alive": "timeout=5",
-                    "X-End-To-End": "kept",
-                },
-            )
-
-        async def websocket(request: web.Request) -> web.WebSocketResponse:
-            ws = web.WebSocketResponse(protocols=("chat",))
-            await ws.prepare(request)
-            async for message in ws:
-                if message.type is aiohttp.WSMsgType.TEXT:
-                    await ws.send_str(f"{self.name}:{message.data}")
-                elif message.type is aiohttp.WSMsgType.BINARY:
-                    await ws.send_bytes(message.data[::-1])
-            return ws
-
-        app = web.Application(client_max_size=1024**3)
-        app.router.add_get("/health", health)
-        app.router.add_route("*", "/code/{code}", status)
-        app.router.add_get("/hold", hold)
-        app.router.add_get("/download", download)
-        app.router.add_get("/flaky", flaky)
-        app.router.add_get("/trickle", trickle)
-        app.router.add_get("/stall", stall)
-        app.router.add_get("/truncated", truncated)
-        app.router.add_route("*", "/drop", drop)
-        app.router.add_post("/upload", upload)
-        app.router.add_get("/gzip", gzipped)
-        app.router.add_get("/nocontent", no_content)
-        app.router.add_get("/notmodified", not_modified)
-        app.router.add_get("/hop", hop_by_hop)
-        app.router.add_get("/ws", websocket)
-        app.router.add_route("*", "/{tail:.*}", echo)
-        return app
-
-    async def start(self) -> None:
-        self.server = TestServer(self.app(), host="127.0.0.1")
-        await self.server.start_server()
-
-    async def stop(self) -> None:
-        self.release.set()
-        if self.server is not None:
-            await self.server.close()
-
-
-GZIPPED = gzip.compress(b"hello, compressed world " * 100)
-
 
 @pytest.fixture
-async def backends() -> Callable[..., Awaitable[list[TestBackend]]]:
-    async with started_servers(TestBackend) as start:
+async def backends() -> AsyncIterator[Callable[..., Awaitable[list[FakeBackend]]]]:
+    async with started_backends() as start:
 
-        async def start_all(*names: str) -> list[TestBackend]:
+        async def start_all(*names: str) -> list[FakeBackend]:
             return [await start(name) for name in names]
 
         yield start_all
@@ -218,7 +33,7 @@ async def backends() -> Callable[..., Awaitable[list[TestBackend]]]:
 def balancer(make_config, start_system):
     """Start a system in front of the given outside backends."""
 
-    async def start(servers: list[TestBackend], weights: dict[str, int] | None = None, **sections):
+    async def start(servers: list[FakeBackend], weights: dict[str, int] | None = None, **sections):
         entries = [{"name": s.name, "url": s.url, "weight": (weights or {}).get(s.name, 1)} for s in servers]
         sections.setdefault("health", {"interval": 60.0})
         return await start_system(make_config(backends=entries, **sections))
@@ -500,6 +315,7 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory")
 async def test_a_200_mib_download_and_100_mib_upload_stream_in_bounded_memory(backends, balancer, http) -> None:
     (server,) = await backends("big")
@@ -677,6 +493,7 @@ async def test_past_the_connection_and_pending_caps_requests_are_shed_with_503(b
         assert (await r.json())["error_types"]["503_SERVICE_UNAVAILABLE"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory")
 async def test_memory_stays_flat_under_overload(backends, balancer, http) -> None:
     (server,) = await backends("s")

@@ -12,7 +12,8 @@ import time
 
 import aiohttp
 import pytest
-from conftest import FAST_HEALTH, refused, wait_for
+from support.config_files import FAST_HEALTH
+from support.waiting import refused, wait_for
 
 from lb_system.balancing.pool import DRAINING
 from lb_system.cli.main import install_reload_signal
@@ -117,7 +118,7 @@ async def test_removed_backend_finishes_in_flight_requests_and_gets_no_new_ones(
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
     remote = system.pool.get("remote")
     slow = asyncio.create_task(http.get(system.balancer_url + "/slow"))
-    await wait_for(lambda: gated.waiting == 1, message="a request in flight on remote")
+    await wait_for(lambda: gated.active == 1, message="a request in flight on remote")
 
     config_file.write(backends=[{"name": "backend-1", "port": 0}])
     await wait_for(lambda: system.pool.get("remote") is None, message="remote removed")
@@ -132,7 +133,7 @@ async def test_removed_backend_finishes_in_flight_requests_and_gets_no_new_ones(
             assert response.headers["X-Backend"] == "backend-1"
     assert gated.hits == hits
 
-    gated.gate.set()
+    gated.release.set()
     response = await slow
     assert response.status == 200 and response.headers["X-Backend"] == "remote"
     response.release()
@@ -158,12 +159,12 @@ async def test_drain_timeout_bounds_a_removed_backend_with_a_stuck_request(
     )
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
     slow = asyncio.create_task(http.get(system.balancer_url + "/slow"))
-    await wait_for(lambda: gated.waiting == 1)
+    await wait_for(lambda: gated.active == 1)
     config_file.write(backends=[{"name": "backend-1", "port": 0}])
     await wait_for(lambda: system.pool.get("remote") is None)
     await wait_for(lambda: not system.pool.retiring, message="drain gave up after drain_timeout")
     assert any("backend drain timed out backend=remote" in m for m in lb_log.messages(logging.WARNING))
-    gated.gate.set()
+    gated.release.set()
     (await slow).release()
 
 

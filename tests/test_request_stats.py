@@ -4,7 +4,7 @@ last-minute error rate, per-second rates, downtime. Fake clocks, no network, no 
 from __future__ import annotations
 
 import pytest
-from conftest import T0, FakeClock
+from support.clock import T0, FakeClock
 
 from lb_system.balancing.events import ProxiedRequest, TryResult
 from lb_system.balancing.pool import Backend, BackendPool

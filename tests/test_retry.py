@@ -5,25 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from support.clock import FakeClock
 
 from lb_system.balancing.retry import IDEMPOTENT_METHODS, FailureKind, RetryBudget, RetryPolicy
 
 IDEMPOTENT = sorted(IDEMPOTENT_METHODS)
 NON_IDEMPOTENT = ["POST", "PATCH", "CONNECT"]
 AFTER_SENDING = [FailureKind.RESET, FailureKind.TIMEOUT, FailureKind.STATUS]
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # --- RetryPolicy -------------------------------------------------------------

@@ -4,7 +4,7 @@ windows exact to one second, buckets reused lazily, clock steps back. Fake clock
 from __future__ import annotations
 
 import pytest
-from conftest import T0, FakeClock
+from support.clock import T0, FakeClock
 
 from lb_system.second_ring import SecondRing
 
@@ -84,4 +84,3 @@ def test_a_long_run_keeps_exactly_the_window(clock: FakeClock) -> None:
     assert [ring.total(clock(), 404, s) for s in (60, 300, 900)] == [60, 300, 900]
     ring.clear()
     assert ring.totals(clock()) == {}
-

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import FAST_HEALTH, refused, toml_text, wait_for
+from support.config_files import FAST_HEALTH, toml_text
+from support.waiting import refused, wait_for
 
 from lb_system import System
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no SIGTERM to deliver to a child gracefully")
 async def test_sigterm_lets_in_flight_requests_finish_while_new_connections_are_refused(
     tmp_path: Path, gated_backend, http: aiohttp.ClientSession
@@ -54,19 +56,21 @@ async def test_sigterm_lets_in_flight_requests_finish_while_new_connections_are_
     try:
         await asyncio.wait_for(started.wait(), 20)
         banner = next(line for line in lines if line.startswith("lb_system: balancer on"))
-        balancer = re.search(r"balancer on (http://[^;,\s]+)", banner).group(1)
-        backend = re.search(r"backend-1 on (http://[^;,\s]+)", banner).group(1)
+        balancer_found = re.search(r"balancer on (http://[^;,\s]+)", banner)
+        backend_found = re.search(r"backend-1 on (http://[^;,\s]+)", banner)
+        assert balancer_found is not None and backend_found is not None, banner
+        balancer, backend = balancer_found.group(1), backend_found.group(1)
 
         # Round robin over the two: three of the six wait at the gated backend, three get a quick 404.
         slow = [asyncio.create_task(http.get(balancer + "/slow")) for _ in range(6)]
-        await wait_for(lambda: gated.waiting == 3, timeout=10, message="three requests in flight")
+        await wait_for(lambda: gated.active == 3, timeout=10, message="three requests in flight")
 
         process.send_signal(signal.SIGTERM)
         await wait_for(lambda: refused(balancer), timeout=10, message="the balancer port refusing")
         await wait_for(lambda: refused(backend), timeout=10, message="the backend port refusing")
-        assert process.returncode is None and gated.waiting == 3  # still finishing them
+        assert process.returncode is None and gated.active == 3  # still finishing them
 
-        gated.gate.set()
+        gated.release.set()
         statuses = []
         for task in slow:
             response = await task
@@ -89,7 +93,7 @@ async def test_requests_outliving_shutdown_grace_are_cut_and_stop_returns(make_c
     system = System(config, logger=logging.getLogger("lb_system"))
     await system.start()
     slow = asyncio.create_task(http.get(system.balancer_url + "/slow"))
-    await wait_for(lambda: gated.waiting == 1)
+    await wait_for(lambda: gated.active == 1)
     began = time.monotonic()
     await system.stop()
     assert time.monotonic() - began < 2.0

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
-from conftest import wait_for
+from support.waiting import wait_for
 
 FOUNDATION_FIELDS = {
     "name", "url", "hosted", "healthy", "last_check", "last_check_ms",

@@ -375,6 +375,7 @@ def test_consistent_hash_without_key_falls_back_to_round_robin() -> None:
     assert names(ring(backends), backends, 6) == "abcabc"
 
 
+@pytest.mark.slow
 def test_consistent_hash_mapping_is_stable_across_processes() -> None:
     script = (
         "import json\n"

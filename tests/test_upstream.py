@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import wait_for
 from support.misbehaving import (
     Behaviour,
     FullBacklog,
@@ -28,6 +27,7 @@ from support.misbehaving import (
     stream,
     upgrade_and_echo,
 )
+from support.waiting import wait_for
 
 from lb_system.proxy.upstream import Endpoint, PoolTimeout, TunnelLimitReached, UpstreamError, UpstreamPool
 

@@ -163,12 +163,23 @@ async def upgrade_and_echo(server: ScriptedServer, request: Request, reader: Rea
     return False
 
 
+def on_path(path: str, behaviour: Behaviour, otherwise: Behaviour) -> Behaviour:
+    """`behaviour` for requests to `path` (say, a health check that passes), `otherwise` for the rest."""
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        chosen = behaviour if request.target.split("?", 1)[0] == path else otherwise
+        return await chosen(server, request, reader, writer)
+
+    return behave
+
+
 @dataclass
 class ScriptedServer:
-    """A server that follows `script` one request at a time, then answers 200 "ok"."""
+    """A server that follows `script` one request at a time, then behaves as `then` (answers 200 "ok")."""
 
     script: deque[Behaviour] = field(default_factory=deque)
     ssl_context: ssl.SSLContext | None = None
+    then: Behaviour = field(default_factory=answer)
     accepted: int = 0
     open: int = 0
     most_open: int = 0
@@ -188,8 +199,9 @@ class ScriptedServer:
         sock: socket.socket | None = None,
         ssl_context: ssl.SSLContext | None = None,
         read_bodies: bool = True,
+        then: Behaviour | None = None,
     ) -> ScriptedServer:
-        server = cls(deque(script), ssl_context, read_bodies=read_bodies)
+        server = cls(deque(script), ssl_context, then or answer(), read_bodies=read_bodies)
         if sock is not None:
             server._server = await asyncio.start_server(server._serve, sock=sock, ssl=ssl_context)
         else:
@@ -211,7 +223,7 @@ class ScriptedServer:
         try:
             while (request := await read_request(reader, body=self.read_bodies)) is not None:
                 self.requests.append(request)
-                behaviour = self.script.popleft() if self.script else answer()
+                behaviour = self.script.popleft() if self.script else self.then
                 if not await behaviour(self, request, reader, writer):
                     break
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
