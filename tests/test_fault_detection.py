@@ -167,3 +167,14 @@ async def test_status_shows_the_age_of_each_backends_last_check(make_config, sta
         backends = (await r.json())["backends"]
     ages = [b["last_check_age_s"] for b in backends]
     assert all(isinstance(age, float | int) and 0 <= age < 60 for age in ages), ages
+
+
+async def test_stopping_the_checker_just_as_it_is_woken_still_stops_it(make_config, start_system) -> None:
+    # Python 3.11's asyncio.wait_for returned the wake-up and dropped this cancel: stop() then hung.
+    system = await start_system(make_config(health={"interval": 3600}))
+    checker = system.balancer.health_checker
+    await asyncio.sleep(0)  # let the checker reach its wait
+    checks = system.pool.backends[0].checks_ok
+    checker.wake()
+    await asyncio.wait_for(checker.stop(), 5)
+    assert checker.task is None and system.pool.backends[0].checks_ok == checks

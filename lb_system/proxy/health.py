@@ -105,8 +105,11 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         next_round = loop.time() + self.config.interval
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that arrives as the
+            # wake-up is set, and stop() then waits for a checker that goes on checking.
             try:
-                await asyncio.wait_for(self._wakeup.wait(), max(0.0, next_round - loop.time()))
+                async with asyncio.timeout(max(0.0, next_round - loop.time())):
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
             self._wakeup.clear()
