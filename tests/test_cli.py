@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RUN = str(REPO / "run.py")
 POSIX = sys.platform != "win32"
+UVLOOP = POSIX and importlib.util.find_spec("uvloop") is not None
 
 
 # Every test here runs `python run.py` in a subprocess.
@@ -157,6 +159,7 @@ async def test_start_up_says_where_the_dashboard_is_and_if_admin_is_on_and_the_l
     where = f"balancer={server.url} dashboard={server.url}/"
     assert started.startswith(f"started {where} admin={state} admin_token_env=LB_ADMIN_TOKEN backends=backend-1@http")
     assert re.fullmatch(r"started( \w+=[^\s']+)+", started)  # every field has a value
+    assert started.endswith(" loop=uvloop" if UVLOOP else " loop=asyncio")  # run.py uses uvloop where installed
     assert lines[-1].split(" ", 2)[1:] == ["INFO", f"stopped balancer={server.url}"]  # after the database closed
     assert not (tmp_path / "tasks.db-wal").exists()
     assert not token or token not in banner + stderr + "\n".join(lines)

@@ -3,11 +3,17 @@ last-minute error rate, and the last transitions with their reasons."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import logging
 from datetime import datetime
 from typing import Any
 
 import aiohttp
+import pytest
 from support.waiting import wait_for
+
+from lb_system.operations.system import System
 
 FOUNDATION_FIELDS = {
     "name", "url", "hosted", "healthy", "last_check", "last_check_ms",
@@ -38,6 +44,30 @@ async def test_status_has_every_foundation_and_detail_field(make_config, start_s
         assert datetime.fromisoformat(backend["state_since"].replace("Z", "+00:00"))
         assert backend["transitions"][0]["to"] == "up"
         assert backend["transitions"][0]["reason"] == "health check passed"
+
+
+async def status_loop(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url + "/status") as response:
+        loop: str = (await response.json())["loop"]
+        return loop
+
+
+async def test_status_says_the_standard_loop_runs(make_config, start_system, http) -> None:
+    system = await start_system(make_config())
+    assert await status_loop(http, system.balancer_url) == "asyncio"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed (Windows)")
+def test_status_says_uvloop_runs_under_uvloop(make_config) -> None:
+    import uvloop
+
+    async def served_status() -> str:
+        async with System(make_config(), logger=logging.getLogger("lb_system")) as system:
+            async with aiohttp.ClientSession() as http:
+                return await status_loop(http, system.balancer_url)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(served_status()) == "uvloop"
 
 
 async def test_latency_and_error_rate_follow_the_proxied_requests(make_config, start_system, http) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from lb_system.balancing.pool import BackendPool
 from lb_system.observability.request_stats import RequestStats
 
@@ -14,6 +16,11 @@ def backend_statuses(pool: BackendPool, stats: RequestStats, *, retiring: bool =
     return [b.status_dict(now) | stats.backend_fields(b.name) for b in pool.backends]
 
 
+def loop_name() -> str:
+    """Which event loop runs this process: "uvloop" or "asyncio"."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+
+
 def status_document(pool: BackendPool, stats: RequestStats, *, config_error: str | None = None) -> dict[str, object]:
     return {
         "strategy": pool.strategy.name,
@@ -23,4 +30,5 @@ def status_document(pool: BackendPool, stats: RequestStats, *, config_error: str
         # Removed by a reload, finishing their in-flight requests.
         "retiring": backend_statuses(pool, stats, retiring=True),
         "config_error": config_error,
+        "loop": loop_name(),
     }

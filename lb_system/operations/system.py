@@ -13,6 +13,7 @@ from lb_system.balancing.pool import BackendPool
 from lb_system.config import Config
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS, LOGGER_NAME
+from lb_system.observability.status import loop_name
 from lb_system.operations.config_watch import ConfigWatcher
 from lb_system.operations.membership import HostedBackend, Membership
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
@@ -137,6 +138,7 @@ class System:
         }
         if config.backends:
             started["backends"] = ",".join(f"{b.name}@{urls[b.name]}" for b in config.backends)
+        started["loop"] = loop_name()  # "uvloop", or "asyncio" where uvloop is not installed (Windows)
         self.logger.info("started", extra={FIELDS: started})
         self._started = True
         if self.config_path is not None:

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from lb_system.balancing.events import BALANCER
@@ -32,15 +31,14 @@ from lb_system.problems import (
 from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, guarded, make_admin_app, reset_error_stats
 from lb_system.proxy.client_limits import CLIENT_LIMITS, ClientLimits, Refusal
 from lb_system.proxy.forwarder import Forwarder
-from lb_system.proxy.health import HealthChecker, make_check_session, session_probe
+from lb_system.proxy.health import HealthChecker, transport_probe
 from lb_system.proxy.openapi import balancer_document
 from lb_system.proxy.targets import OwnPaths
-from lb_system.proxy.transport import make_client_session
+from lb_system.proxy.upstream import UpstreamPool
 
-# The balancer app's state, set once by make_balancer_app (the session and checker by its cleanup context).
+# The balancer app's state, set once by make_balancer_app (the checker by its cleanup context).
 BACKEND_POOL = web.AppKey("backend_pool", BackendPool)
 ERROR_TRACKER = web.AppKey("error_tracker", ErrorTracker)
-CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 HEALTH_CHECKER = web.AppKey("health_checker", HealthChecker)
 METRICS = web.AppKey("metrics", Metrics)
@@ -134,7 +132,7 @@ def make_balancer_app(
     forwarded_api: dict[str, Any] | None = None,
     hosted_routes: RouteGroups | None = None,
 ) -> Balancer:
-    """The balancer. Its cleanup context owns the client sessions (the proxy's and the checks') and the health checker:
+    """The balancer. Its cleanup context closes the upstream transport and owns the health checker:
     every backend has had one check before the app is ready to accept a request. With a
     `control` (the system's membership) it also serves the admin API. `forwarded_api` (the
     backends' OpenAPI document) joins the balancer's own in /openapi.json. `hosted_routes` (the
@@ -156,7 +154,9 @@ def make_balancer_app(
     app[ERROR_TRACKER] = tracker
 
     observers = pool.observers
-    forwarder = Forwarder(pool, lambda: app[CLIENT_SESSION], config, logger=logger, observers=observers)
+    # One transport to the backends: proxied requests on its pools, checks on its dedicated connections.
+    upstream = UpstreamPool.from_config(config.proxy)
+    forwarder = Forwarder(pool, upstream, config, logger=logger, observers=observers)
     app[FORWARDER] = forwarder
 
     def record_refusal(refusal: Refusal) -> None:
@@ -185,10 +185,7 @@ def make_balancer_app(
         return await forwarder(request)
 
     async def client_and_health(app: web.Application) -> AsyncIterator[None]:
-        session = make_client_session(config.proxy)
-        app[CLIENT_SESSION] = session
-        check_session = make_check_session()
-        checker = HealthChecker(pool, session_probe(check_session), observers=observers, logger=logger)
+        checker = HealthChecker(pool, transport_probe(upstream), observers=observers, logger=logger)
         app[HEALTH_CHECKER] = checker
         try:
             await checker.check_once()
@@ -196,8 +193,7 @@ def make_balancer_app(
             yield
         finally:
             await checker.stop()
-            await check_session.close()
-            await session.close()
+            await forwarder.close()
 
     async def end_streams(app: web.Application) -> None:
         # Open event streams would otherwise hold shutdown for its whole timeout.

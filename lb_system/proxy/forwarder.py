@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -33,17 +33,19 @@ from lb_system.problems import (
     UPSTREAM_RECORDED,
     problem_response,
 )
+from lb_system.proxy.client_errors import describe_failure
 from lb_system.proxy.client_limits import Refusal
 from lb_system.proxy.headers import HeaderPolicy, response_headers
 from lb_system.proxy.targets import OwnPaths, upstream_target
-from lb_system.proxy.transport import describe_failure, is_connect_failure
-from lb_system.proxy.websocket import WEBSOCKET_HANDSHAKE, is_websocket_upgrade, pump_both_ways
+from lb_system.proxy.upstream import TIMEOUT, UpstreamError, UpstreamPool, UpstreamResponse, split_url
+from lb_system.proxy.websocket import WEBSOCKET_HANDSHAKE, Tunnels, is_websocket_upgrade, pump_both_ways
 
 # Bodies up to this size are read whole: one write each way and a retry can replay them.
 BUFFER_LIMIT = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 NO_BACKEND = "No healthy backend available"
 OVERLOADED = "Too many requests waiting for a backend connection"
+TOO_MANY_TUNNELS = "Too many open WebSocket tunnels to the backend"
 # The access line's word for a try whose answer started and was then cut (`tries=backend-1:cut`).
 CUT = "cut"
 INCOMPLETE = "response body incomplete"
@@ -78,6 +80,12 @@ class _LimitedBody:
             raise
 
 
+def _failure_kind(error: UpstreamError) -> FailureKind:
+    if error.connecting:  # nothing reached the backend: safe to retry any method
+        return FailureKind.CONNECT
+    return FailureKind.TIMEOUT if error.reason == TIMEOUT else FailureKind.RESET
+
+
 def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND) -> web.Response:
     """The balancer's 503: no healthy backend, or too many requests waiting; try again in a second."""
     return problem_response(503, detail, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
@@ -95,7 +103,7 @@ class Forwarder:
     def __init__(
         self,
         pool: BackendPool,
-        session_getter: Callable[[], aiohttp.ClientSession],
+        upstream: UpstreamPool,
         config: Config,
         *,
         logger: logging.Logger,
@@ -103,7 +111,10 @@ class Forwarder:
         observers: Observer | None = None,
     ) -> None:
         self.pool = pool
-        self._session = session_getter
+        self.upstream = upstream
+        self.tunnels = Tunnels()
+        # backend URL -> (its Endpoint's origin, the path put before every target)
+        self._routes: dict[str, tuple[str, str]] = {}
         self.logger = logger
         self.access_log = AccessLog(logger)
         self.apply_config(config)
@@ -119,9 +130,12 @@ class Forwarder:
         self.policy = RetryPolicy(retries=proxy.retries, retry_on_status=frozenset(proxy.retry_on_status))
         self.header_policy = HeaderPolicy(proxy.trusted_proxies)
         self.hash_on = config.balancer.hash_on if config.balancer.strategy == "consistent_hash" else None
-        # Waiting for a free pooled connection is not connecting: only the socket connect is bounded
-        # here. No sock_read: it re-arms a timer on every packet; reads are bounded in _send and _stream.
-        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout)
+        self.upstream.apply_config(proxy)
+
+    async def close(self) -> None:
+        """Close every upstream connection and tunnel (the app's cleanup)."""
+        await self.tunnels.close()
+        await self.upstream.close()
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -135,7 +149,9 @@ class Forwarder:
             websocket = is_websocket_upgrade(request)
             # Read before the request counts against any backend: an upload in progress holds no
             # backend connection, so stalled uploads cannot starve other clients.
-            body, replayable = (None, True) if websocket else await self._request_body(request)
+            if websocket:  # a tunnel holds no pooled connection: it has its own cap, not the pool's
+                return await self._websocket(request, request_id, started, target, host)
+            body, replayable = await self._request_body(request)
             # Capacity is never below max_pending: the scan over backends only runs near overload.
             if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
                 self._access_log(request, 503, None, started, request_id, "shed")
@@ -143,8 +159,6 @@ class Forwarder:
                 return _unavailable(request, request_id, OVERLOADED)
             self.in_flight += 1
             try:
-                if websocket:
-                    return await self._websocket(request, request_id, started, target, host)
                 return await self._forward(request, request_id, started, (target, host), body, replayable, deadline)
             finally:
                 self.in_flight -= 1
@@ -292,11 +306,15 @@ class Forwarder:
         for name in WEBSOCKET_HANDSHAKE:
             headers.popall(name, None)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        if not self.tunnels.take(backend.url, self.config.proxy.max_tunnels_per_backend):
+            self._access_log(request, 503, backend.name, started, request_id, None, reason="tunnels")
+            self._notify(request.method, 503, BALANCER, started, [])
+            return _unavailable(request, request_id, TOO_MANY_TUNNELS)
         self.pool.acquire(backend)
         try:
             try:
                 async with asyncio.timeout(self.config.proxy.per_try_timeout):
-                    upstream = await self._session().ws_connect(
+                    upstream = await self.tunnels.session(self.config.proxy).ws_connect(
                         backend.url + path,
                         headers=headers,
                         protocols=protocols,
@@ -327,8 +345,9 @@ class Forwarder:
                 return client
         finally:
             self.pool.release(backend)
+            self.tunnels.give_back(backend.url)
 
-    def _finish_try(self, backend: Backend, upstream: aiohttp.ClientResponse) -> None:
+    def _finish_try(self, backend: Backend, upstream: UpstreamResponse) -> None:
         """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
         upstream.release()
         self.pool.release(backend)
@@ -344,30 +363,38 @@ class Forwarder:
         headers: CIMultiDict[str],
         body: bytes | _LimitedBody | None,
         deadline: float,
-    ) -> tuple[aiohttp.ClientResponse, bytes | None]:
+    ) -> tuple[UpstreamResponse, bytes | None]:
         """One try. A small answer is read whole here, so a failure while reading it is still a
         failed try (nothing reached the client); a large one comes back unread (None) to stream.
         On success the backend's active count stays raised until the response is finished."""
         loop = asyncio.get_running_loop()
-        timeout = min(self.config.proxy.per_try_timeout, deadline - loop.time())
+        proxy = self.config.proxy
+        timeout = min(proxy.per_try_timeout, deadline - loop.time())
+        route = self._routes.get(backend.url)
+        if route is None:
+            route = self._routes[backend.url] = split_url(backend.url)
+        origin, prefix = route
+        endpoint = self.upstream.endpoint(origin)
         # With the backend's pool full, this try first waits for a connection: a timeout then
         # says the balancer is busy, not that the backend is sick.
-        queued = backend.active_requests >= self.config.proxy.max_connections_per_backend
+        queued = endpoint.waiting > 0 or (
+            endpoint.open_connections >= self.upstream.max_connections_per_backend and not endpoint.idle_connections
+        )
         self.pool.acquire(backend)
         upstream = None
         try:
             if timeout <= 0:
                 raise TimeoutError
             async with asyncio.timeout(timeout):
-                upstream = await self._session().request(
+                upstream = await endpoint.request(
                     request.method,
-                    backend.url + path,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=self._client_timeout,
+                    prefix + path if prefix else path,
+                    headers.items(),
+                    body,
+                    body_length=request.content_length if isinstance(body, _LimitedBody) else None,
+                    read_timeout=proxy.per_try_timeout,  # each wait for the next piece of a streamed body
                 )
-                if request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200:
+                if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
                     data: bytes | None = b""
                 elif upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
                     data = await upstream.read()
@@ -381,13 +408,12 @@ class Forwarder:
                 raise
             if isinstance(body, _LimitedBody) and body.client_error is not None:
                 raise body.client_error from None
-            reason = describe_failure(error)
-            if is_connect_failure(error):
-                kind = FailureKind.CONNECT
-            elif isinstance(error, asyncio.TimeoutError):
-                kind = FailureKind.TIMEOUT
-            else:
-                kind = FailureKind.RESET
+            if isinstance(error, UpstreamError):
+                kind, reason = _failure_kind(error), error.reason
+            elif isinstance(error, TimeoutError):
+                kind, reason = FailureKind.TIMEOUT, TIMEOUT
+            else:  # not seen so far: blamed on the try, as any failure to get an answer
+                kind, reason = FailureKind.RESET, type(error).__name__
             if not (queued and kind is FailureKind.TIMEOUT):
                 self.pool.record_passive_failure(backend, reason)
             raise _TryFailed(kind, reason) from None
@@ -406,7 +432,7 @@ class Forwarder:
         self,
         request: web.Request,
         backend: Backend,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         data: bytes | None,
         request_id: str,
     ) -> web.StreamResponse:
@@ -428,7 +454,7 @@ class Forwarder:
         return response
 
     async def _stream(
-        self, request: web.Request, backend: Backend, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+        self, request: web.Request, backend: Backend, upstream: UpstreamResponse, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
         """Relay a large or chunked answer. One the backend cuts (closed early, short, stalled past
         `per_try_timeout`) is that backend's failure: counted towards ejection and marked on the
@@ -440,19 +466,17 @@ class Forwarder:
         else:
             response.enable_chunked_encoding()
         await response.prepare(request)
-        content, read_timeout = upstream.content, self.config.proxy.per_try_timeout
         try:
-            while True:
-                async with asyncio.timeout(read_timeout):  # a backend that stops sending mid-body
-                    chunk = await content.read(STREAM_CHUNK)
-                if not chunk:
-                    break
+            # Each read waits at most `per_try_timeout` (the response's read_timeout) for a backend that
+            # stops sending mid-body; the transport stops reading from the backend while the client is
+            # slow to take what was read (flow control both ways), so memory stays bounded.
+            while chunk := await upstream.read_chunk():
                 try:
                     await response.write(chunk)
                 except ConnectionResetError:
                     return response  # the client left: nothing to tell anyone
-        except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as error:
-            reason = describe_failure(error)
+        except UpstreamError as error:
+            reason = error.reason
             self.logger.warning(
                 "upstream body failed",
                 extra={

@@ -1,7 +1,8 @@
 """Active health checks: every backend gets `GET <path>` each `interval` seconds.
 
-Checks go through a probe of their own (its own connections), never through the proxy's capped
-pool: a backend busy with slow answers must not look dead because its checks queued behind them.
+Checks go through the upstream transport, the proxied requests' one code path to the backends,
+but each on a dedicated connection outside the capped pool: a backend busy with slow answers must
+not look dead because its checks queued behind them.
 """
 
 from __future__ import annotations
@@ -11,37 +12,39 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
-
 from lb_system.balancing.events import CheckResult, Observer, Observers
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import HealthConfig
-from lb_system.proxy.transport import describe_failure
+from lb_system.proxy.upstream import TIMEOUT, UpstreamError, UpstreamPool, split_url
 
 # GET `url` within `timeout` seconds and return the status; raises on any failure to get one.
 Probe = Callable[[str, float], Awaitable[int]]
 
 
-def make_check_session() -> aiohttp.ClientSession:
-    """The checks' own client: no connection cap, and a fresh connection per check, so a check
-    never waits for a connection that proxied traffic holds (one connect per backend per interval)."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, force_close=True),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        raise_for_status=False,
-    )
-
-
-def session_probe(session: aiohttp.ClientSession) -> Probe:
-    """A probe over an aiohttp session: the whole answer is read, redirects are not followed."""
+def transport_probe(upstream: UpstreamPool) -> Probe:
+    """A probe over the upstream transport: a fresh connection per check, never one of the pool's
+    (one connect per backend per interval); the whole answer is read, redirects are not followed."""
 
     async def probe(url: str, timeout: float) -> int:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False) as response:
-            await response.read()
-            return response.status
+        origin, target = split_url(url)
+        async with asyncio.timeout(timeout):
+            response = await upstream.endpoint(origin).request("GET", target or "/", dedicated=True)
+            try:
+                await response.read()
+            finally:
+                response.release()
+        return response.status
 
     return probe
+
+
+def describe_failure(error: BaseException) -> str:
+    """A failed check's status: the transport's name for it, or the exception's."""
+    if isinstance(error, UpstreamError):
+        return error.reason
+    if isinstance(error, TimeoutError):
+        return TIMEOUT
+    return type(error).__name__
 
 
 class HealthChecker:

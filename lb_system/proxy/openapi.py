@@ -37,7 +37,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "Status": {
         "type": "object",
-        "required": ["strategy", "healthy", "total", "backends", "retiring", "config_error"],
+        "required": ["strategy", "healthy", "total", "backends", "retiring", "config_error", "loop"],
         "properties": {
             "strategy": {"type": "string"},
             "healthy": _COUNT,
@@ -45,6 +45,7 @@ SCHEMAS: dict[str, Any] = {
             "backends": {"type": "array", "items": {"$ref": "#/components/schemas/BackendStatus"}},
             "retiring": {"type": "array", "items": {"$ref": "#/components/schemas/BackendStatus"}},
             "config_error": {"type": ["string", "null"]},
+            "loop": {"type": "string", "enum": ["uvloop", "asyncio"], "description": "the event loop this process runs"},
         },
     },
     "BackendStatus": {

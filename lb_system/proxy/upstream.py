@@ -53,10 +53,19 @@ __all__ = [
     "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",
+    "split_url",
 ]
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _RETRIED_REASONS = frozenset({CONNECTION_RESET, SERVER_DISCONNECTED})
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """A URL as its origin (scheme://host:port, which names the Endpoint) and the rest, sent as the
+    target: `http://h:1/api?q=1` is ("http://h:1", "/api?q=1")."""
+    parts = urlsplit(url)
+    rest = parts.path + ("?" + parts.query if parts.query else "")
+    return f"{parts.scheme}://{parts.netloc}", rest
 
 
 class TunnelLimitReached(Exception):
