@@ -88,8 +88,10 @@ def test_json_lines_are_typed(configured) -> None:
     logger, path = setup(format="json")
     AccessLog(logger).write(**{**ACCESS, "backend": None}, cut=True)  # type: ignore[arg-type]
     logger.warning("backend down", extra={FIELDS: {"backend": "b", "reason": "refused", "active": 0, "up": False}})
+    logger.info("clash", extra={FIELDS: {"event": "x", "level": 1}})
     stop()
-    access, down = (json.loads(line) for line in _lines(path))
+    access, down, clash = (json.loads(line) for line in _lines(path))
+    assert clash["event"] == "clash" and clash["level"] == "INFO" and clash["field_event"] == "x" and clash["field_level"] == 1
     assert access == {
         "time": access["time"],
         "level": "INFO",

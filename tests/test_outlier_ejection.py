@@ -11,6 +11,7 @@ from support.clock import FakeClock
 from lb_system.balancing.events import CheckResult, Observer, Observers, ProxiedRequest, Transition
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import ConfigError, HealthConfig, parse_config
+from lb_system.observability.log import fields_of
 
 
 def make_pool(clock: FakeClock, count: int = 2, **health: object) -> BackendPool:
@@ -169,7 +170,7 @@ def test_an_observer_that_raises_is_logged_and_the_others_still_hear(clock: Fake
     assert not b0.healthy, "the transition happened whatever the observer did"
     assert recording.events == ["b0 down"]
     (record,) = [r for r in caplog.records if "observer failed" in r.getMessage()]
-    assert "observer=Broken event=transition" in record.getMessage()
+    assert fields_of(record) == {"observer": "Broken", "kind": "transition"}
     assert record.exc_info is not None and "observer bug" in caplog.text
 
 

@@ -106,7 +106,7 @@ class Observers(Observer):
             try:
                 deliver(observer)
             except Exception:
-                self.logger.exception("observer failed observer=%s event=%s", type(observer).__name__, event)
+                self.logger.exception("observer failed", extra={"fields": {"observer": type(observer).__name__, "kind": event}})
 
     def on_check(self, result: CheckResult) -> None:
         self._each("check", lambda observer: observer.on_check(result))

@@ -118,6 +118,9 @@ class TextFormatter(_UTCFormatter):
         return line
 
 
+_RECORD_KEYS = frozenset({"time", "level", "logger", "event", "traceback"})
+
+
 class JsonFormatter(_UTCFormatter):
     """One JSON object per line with the same fields as the text line, typed, for log shippers."""
 
@@ -129,7 +132,8 @@ class JsonFormatter(_UTCFormatter):
             "event": record.getMessage(),
         }
         for key, value in fields_of(record).items():
-            document[key] = json_value(value)
+            # A field never replaces the record's own keys: `event` as a field becomes `field_event`.
+            document[f"field_{key}" if key in _RECORD_KEYS else key] = json_value(value)
         traceback = self._traceback(record)
         if traceback:
             document["traceback"] = traceback

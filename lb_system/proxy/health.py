@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from lb_system.balancing.events import CheckResult, Observer, Observers
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import HealthConfig
+from lb_system.observability.log import FIELDS
 from lb_system.proxy.upstream import TIMEOUT, UpstreamError, UpstreamPool, split_url
 
 # GET `url` within `timeout` seconds and return the status; raises on any failure to get one.
@@ -89,7 +90,7 @@ class HealthChecker:
         try:
             self.pool.record_check(backend, ok, status, duration * 1000)
         except Exception:  # a bug in the pool must not stop the checks of the other backends
-            self.logger.exception("recording a health check failed backend=%s", backend.name)
+            self.logger.exception("recording a health check failed", extra={FIELDS: {"backend": backend.name}})
         self.observers.on_check(CheckResult(backend.name, ok, status, duration))
         return ok
 
@@ -131,10 +132,10 @@ class HealthChecker:
         # Frozen health states are worse than a noisy log: say why, and check on.
         error = None if task.cancelled() else task.exception()
         self.restarts += 1
+        reason = "cancelled" if error is None else describe_failure(error)
         self.logger.error(
-            "health checker ended unexpectedly, restarted reason=%r restarts=%d",
-            "cancelled" if error is None else describe_failure(error),
-            self.restarts,
+            "health checker ended unexpectedly, restarted",
+            extra={FIELDS: {"reason": reason, "restarts": self.restarts}},
             exc_info=error,
         )
         self.start()
