@@ -1,6 +1,6 @@
 """Regenerate docs/dashboard.png: a real system with traffic and errors, shot in headless Chromium.
 
-Usage: python docs/make_dashboard_screenshot.py [--seconds 90] [--out docs/dashboard.png]
+Usage: python docs/make_dashboard_screenshot.py [--seconds 90] [--width 1280] [--out docs/dashboard.png]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from playwright.async_api import async_playwright
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lb_system import System, parse_config  # noqa: E402
+from lb_system.balancing.pool import DRAINING  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
 
@@ -75,6 +76,7 @@ async def traffic(url: str, seconds: float, stop_remote) -> None:  # noqa: ANN00
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=90)
+    parser.add_argument("--width", type=int, default=1280, help="the window's width in CSS pixels (360 for a phone)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("dashboard.png")))
     args = parser.parse_args()
     remote, remote_port = await start_remote()
@@ -87,6 +89,7 @@ async def main() -> None:
                 "backends": [
                     {"name": "backend-1", "port": 0},
                     {"name": "backend-2", "port": 0},
+                    {"name": "backend-3", "port": 0},
                     {"name": "remote-1", "url": f"http://127.0.0.1:{remote_port}"},
                 ],
             },
@@ -94,11 +97,15 @@ async def main() -> None:
         )
         async with System(config) as system:
             await traffic(system.balancer_url, args.seconds, remote.cleanup)
+            assert system.pool is not None
+            backend_3 = system.pool.get("backend-3")
+            assert backend_3 is not None
+            system.membership.set_admin_state(backend_3, DRAINING)  # as `POST /admin/backends/backend-3/drain`
             async with async_playwright() as playwright:
                 browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-                page = await browser.new_page(viewport={"width": 1280, "height": 1020})
+                page = await browser.new_page(viewport={"width": args.width, "height": 1020})
                 await page.goto(system.balancer_url + "/")
-                await page.wait_for_selector("#connection.live")
+                await page.wait_for_selector('body[data-feed="live"]')
                 await page.wait_for_timeout(1500)  # one more update, so the ages are fresh
                 await page.screenshot(path=args.out, full_page=True)
                 await browser.close()

@@ -6,15 +6,22 @@ Playwright cannot download its own browser on these machines: it drives the syst
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 from support.waiting import wait_for
+
+from lb_system.observability.dashboard import make_page_handler
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -132,6 +139,64 @@ async def test_page_says_when_its_feed_is_lost_and_recovers_when_the_balancer_re
     await expect(counter).to_have_text("0", timeout=5000)
     assert await page.locator("main").evaluate("node => getComputedStyle(node).filter") == "none"
     assert errors == []
+
+
+class StalledFeed:
+    """The dashboard page, and an event stream that sends one snapshot and then nothing, without
+    closing (a dead network path); the streams opened after the first work again."""
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot
+        self.opened = 0
+        self.done = asyncio.Event()
+        self.server: TestServer | None = None
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        self.opened += 1
+        stalled = self.opened == 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        event = "snapshot"
+        while not self.done.is_set():
+            await response.write(f"event: {event}\ndata: {json.dumps(self.snapshot)}\n\n".encode())
+            event = "update"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), None if stalled else self.snapshot["interval_s"])
+        return response
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/", make_page_handler())
+        app.router.add_get("/events", self.events)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def stop(self) -> None:
+        self.done.set()  # open streams end instead of holding the server's close
+        if self.server is not None:
+            await self.server.close()
+
+
+async def test_page_notices_a_feed_that_stalls_without_closing_and_opens_a_new_one(
+    make_config, start_system, browser, http
+) -> None:
+    system = await start_system(make_config())
+    async with http.get(system.balancer_url + "/events") as response:
+        while not (line := await response.content.readline()).startswith(b"data:"):
+            pass
+    feed = StalledFeed(json.loads(line[5:]) | {"interval_s": 0.25})
+    try:
+        page, errors = await open_dashboard(browser, await feed.start())
+        # No error event ever comes: the page's own watchdog sees two ticks go by without a message.
+        await expect(page.locator("body")).to_have_attribute("data-feed", "lost", timeout=3000)
+        await expect(page.locator("#feed-lost")).to_contain_text("showing the last data")
+        await wait_for(lambda: feed.opened >= 2, message="the page to open a new stream by itself")
+        await expect(page.locator("body")).to_have_attribute("data-feed", "live", timeout=3000)
+        await expect(page.locator("#feed-lost")).to_be_hidden()
+        assert errors == []
+    finally:
+        await feed.stop()
 
 
 async def test_cards_show_admin_states_and_retiring_and_a_banner_shows_the_refused_config(
