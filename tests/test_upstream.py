@@ -4,10 +4,17 @@ pool still works for the next request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+try:
+    import uvloop
+except ImportError:  # Windows: plain asyncio only
+    uvloop = None  # type: ignore[assignment]
 
 import pytest
 import trustme
@@ -35,8 +42,9 @@ Serve = Callable[..., Awaitable[ScriptedServer]]
 MakePool = Callable[..., UpstreamPool]
 
 
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
+@contextlib.asynccontextmanager
+async def scripted_servers() -> AsyncIterator[Serve]:
+    """Start ScriptedServers at will; all closed on the way out."""
     servers: list[ScriptedServer] = []
 
     async def start(*script: Behaviour, **options: Any) -> ScriptedServer:
@@ -44,13 +52,16 @@ async def serve() -> AsyncIterator[Serve]:
         servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        await server.close()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            await server.close()
 
 
-@pytest.fixture
-async def make_pool() -> AsyncIterator[MakePool]:
+@contextlib.asynccontextmanager
+async def upstream_pools() -> AsyncIterator[MakePool]:
+    """Make UpstreamPools at will; all closed on the way out."""
     pools: list[UpstreamPool] = []
 
     def make(**options: Any) -> UpstreamPool:
@@ -59,9 +70,23 @@ async def make_pool() -> AsyncIterator[MakePool]:
         pools.append(pool)
         return pool
 
-    yield make
-    for pool in pools:
-        await pool.close()
+    try:
+        yield make
+    finally:
+        for pool in pools:
+            await pool.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    async with scripted_servers() as start:
+        yield start
+
+
+@pytest.fixture
+async def make_pool() -> AsyncIterator[MakePool]:
+    async with upstream_pools() as make:
+        yield make
 
 
 async def fetch(endpoint: Endpoint, method: str = "GET", target: str = "/", **options: Any) -> tuple[int, bytes]:
@@ -488,3 +513,25 @@ async def test_an_answer_before_the_whole_upload_closes_the_connection(serve: Se
     assert endpoint.open_connections == 0  # half a request on the wire: never reused
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 2
+
+
+# The balancer runs on uvloop wherever it exists: every scenario above that needs only a server
+# and a pool runs again on a uvloop event loop, whose transports differ in the details.
+ON_BOTH_LOOPS = [
+    scenario
+    for name, scenario in sorted(globals().items())
+    if name.startswith("test_")
+    and inspect.iscoroutinefunction(scenario)
+    and list(inspect.signature(scenario).parameters) == ["serve", "make_pool"]
+]
+
+
+@pytest.mark.skipif(uvloop is None, reason="uvloop is not installed here")
+@pytest.mark.parametrize("scenario", ON_BOTH_LOOPS, ids=lambda scenario: scenario.__name__.removeprefix("test_"))
+def test_on_uvloop(scenario: Callable[[Serve, MakePool], Awaitable[None]]) -> None:
+    async def run() -> None:
+        async with scripted_servers() as serve, upstream_pools() as make_pool:
+            await scenario(serve, make_pool)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
