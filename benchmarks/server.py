@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lb_system import System, load_config  # noqa: E402
 from lb_system.cli.main import new_event_loop_factory, tune_gc  # noqa: E402
+from lb_system.config import ProxyConfig  # noqa: E402
 from lb_system.observability.log import configure_logging  # noqa: E402
-from lb_system.proxy.transport import make_client_session  # noqa: E402
 from lb_system.proxy.upstream import UpstreamPool  # noqa: E402
 
 SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
@@ -55,6 +55,21 @@ def make_bare_forwarder(backend_urls: list[str]) -> web.Application:
     app.cleanup_ctx.append(session_ctx)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
+
+
+def make_floor_session(proxy: ProxyConfig) -> aiohttp.ClientSession:
+    """aiohttp's client set up as a proxy's (the balancer's own, before it had a transport of its
+    own): keep-alive pool capped per backend, nothing decoded, added or kept."""
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=proxy.max_connections_per_backend, keepalive_timeout=30.0, ttl_dns_cache=300
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout),
+    )
 
 
 def make_floor_forwarder(backend_urls: list[str], session: aiohttp.ClientSession) -> web.Server:
@@ -108,7 +123,7 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
         await bare_runner.setup()
         bare_site = web.TCPSite(bare_runner, config.balancer.host, bare_port)
         await bare_site.start()
-        floor_session = make_client_session(config.proxy)  # the balancer's own kind of session
+        floor_session = make_floor_session(config.proxy)
         floor = make_floor_forwarder([h.url for h in system.hosted.values()], floor_session)
         floor_server = await loop.create_server(floor, config.balancer.host, 0)
         upstream_pool = UpstreamPool.from_config(config.proxy)
