@@ -470,6 +470,23 @@ async def test_websockets_are_proxied_both_ways(backends, balancer, http) -> Non
     await wait_for(lambda: system.pool.get("ws-backend").active_requests == 0, message="tunnel closed")
 
 
+async def test_an_upgrade_the_backend_declines_gets_the_backends_answer(backends, balancer, http) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+    handshake = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    async with http.get(system.balancer_url + "/x", headers=handshake) as r:
+        assert r.status == 200 and r.headers["X-Backend"] == "s", "not a WebSocket there: its answer, not a 502"
+        await r.read()
+    assert system.pool.get("s").consecutive_failures == 0
+    endpoint = _forwarder(system).upstream.endpoint(server.url)
+    await wait_for(lambda: endpoint.open_tunnels == 0, message="the handshake's connection closed")
+
+
 async def test_http_requests_still_flow_while_max_connections_per_backend_tunnels_are_open(backends, balancer, http) -> None:
     (server,) = await backends("s")
     system = await balancer([server], proxy={"max_connections_per_backend": 2, "per_try_timeout": 1.0})
@@ -498,7 +515,8 @@ async def test_past_max_tunnels_per_backend_a_websocket_gets_503_with_retry_afte
         assert r.status == 200, "HTTP requests are not capped by the tunnels"
     assert system.pool.get("s").healthy, "the cap is the balancer's, not the backend's fault"
     await first.close()
-    await wait_for(lambda: _forwarder(system).tunnels.open_to(server.url) == 0, message="the tunnel's slot freed")
+    endpoint = _forwarder(system).upstream.endpoint(server.url)
+    await wait_for(lambda: endpoint.open_tunnels == 0, message="the tunnel's slot freed")
     async with http.ws_connect(system.balancer_url + "/ws") as again:
         await again.send_str("again")
         assert (await again.receive_str(timeout=5)) == "s:again"

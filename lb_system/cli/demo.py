@@ -8,7 +8,7 @@ from typing import TextIO
 
 import aiohttp
 
-from lb_system.proxy.client_errors import describe_failure
+from lb_system.cli.client_errors import describe_failure
 
 SCENARIOS = (
     # (expected status, announcement, method, path, body)

@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from lb_system.cli.client_errors import describe_failure
 from lb_system.cli.demo import Unreachable
-from lb_system.proxy.client_errors import describe_failure
 
 TRAFFIC_PATH = "/tasks?limit=1"
 POLL_SECONDS = 0.1

@@ -33,12 +33,11 @@ from lb_system.problems import (
     UPSTREAM_RECORDED,
     problem_response,
 )
-from lb_system.proxy.client_errors import describe_failure
 from lb_system.proxy.client_limits import Refusal
 from lb_system.proxy.headers import HeaderPolicy, response_headers
 from lb_system.proxy.targets import OwnPaths, upstream_target
-from lb_system.proxy.upstream import TIMEOUT, UpstreamError, UpstreamPool, UpstreamResponse, split_url
-from lb_system.proxy.websocket import WEBSOCKET_HANDSHAKE, Tunnels, is_websocket_upgrade, pump_both_ways
+from lb_system.proxy.upstream import TIMEOUT, TunnelLimitReached, UpstreamError, UpstreamPool, UpstreamResponse, split_url
+from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
 
 # Bodies up to this size are read whole: one write each way and a retry can replay them.
 BUFFER_LIMIT = 256 * 1024
@@ -86,6 +85,15 @@ def _failure_kind(error: UpstreamError) -> FailureKind:
     return FailureKind.TIMEOUT if error.reason == TIMEOUT else FailureKind.RESET
 
 
+async def _small_body(upstream: UpstreamResponse) -> bytes | None:
+    """An answer's body when it is small (read whole: b"" for none), None when it is to be streamed."""
+    if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
+        return b""
+    if upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
+        return await upstream.read()
+    return None
+
+
 def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND) -> web.Response:
     """The balancer's 503: no healthy backend, or too many requests waiting; try again in a second."""
     return problem_response(503, detail, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
@@ -112,7 +120,6 @@ class Forwarder:
     ) -> None:
         self.pool = pool
         self.upstream = upstream
-        self.tunnels = Tunnels()
         # backend URL -> (its Endpoint's origin, the path put before every target)
         self._routes: dict[str, tuple[str, str]] = {}
         self.logger = logger
@@ -134,7 +141,6 @@ class Forwarder:
 
     async def close(self) -> None:
         """Close every upstream connection and tunnel (the app's cleanup)."""
-        await self.tunnels.close()
         await self.upstream.close()
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -295,7 +301,7 @@ class Forwarder:
     async def _websocket(
         self, request: web.Request, request_id: str, started: float, path: str, host: str | None
     ) -> web.StreamResponse:
-        """Tunnel a WebSocket to one backend, message by message, until either side closes."""
+        """Tunnel a WebSocket to one backend, raw bytes after its 101, until either side closes."""
         backend = self.pool.choose(self._hash_key(request))
         if backend is None:
             self._notify(request.method, 503, BALANCER, started, [], no_backend=True)
@@ -303,49 +309,67 @@ class Forwarder:
         headers = self.header_policy.upstream_headers(request, request_id)
         if host is not None:
             headers["Host"] = host
-        for name in WEBSOCKET_HANDSHAKE:
-            headers.popall(name, None)
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        if not self.tunnels.take(backend.url, self.config.proxy.max_tunnels_per_backend):
-            self._access_log(request, 503, backend.name, started, request_id, None, reason="tunnels")
-            self._notify(request.method, 503, BALANCER, started, [])
-            return _unavailable(request, request_id, TOO_MANY_TUNNELS)
+        # The handshake goes through whole (Sec-WebSocket-*): the backend answers the client's key.
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = request.headers["Upgrade"]
+        origin, prefix = self._route(backend)
+        timeout = self.config.proxy.per_try_timeout
         self.pool.acquire(backend)
+        finished = False
+        upstream = None
         try:
             try:
-                async with asyncio.timeout(self.config.proxy.per_try_timeout):
-                    upstream = await self.tunnels.session(self.config.proxy).ws_connect(
-                        backend.url + path,
-                        headers=headers,
-                        protocols=protocols,
-                        timeout=aiohttp.ClientWSTimeout(ws_close=self.config.proxy.connect_timeout),
+                async with asyncio.timeout(timeout):
+                    upstream = await self.upstream.endpoint(origin).open_tunnel(
+                        request.method, prefix + path if prefix else path, headers.items(), timeout=timeout
                     )
-            except Exception as error:
-                reason = describe_failure(error)
-                if not isinstance(error, aiohttp.WSServerHandshakeError):
-                    self.pool.record_passive_failure(backend, reason)
-                else:  # refused with a status: an answer
-                    self._record_answer(backend, error.status)
+                    data = None if upstream.status == 101 else await _small_body(upstream)
+            except TunnelLimitReached:
+                self._access_log(request, 503, backend.name, started, request_id, None, reason="tunnels")
+                self._notify(request.method, 503, BALANCER, started, [])
+                return _unavailable(request, request_id, TOO_MANY_TUNNELS)
+            except (UpstreamError, TimeoutError) as error:
+                if upstream is not None:
+                    upstream.release()
+                reason = error.reason if isinstance(error, UpstreamError) else TIMEOUT
+                self.pool.record_passive_failure(backend, reason)
                 failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
                 self._access_log(request, 502, backend.name, started, request_id, render_tries([failed]))
                 self._notify(request.method, 502, BALANCER, started, [failed])
                 return problem_response(
                     502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
                 )
-            async with upstream:
-                client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else ())
-                client.headers[ANSWERED_BY_HEADER] = backend.name
-                client.headers[REQUEST_ID_HEADER] = request_id
-                await client.prepare(request)
-                # Counted at the handshake: the session that follows may last for hours.
-                opened = TryResult(backend.name, 101, time.perf_counter() - started)
-                self._notify(request.method, 101, backend.name, started, [opened])
-                await pump_both_ways(client, upstream)
-                self._access_log(request, 101, backend.name, started, request_id, render_tries([opened]))
-                return client
+            if upstream.status != 101:  # the backend declined the upgrade: its answer goes to the client
+                finished = True
+                if data is not None:  # a streamed answer's outcome is recorded when it ends
+                    self._record_answer(backend, upstream.status)
+                response = await self._respond(request, backend, upstream, data, request_id)
+                refused = TryResult(backend.name, upstream.status, time.perf_counter() - started)
+                self._access_log(request, response.status, backend.name, started, request_id, render_tries([refused]))
+                self._notify(request.method, response.status, backend.name, started, [refused])
+                return response
+            answer = response_headers(upstream.headers)
+            answer["Connection"] = "Upgrade"
+            answer["Upgrade"] = upstream.headers.get("Upgrade", "websocket")
+            answer[ANSWERED_BY_HEADER] = backend.name
+            answer[REQUEST_ID_HEADER] = request_id
+            tunnel = upstream.detach()
+            # Counted at the handshake: the session that follows may last for hours.
+            opened = TryResult(backend.name, 101, time.perf_counter() - started)
+            self._notify(request.method, 101, backend.name, started, [opened])
+            client = await tunnel_both_ways(request, upstream.status, upstream.reason, answer, tunnel)
+            self._access_log(request, 101, backend.name, started, request_id, render_tries([opened]))
+            return client
         finally:
-            self.pool.release(backend)
-            self.tunnels.give_back(backend.url)
+            if not finished:  # _respond gave the backend back already
+                self.pool.release(backend)
+
+    def _route(self, backend: Backend) -> tuple[str, str]:
+        """The backend's Endpoint origin and the path put before every target."""
+        route = self._routes.get(backend.url)
+        if route is None:
+            route = self._routes[backend.url] = split_url(backend.url)
+        return route
 
     def _finish_try(self, backend: Backend, upstream: UpstreamResponse) -> None:
         """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
@@ -370,10 +394,7 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         proxy = self.config.proxy
         timeout = min(proxy.per_try_timeout, deadline - loop.time())
-        route = self._routes.get(backend.url)
-        if route is None:
-            route = self._routes[backend.url] = split_url(backend.url)
-        origin, prefix = route
+        origin, prefix = self._route(backend)
         endpoint = self.upstream.endpoint(origin)
         # With the backend's pool full, this try first waits for a connection: a timeout then
         # says the balancer is busy, not that the backend is sick.
@@ -394,12 +415,7 @@ class Forwarder:
                     body_length=request.content_length if isinstance(body, _LimitedBody) else None,
                     read_timeout=proxy.per_try_timeout,  # each wait for the next piece of a streamed body
                 )
-                if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
-                    data: bytes | None = b""
-                elif upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
-                    data = await upstream.read()
-                else:
-                    data = None
+                data = await _small_body(upstream)
         except BaseException as error:
             self.pool.release(backend)
             if upstream is not None:

@@ -422,6 +422,11 @@ class Tunnel:
         await self._connection.drain()
 
     @property
+    def writing_paused(self) -> bool:
+        """The backend is slow to take what was written: `drain()` would wait."""
+        return self._connection.writing_paused
+
+    @property
     def closed(self) -> bool:
         return self._connection.closed
 
@@ -499,6 +504,10 @@ class UpstreamConnection(asyncio.Protocol):
         while it sat in the pool costs nothing."""
         transport = self.transport
         return not self._gone and transport is not None and not transport.is_closing()
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._write_paused and not self._lost
 
     def pause_reading(self) -> None:
         if self.usable:

@@ -1,25 +1,22 @@
-"""The WebSocket tunnel: recognising an upgrade, the tunnels' own upstream connections and their
-cap, and pumping messages both ways until either side closes.
+"""The WebSocket tunnel: recognising an upgrade, and moving raw bytes both ways after the
+backend's 101 until either side closes.
 
-Why messages and not raw bytes after the 101: aiohttp's server hands an upgraded connection only
-to its own WebSocketResponse; taking the socket over means its private parser hooks and going
-around the client-side limits' protocol, which would break with any aiohttp release. Pumping
-messages between two well-kept WebSocket ends keeps each side's close codes, pings and size limits
-correct. The upstream end runs on a client session of its own, never the proxied requests'
-connections, so open tunnels cannot starve a backend's HTTP traffic.
+Why raw bytes and not messages: the backend's side is the upstream transport's own tunnel
+connection (outside the HTTP pool, capped by `max_tunnels_per_backend`), and the client's side is
+taken over after the 101 the way aiohttp's own WebSocketResponse takes it (`set_parser`), so
+nothing is re-framed: subprotocols, extensions (permessage-deflate), pings, close codes and
+message sizes are the two ends' business, at the cost of a copy per read.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 
-from lb_system.config import ProxyConfig
-
-# The client's handshake headers are the client's; aiohttp makes fresh ones towards the backend.
-WEBSOCKET_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
+from lb_system.proxy.upstream import Tunnel, UpstreamError
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:
@@ -28,67 +25,68 @@ def is_websocket_upgrade(request: web.Request) -> bool:
     )
 
 
-class Tunnels:
-    """The upstream side of WebSocket tunnels: a client session whose connections are the tunnels'
-    alone (no cap there), and a count per backend held under `max_tunnels_per_backend`."""
+class _ClientBytes:
+    """Sits in aiohttp's payload-parser slot of the upgraded client connection: every byte the client
+    sends goes to the backend; reading from the client pauses while the backend is slow to take them."""
 
-    def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._open: dict[str, int] = {}
+    def __init__(self, protocol: RequestHandler, tunnel: Tunnel, ended: asyncio.Future[None]) -> None:
+        self._protocol, self._tunnel, self._ended = protocol, tunnel, ended
+        self._drain: asyncio.Task[None] | None = None
 
-    def session(self, proxy: ProxyConfig) -> aiohttp.ClientSession:
-        """The tunnels' session, made on first use (inside the running loop)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),  # the count below is the cap
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout),
-            )
-        return self._session
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        try:
+            self._tunnel.write(data)
+        except UpstreamError:  # the backend's side is gone: the tunnel ends
+            self.feed_eof()
+            return False, b""
+        if self._tunnel.writing_paused and self._drain is None:
+            self._protocol.pause_reading()
+            self._drain = asyncio.get_running_loop().create_task(self._drained())
+        return False, b""
 
-    def take(self, backend: str, cap: int) -> bool:
-        """Count one more tunnel to `backend`; False (nothing counted) when it already has `cap`."""
-        count = self._open.get(backend, 0)
-        if count >= cap:
-            return False
-        self._open[backend] = count + 1
-        return True
+    def feed_eof(self) -> None:
+        if not self._ended.done():
+            self._ended.set_result(None)
 
-    def give_back(self, backend: str) -> None:
-        count = self._open[backend] - 1
-        if count:
-            self._open[backend] = count
-        else:
-            del self._open[backend]
+    async def _drained(self) -> None:
+        await self._tunnel.drain()
+        self._drain = None
+        self._protocol.resume_reading()
 
-    def open_to(self, backend: str) -> int:
-        """Tunnels open to `backend` now."""
-        return self._open.get(backend, 0)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+    def stop(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
 
 
-WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-async def pump_both_ways(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    async def pump(source: WebSocket, sink: WebSocket) -> None:
-        async for message in source:
-            if message.type is aiohttp.WSMsgType.TEXT:
-                await sink.send_str(message.data)
-            elif message.type is aiohttp.WSMsgType.BINARY:
-                await sink.send_bytes(message.data)
-            else:
-                break
-        await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
-
-    tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
+async def tunnel_both_ways(
+    request: web.Request, status: int, reason: str, headers: CIMultiDict[str], tunnel: Tunnel
+) -> web.StreamResponse:
+    """Send the backend's 101 to the client, then move bytes both ways until either side closes."""
+    client = web.StreamResponse(status=status, reason=reason, headers=headers)
+    client.force_close()  # after a tunnel the connection carries no more HTTP
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await client.prepare(request)
+    except BaseException:
+        tunnel.close()
+        raise
+    protocol = request.protocol
+    client_ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    upward = _ClientBytes(protocol, tunnel, client_ended)
+    # aiohttp feeds an accepted upgrade's bytes (those already received first) to this slot; its own
+    # WebSocketResponse uses it the same way. Typed for aiohttp's WebSocketReader, duck-typed here.
+    protocol.set_parser(upward)  # type: ignore[arg-type]
+
+    async def downward() -> None:
+        while data := await tunnel.read():
+            await client.write(data)
+
+    down = asyncio.ensure_future(downward())
+    try:
+        await asyncio.wait([client_ended, down], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        upward.stop()
+        tunnel.close()
+        if not down.done():
+            down.cancel()
+        await asyncio.gather(down, return_exceptions=True)
+    return client

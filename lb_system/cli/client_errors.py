@@ -1,5 +1,5 @@
-"""Names for what went wrong in an exchange made with aiohttp's client (the WebSocket tunnels'
-upstream side, the demo's requests); the upstream transport names its own failures."""
+"""Names for what went wrong in a request the command line's clients (the demo, the failover
+rehearsal) make with aiohttp's client; the balancer's upstream transport names its own failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import aiohttp
 
 
 def describe_failure(error: BaseException) -> str:
-    """A short, client-safe reason for a failed exchange with a backend."""
+    """A short reason for a failed request, as the demo prints it."""
     if isinstance(error, aiohttp.ConnectionTimeoutError):
         return "connect timeout"
     if isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
