@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 from support.backends import GZIPPED, FakeBackend, MiB, started_backends
+from support.misbehaving import ScriptedServer, answer, on_path, stream
 from support.waiting import wait_for
 
 from lb_system.observability.log import render_message
@@ -339,6 +340,32 @@ async def test_a_200_mib_download_and_100_mib_upload_stream_in_bounded_memory(ba
         assert (await r.json())["received"] == 100 * MiB
     growth = rss_bytes() - before
     assert growth < 50 * MiB, f"memory grew by {growth / MiB:.0f} MiB"
+
+
+async def test_a_client_that_stops_reading_holds_up_the_backend_not_the_balancers_memory(make_config, start_system) -> None:
+    server = await ScriptedServer.start(then=on_path("/health", answer(), stream(200 * MiB, block=256 * 1024)))
+    writer = None
+    try:
+        system = await start_system(make_config(backends=[{"name": "s", "url": server.url}], health={"interval": 60.0}))
+        host, port = system.balancer_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readexactly(MiB)  # then the client reads no more
+        seen = {"sent": -1, "still": 0}
+
+        def backend_held_up() -> bool:
+            # The backend waits for its socket to drain and has sent nothing new for a while.
+            still = server.draining and server.sent == seen["sent"]
+            seen["sent"], seen["still"] = server.sent, seen["still"] + 1 if still else 0
+            return seen["still"] >= 20
+
+        await wait_for(backend_held_up, timeout=10, message="the backend held up by flow control")
+        # What left the backend sits in socket buffers and at most a read's worth in the balancer.
+        assert server.sent < 48 * MiB, f"{server.sent / MiB:.0f} MiB left the backend for a client that read 1 MiB"
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+        await server.close()
 
 
 async def test_chunked_stays_chunked_and_lengths_are_kept(backends, balancer, http) -> None:
