@@ -283,6 +283,9 @@ async def test_absolute_form_is_forwarded_in_origin_form_with_host_from_the_targ
         assert seen["headers"]["Host"] == "example.com:8081"
     counted = system.pool.get("counted")
     assert counted.healthy and counted.consecutive_failures == 0 and backend.hits == 3
+    # An empty path is "/": here the balancer's own page, as the origin-form "/" would be.
+    answer = await exchange(system, b"GET http://example.com HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n")
+    assert answer.status == 200 and answer.headers["x-backend"] == "balancer"
 
 
 @pytest.mark.parametrize(
@@ -346,3 +349,13 @@ async def test_a_wrong_method_on_any_own_route_is_the_balancers_405_read_from_it
             assert response.status == 405, path
             assert set(response.headers["Allow"].split(",")) == allowed
     assert backend.hits == 0
+
+
+async def test_client_limits_apply_live_to_new_connections(config_file, start_system) -> None:
+    config_file.write(proxy={"header_timeout": 30.0})
+    system = await start_system(config_file.load(), config_path=config_file.path)
+    config_file.write(proxy={"header_timeout": 0.2})
+    plan = await system.membership.reload()
+    assert "[proxy] header_timeout: 30.0 -> 0.2" in plan.changes()
+    answer = await exchange(system, b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert answer.status == 408

@@ -25,6 +25,10 @@ LIVE_KEYS: frozenset[tuple[str, str]] = frozenset(
         ("proxy", "request_timeout"),
         ("proxy", "trusted_proxies"),
         ("proxy", "max_pending"),
+        # Each new client connection reads these (proxy/client_limits.py).
+        ("proxy", "header_timeout"),
+        ("proxy", "body_timeout"),
+        ("proxy", "max_header_section_bytes"),
     }
 )
 LIVE_SECTIONS: frozenset[str] = frozenset({"health"})

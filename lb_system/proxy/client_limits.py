@@ -160,11 +160,15 @@ class ClientConnection(RequestHandler):
         if not isinstance(message, RawRequestMessage):
             self._refused = True  # the parser refused it (answered by _make_error_handler): read no more
             return
-        if not forwardable_form(message.method, message.path):
-            # Authority-form (CONNECT), asterisk-form, or a scheme we do not speak: never routed.
-            self._messages[-1] = (self._err_info(400, "bad_target", CANNOT_FORWARD), EMPTY_PAYLOAD)
-            self._refused = True
-        elif over and _head_size(message) > self._max_head:
+        if message.path[:1] != "/":  # rare: not origin-form
+            if not forwardable_form(message.method, message.path):
+                # Authority-form (CONNECT), asterisk-form, or a scheme we do not speak: never routed.
+                self._messages[-1] = (self._err_info(400, "bad_target", CANNOT_FORWARD), EMPTY_PAYLOAD)
+                self._refused = True
+                return
+            if not message.url.relative().path:  # "http://host": its path is "/" (RFC 9112 §3.2.2)
+                self._messages[-1] = (message._replace(url=message.url.with_path("/", keep_query=True)), payload)
+        if over and _head_size(message) > self._max_head:
             # Still queued: answered as a refusal instead of being handled.
             refusal = self._err_info(431, "header_section_too_large", "Request header section too large")
             self._messages[-1] = (refusal, EMPTY_PAYLOAD)
