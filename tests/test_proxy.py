@@ -8,11 +8,13 @@ import collections
 import io
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+import trustme
 from support.backends import GZIPPED, FakeBackend, MiB, started_backends
 from support.misbehaving import ScriptedServer, answer, on_path, stream
 from support.waiting import wait_for
@@ -365,6 +367,27 @@ async def test_a_client_that_stops_reading_holds_up_the_backend_not_the_balancer
     finally:
         if writer is not None:
             writer.transport.abort()
+        await server.close()
+
+
+async def test_an_https_backend_is_checked_and_served_through_the_same_transport(
+    make_config, start_system, http, tmp_path
+) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    server = await ScriptedServer.start(ssl_context=server_context)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    try:
+        backends = [{"name": "tls", "url": server.url}]
+        system = await start_system(make_config(backends=backends, health={"interval": 60.0}, proxy={"ca_file": "ca.pem"}))
+        assert system.pool.get("tls").last_check_status == "200", "the check verified the certificate"
+        async with http.get(system.balancer_url + "/x") as r:
+            assert r.status == 200 and await r.read() == b"ok"
+        unverified = await start_system(make_config(backends=backends, health={"interval": 60.0}))
+        backend = unverified.pool.get("tls")
+        assert not backend.healthy and backend.last_check_status == "cannot connect", "no CA, no trust"
+    finally:
         await server.close()
 
 
