@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 
 import aiohttp
 import pytest
@@ -230,6 +229,7 @@ async def test_request_timeout_bounds_an_upload_that_keeps_trickling(fronted) ->
 
 
 def _enough_file_descriptors(needed: int) -> None:
+    resource = pytest.importorskip("resource")  # POSIX: Windows has no descriptor limit to raise
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
@@ -359,3 +359,27 @@ async def test_client_limits_apply_live_to_new_connections(config_file, start_sy
     assert "[proxy] header_timeout: 30.0 -> 0.2" in plan.changes()
     answer = await exchange(system, b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     assert answer.status == 408
+
+
+async def test_pipelined_and_split_requests_pass_the_limits_untouched(fronted) -> None:
+    system, backend = await fronted(proxy={"header_timeout": 5.0, "body_timeout": 5.0})
+    reader, writer = await asyncio.open_connection(*address(system))
+    try:
+        # Three requests in one write, one with a body, then one split mid-head and mid-body.
+        writer.write(
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /d HTTP/1.1\r\nHo"
+        )
+        await writer.drain()
+        await wait_for(lambda: backend.hits == 3, message="three pipelined requests forwarded")
+        writer.write(b"st: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab")
+        await writer.drain()
+        await asyncio.sleep(0)
+        writer.write(b"cd")
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 4
+    assert b'"body_bytes": 4' in data and b'"path": "/d"' in data

@@ -147,7 +147,8 @@ class ClientConnection(RequestHandler):
         if self._request_count == before:  # the header section is still incomplete
             if self._head_bytes > self._max_head:
                 self._refuse(431, "header_section_too_large", "Request header section too large")
-            elif self._head_timer is None and not (self._close or self._force_close):
+            # Only with a partial head pending: aiohttp also calls this with b"" to reparse its buffer.
+            elif self._head_bytes and self._head_timer is None and not (self._close or self._force_close):
                 self._head_timer = self._loop.call_later(self._header_timeout, self._head_timed_out)
             return
         if self._head_timer is not None:
