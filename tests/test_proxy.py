@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import trustme
 from support.backends import GZIPPED, FakeBackend, MiB, started_backends
-from support.misbehaving import ScriptedServer, answer, on_path, stream
+from support.misbehaving import ScriptedServer, answer, on_path, stall, stream
 from support.waiting import wait_for
 
 from lb_system.observability.log import render_message
@@ -518,6 +518,45 @@ async def test_websockets_are_proxied_both_ways(backends, balancer, http) -> Non
         await ws.send_bytes(b"abc")
         assert (await ws.receive_bytes(timeout=5)) == b"cba"
     await wait_for(lambda: system.pool.get("ws-backend").active_requests == 0, message="tunnel closed")
+
+
+async def test_a_tunnel_stops_reading_the_client_while_the_backend_takes_nothing(make_config, start_system) -> None:
+    switched = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    server = await ScriptedServer.start(then=on_path("/health", answer(), stall(switched)))  # never reads again
+    writer = None
+    try:
+        system = await start_system(make_config(backends=[{"name": "s", "url": server.url}], health={"interval": 60.0}))
+        host, port = system.balancer_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        sent = {"bytes": 0, "last": -1, "still": 0}
+
+        async def flood(client: asyncio.StreamWriter) -> None:
+            block = b"f" * MiB
+            for _ in range(200):
+                client.write(block)
+                await client.drain()
+                sent["bytes"] += MiB
+
+        flooding = asyncio.create_task(flood(writer))
+
+        def client_held_up() -> bool:
+            still = sent["bytes"] == sent["last"]
+            sent["last"], sent["still"] = sent["bytes"], sent["still"] + 1 if still else 0
+            return sent["still"] >= 20
+
+        await wait_for(client_held_up, timeout=10, message="the client's writes held up")
+        assert sent["bytes"] < 48 * MiB, f"{sent['bytes'] / MiB:.0f} MiB taken from a client whose backend reads nothing"
+        flooding.cancel()
+        await asyncio.gather(flooding, return_exceptions=True)
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+        await server.close()
 
 
 async def test_an_upgrade_the_backend_declines_gets_the_backends_answer(backends, balancer, http) -> None:
