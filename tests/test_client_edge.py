@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.backends import FakeBackend
 from support.waiting import wait_for
 
+from lb_system.proxy.targets import resolved_path
+
 PROBLEM = "application/problem+json"
 
 
@@ -383,3 +385,22 @@ async def test_pipelined_and_split_requests_pass_the_limits_untouched(fronted) -
         writer.close()
     assert data.count(b"HTTP/1.1 200 OK") == 4
     assert b'"body_bytes": 4' in data and b'"path": "/d"' in data
+
+
+@pytest.mark.parametrize(
+    ("target", "resolved"),
+    [
+        ("/tasks/1?x=/../admin", "/tasks/1"),
+        ("/tasks/../tasks/1", "/tasks/1"),
+        ("/a/./b/", "/a/b/"),
+        ("/x/%2E%2e/admin/", "/admin/"),
+        ("/x\\..\\admin", "/admin"),
+        ("/x%5c..%5cadmin", "/admin"),
+        ("///admin//reload", "/admin/reload"),
+        ("/../../admin", "/admin"),
+        ("/x/..", "/"),
+        ("/%252e%252e/admin", "/%2e%2e/admin"),  # decoded once, as a backend does
+    ],
+)
+def test_paths_resolve_as_a_lenient_backend_would(target: str, resolved: str) -> None:
+    assert resolved_path(target) == resolved
