@@ -144,9 +144,12 @@ async def test_removed_backend_finishes_in_flight_requests_and_gets_no_new_ones(
 async def test_removed_hosted_backend_stops_listening(config_file, start_system) -> None:
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
     url = system.hosted["backend-2"].url
+    upstream = system.balancer.forwarder.upstream
+    await wait_for(lambda: upstream.has_endpoint(url), message="backend-2 checked through the upstream pool")
     config_file.write(backends=[{"name": "backend-1", "port": 0}])
     await wait_for(lambda: "backend-2" not in system.hosted and not system.pool.retiring)
     await wait_for(lambda: refused(url), message="backend-2's port closed")
+    await wait_for(lambda: not upstream.has_endpoint(url), message="its upstream connections forgotten")
 
 
 async def test_drain_timeout_bounds_a_removed_backend_with_a_stuck_request(

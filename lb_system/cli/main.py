@@ -98,7 +98,10 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
         tune_gc()
-        print(_banner(system), file=sys.stderr)
+        # One write: print() writes the text and the newline apart, and the log thread's console
+        # lines could land between them.
+        sys.stderr.write(_banner(system) + "\n")
+        sys.stderr.flush()
         try:
             await stop.wait()
         except asyncio.CancelledError:

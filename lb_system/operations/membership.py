@@ -273,7 +273,7 @@ class Membership:
     async def _retire(self, backend: Backend, runner: web.AppRunner | None) -> None:
         """A removed backend: no new requests; in-flight ones finish (up to drain_timeout),
         then its server, if hosted here, stops listening."""
-        pool, _ = self._attached()
+        pool, balancer = self._attached()
         timeout = self.config.balancer.drain_timeout
         if not await pool.wait_drained(backend, timeout):
             fields = {"backend": backend.name, "active_requests": backend.active_requests, "timeout": timeout}
@@ -282,6 +282,8 @@ class Membership:
             await asyncio.shield(self._close_soon(runner))
             pool.set_listening(backend, False)
         pool.forget(backend)
+        if all(other.url != backend.url for other in (*pool.backends, *pool.retiring)):
+            await balancer.forget_upstream(backend.url)  # drained: no request of its own is left on them
         self.logger.info("backend removed", extra={FIELDS: {"backend": backend.name}})
         if runner is not None and self._reload_after_drain:
             # The port a refused edit wanted is free now: apply the saved file again.

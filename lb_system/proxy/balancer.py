@@ -121,6 +121,10 @@ class Balancer:
         """Check every backend now (membership or [health] changed) instead of after the interval."""
         self.health_checker.wake()
 
+    async def forget_upstream(self, url: str) -> None:
+        """Close the connections to an address no backend uses any more."""
+        await self.forwarder.upstream.discard(url)
+
 
 def make_balancer_app(
     config: Config,

@@ -18,7 +18,8 @@ from collections import deque
 from collections.abc import AsyncIterable, Iterable
 from urllib.parse import urlsplit
 
-from ..config import ProxyConfig
+from lb_system.config import ProxyConfig
+
 from .upstream_connection import (
     BAD_RESPONSE,
     BODY_INCOMPLETE,
@@ -408,6 +409,10 @@ class UpstreamPool:
         if endpoint is None:
             endpoint = self._endpoints[url] = Endpoint(self, url)
         return endpoint
+
+    def has_endpoint(self, url: str) -> bool:
+        """Whether connections to `url` are kept (its backend is, or was until it drained)."""
+        return url in self._endpoints
 
     async def discard(self, url: str) -> None:
         """Forget a removed backend, closing its connections."""
