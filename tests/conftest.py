@@ -4,6 +4,9 @@ files, a fake clock and the log records. The helpers themselves are in tests/sup
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,3 +101,24 @@ def lb_log() -> Iterator[LogRecords]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A database left open (say, by a test that timed out half-way) would hang the interpreter's
+    exit: aiosqlite's worker thread is not a daemon. Name it and fail the run instead of hanging CI."""
+    leaked = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in leaked:
+        thread.join(timeout=5)
+    leaked = [t for t in leaked if t.is_alive()]
+    if leaked:
+        sys.stderr.write(f"\nthreads left running after the tests, keeping the process alive: {[t.name for t in leaked]}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(_exit_status[-1] if _exit_status and _exit_status[-1] else 1)
