@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 
-from lb_system.observability.log import FIELDS
+from lb_system.observability.log import FIELDS, HandOff
 
 
 class AccessLog:
@@ -90,6 +90,15 @@ class AccessLog:
         record.__dict__[FIELDS] = fields
         if "taskName" in template:  # Python 3.12+ names the asyncio task, as LogRecord.__init__ does
             record.__dict__["taskName"] = _task_name()
+        handlers = logger.handlers
+        if len(handlers) == 1 and not (logger.filters or logger.disabled or logger.propagate):
+            handler = handlers[0]
+            # The queue hand-off `configure_logging` installs, alone and unfiltered: what
+            # logger.handle would do in the end (its prepare returns a fields record as it is),
+            # without the filter passes and the handler's lock.
+            if type(handler) is HandOff and not handler.filters and handler.level <= logging.INFO:
+                handler.queue.put_nowait(record)
+                return
         logger.handle(record)
 
 

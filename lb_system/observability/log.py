@@ -140,7 +140,7 @@ class JsonFormatter(_UTCFormatter):
         return json.dumps(document)
 
 
-class _HandOff(logging.handlers.QueueHandler):
+class HandOff(logging.handlers.QueueHandler):
     """Renders the message and traceback in the caller, leaves the layout to the file's formatter."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
@@ -285,7 +285,7 @@ def configure_logging(config: LogConfig, *, console: bool = True) -> logging.han
     for old in list(logger.handlers):
         logger.removeHandler(old)
         old.close()
-    logger.addHandler(_HandOff(log_queue))
+    logger.addHandler(HandOff(log_queue))
     logger.setLevel(config.level)
     logger.propagate = False
     listener.start()

@@ -44,12 +44,19 @@ class Refusal(NamedTuple):
     request_id: str
 
 
+AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Front = Callable[[web.BaseRequest, AppHandler], Awaitable[web.StreamResponse]]
+
+
 @dataclass(frozen=True)
 class ClientLimits:
     """What a ClientConnection needs: the [proxy] settings (read once per connection) and where refusals go."""
 
     settings: Callable[[], ProxyConfig]
     on_refusal: Callable[[Refusal], None]
+    # When set, every request goes to front(request, app_handler) instead of straight to the app:
+    # it may answer without aiohttp's router and middleware chain, or hand over to app_handler.
+    front: Front | None = None
 
 
 CLIENT_LIMITS = web.AppKey("client_limits", ClientLimits)
@@ -297,12 +304,18 @@ class ClientLimitsRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
+        limits = self.app[CLIENT_LIMITS]
+        handler: AppHandler = plain.request_handler
+        front = limits.front
+        if front is not None:
+            app_handler = handler
+            handler = lambda request: front(request, app_handler)  # noqa: E731 - no coroutine frame of its own
         # The same server aiohttp built (handler, request factory, handler_args), another protocol.
         return _Server(
-            plain.request_handler,
+            handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
-            limits=self.app[CLIENT_LIMITS],
+            limits=limits,
             **plain._kwargs,
         )

@@ -84,6 +84,13 @@ class OwnPaths:
             else:
                 self.methods.setdefault(canonical, set()).update(route.method for route in resource)
         self.prefixes = tuple(prefixes)
+        # First path segments of every own route ("" for "/"): a path starting otherwise can only reach the catch-all.
+        self._first_segments = frozenset(path[1:].partition("/")[0] for path in (*self.methods, *self.prefixes))
+
+    def routed_elsewhere(self, path: str) -> bool:
+        """Whether the router could give `path` (as it matches it: `rel_url.path_safe`) to another
+        route than the catch-all: its first segment is one of an own route's. Cheap and conservative."""
+        return path[1:].partition("/")[0] in self._first_segments
 
     def owns(self, path: str) -> bool:
         """Whether `path` (resolved) is one of the balancer's endpoints or under one of its prefixes."""
