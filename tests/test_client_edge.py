@@ -300,7 +300,7 @@ async def test_absolute_form_is_forwarded_in_origin_form_with_host_from_the_targ
     ],
     ids=["connect", "asterisk", "ftp", "userinfo"],
 )
-async def test_a_target_that_cannot_be_forwarded_is_400_and_no_backends_failure(fronted, http, request_line) -> None:
+async def test_a_target_that_cannot_be_forwarded_is_400_and_no_backends_failure(fronted, http, lb_log, request_line) -> None:
     system, backend = await fronted()
     answer = await exchange(system, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.status == 400
@@ -308,6 +308,9 @@ async def test_a_target_that_cannot_be_forwarded_is_400_and_no_backends_failure(
     assert backend.hits == 0
     assert system.pool.get("counted").consecutive_failures == 0
     assert (await error_stats(http, system))["by_server"] == {"balancer": 1}
+    assert sum((await scrape(http, system)).values()) == 1
+    (line,) = [m for m in lb_log.messages() if m.startswith("access ")]
+    assert " status=400 " in line and "reason=bad_target" in line
 
 
 # --- the admin namespace and the balancer's own endpoints are never forwarded --------------------
@@ -328,7 +331,7 @@ ADMIN_SPELLINGS = [
 OWN_SPELLINGS = [b"/x/../errors/stats", b"/x/%2e%2e/health", b"/x/./../metrics", b"/x/../openapi.json", b"/x/../status", b"/x/.."]
 
 
-async def test_a_path_that_resolves_to_the_balancers_own_never_reaches_a_backend(fronted) -> None:
+async def test_a_path_that_resolves_to_the_balancers_own_never_reaches_a_backend(fronted, lb_log) -> None:
     system, backend = await fronted()
     for target in ADMIN_SPELLINGS + OWN_SPELLINGS:
         head = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -337,6 +340,8 @@ async def test_a_path_that_resolves_to_the_balancers_own_never_reaches_a_backend
         assert answer.problem()["detail"] == "The path resolves to the balancer's own endpoint: not forwarded"
         assert backend.hits == 0, f"the backend saw {target!r}"
     assert system.pool.get("counted").admin_state == "enabled"
+    lines = [m for m in lb_log.messages() if m.startswith("access ") and "reason=own_path" in m]
+    assert len(lines) == len(ADMIN_SPELLINGS + OWN_SPELLINGS), "each refusal has its access line"
 
 
 async def test_a_wrong_method_on_any_own_route_is_the_balancers_405_read_from_its_router(fronted, http) -> None:

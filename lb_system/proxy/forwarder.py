@@ -147,11 +147,11 @@ class Forwarder:
         started = time.perf_counter()
         request_id = request[REQUEST_ID]
         deadline = asyncio.get_running_loop().time() + self.config.proxy.request_timeout
-        # Refused before anything is counted, like the balancer's other own answers.
-        target, host = upstream_target(request)
-        if self.own_paths is not None:
-            self.own_paths.refuse(request, target)
         try:
+            # Refused before anything is counted against a backend; the access line names why.
+            target, host = upstream_target(request)
+            if self.own_paths is not None:
+                self.own_paths.refuse(request, target)
             websocket = is_websocket_upgrade(request)
             # Read before the request counts against any backend: an upload in progress holds no
             # backend connection, so stalled uploads cannot starve other clients.
@@ -168,6 +168,8 @@ class Forwarder:
                 return await self._forward(request, request_id, started, (target, host), body, replayable, deadline)
             finally:
                 self.in_flight -= 1
+        except web.HTTPMethodNotAllowed:
+            raise  # a wrong method on one of the balancer's own endpoints: its own answer, not a proxied request
         except web.HTTPException as error:
             # The client's fault found on the way (a body too large, too slow or cut): the balancer answers it.
             reason = getattr(error, "refusal_reason", None) or _REASONS.get(error.status, "refused")
