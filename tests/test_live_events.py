@@ -106,6 +106,21 @@ async def test_updates_follow_requests_errors_and_backend_state(make_config, sta
         assert down["backends"][1]["last_check_status"] == "connection refused"
 
 
+async def test_a_backend_going_down_is_published_at_once_not_at_the_next_tick(
+    make_config, start_system, outside_backend, http
+) -> None:
+    outside = await outside_backend("outside")
+    config = make_config(backends=[{"name": "backend-1", "port": 0}, {"name": "outside", "url": outside.url}], health={"fall": 1})
+    system = await start_system(config)
+    system.balancer.live_feed.interval = 60.0  # no tick during this test: only the transition can publish
+    async with open_events(http, system.balancer_url) as stream:
+        assert (await next_event(stream))[0] == "snapshot"
+        await outside.stop()
+        await system.balancer.health_checker.check_once()
+        down = await event_where(stream, lambda s: not s["backends"][1]["healthy"])
+    assert down["backends"][1]["last_check_status"] == "connection refused"
+
+
 async def test_updates_are_at_most_a_second_apart_by_default(make_config, start_system, http) -> None:
     system = await start_system(make_config())
     assert system.balancer.live_feed.interval <= 1.0

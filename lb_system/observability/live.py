@@ -15,6 +15,8 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from lb_system.balancing.events import Observer, Transition
+
 Snapshot = Callable[[], dict[str, object]]
 # Tells EventSource how soon to reconnect after the connection drops (a balancer restart).
 RECONNECT_MS = 1000
@@ -43,9 +45,10 @@ class _Mailbox:
         return None if self.closed else self._message
 
 
-class LiveFeed:
+class LiveFeed(Observer):
     """Serves `GET /events`: a `snapshot` event on connect, then an `update` event every
-    `interval` seconds. `close()` (on app shutdown) ends every stream."""
+    `interval` seconds, and one at once when a backend goes up or down (it observes transitions).
+    `close()` (on app shutdown) ends every stream."""
 
     def __init__(self, snapshot: Snapshot, *, interval: float = 1.0, logger: logging.Logger | None = None) -> None:
         self._snapshot = snapshot
@@ -55,6 +58,7 @@ class LiveFeed:
         self._task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet finished
         self._closed = False
+        self._changed = asyncio.Event()  # a transition: publish now, not at the next tick
 
     @property
     def client_count(self) -> int:
@@ -68,9 +72,16 @@ class LiveFeed:
         # The page counts missed ticks to notice a feed that stalled without closing.
         return json.dumps(self._snapshot() | {"interval_s": self.interval}, separators=(",", ":"))
 
+    def on_transition(self, backend: str, transition: Transition) -> None:
+        if self.publishing:
+            self._changed.set()
+
     async def _publish(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._changed.wait()
+            self._changed.clear()
             try:
                 message = self._message()
             except Exception:  # a bug here must not freeze every open dashboard for good

@@ -169,7 +169,6 @@ def make_balancer_app(
         )
         forwarder.refused(refusal)
 
-
     stats = RequestStats(clock=pool.clock)
     app[REQUEST_STATS] = stats
     observer = Metrics(pool, tracker)
@@ -182,6 +181,7 @@ def make_balancer_app(
 
     feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker, config_error), logger=logger)
     app[LIVE_FEED] = feed
+    observers.add(feed)
 
     async def forward(request: web.Request) -> web.StreamResponse:
         return await forwarder(request)
