@@ -56,6 +56,13 @@ def error_type(status: int) -> str:
 _Record = tuple[float, int, str, str, str, str, str, str]
 
 
+def _count_bounded(counts: dict[str, int], key: str, max_keys: int, overflow: str) -> None:
+    """Count `key`; once `max_keys` distinct keys are held, new ones count under `overflow` (memory stays bounded)."""
+    if key not in counts and len(counts) >= max_keys:
+        key = overflow
+    counts[key] = counts.get(key, 0) + 1
+
+
 class ErrorTracker:
     """Counts failed requests and keeps the newest ones for inspection.
 
@@ -129,20 +136,8 @@ class ErrorTracker:
         lifetime_key = (server, status)
         self._lifetime[lifetime_key] = self._lifetime.get(lifetime_key, 0) + 1
 
-        if len(method) > MAX_METHOD_CHARS:
-            method = method[:MAX_METHOD_CHARS]
-        methods = self._by_method
-        if method not in methods and len(methods) >= MAX_METHODS:
-            method = OTHER_METHOD
-        methods[method] = methods.get(method, 0) + 1
-
-        path_key = path if route is None else route
-        if len(path_key) > MAX_PATH_CHARS:
-            path_key = path_key[:MAX_PATH_CHARS]
-        paths = self._paths
-        if path_key not in paths and len(paths) >= MAX_PATHS:
-            path_key = OTHER_PATH
-        paths[path_key] = paths.get(path_key, 0) + 1
+        _count_bounded(self._by_method, method[:MAX_METHOD_CHARS], MAX_METHODS, OTHER_METHOD)
+        _count_bounded(self._paths, (path if route is None else route)[:MAX_PATH_CHARS], MAX_PATHS, OTHER_PATH)
 
         self._per_second.add(now, etype)
 
