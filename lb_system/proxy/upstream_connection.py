@@ -360,6 +360,10 @@ class UpstreamResponse:
             and not unsent
         )
         self._connection.exchange_done(reusable)
+        # Nothing feeds this answer any more. The parser holds its bound callbacks: a reference
+        # cycle per request that only the garbage collector would free (its young-generation
+        # passes took some 5% of the CPU under load); dropping the parser frees it at once.
+        del self._parser
 
 
 class Tunnel:
