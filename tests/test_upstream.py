@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,24 @@ async def test_keep_alive_reuses_one_connection(serve: Serve, make_pool: MakePoo
         assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 1
     assert endpoint.idle_connections == 1
+
+
+async def test_a_released_answer_is_freed_without_the_garbage_collector(serve: Serve, make_pool: MakePool) -> None:
+    # A reference cycle per request (the parser holding the answer's callbacks) would leave every
+    # answer to the collector's passes, which under load cost CPU and latency.
+    server = await serve()
+    endpoint = make_pool().endpoint(server.url)
+    gc.disable()
+    try:
+        response = await endpoint.request("GET", "/")
+        assert await response.read() == b"ok"
+        response.release()
+        freed = weakref.ref(response)
+        del response
+        assert freed() is None
+    finally:
+        gc.enable()
+    assert await fetch(endpoint) == (200, b"ok")
 
 
 async def test_a_refused_connection_says_so_and_the_next_one_works(serve: Serve, make_pool: MakePool) -> None:
