@@ -152,11 +152,10 @@ class Forwarder:
             target, host = upstream_target(request)
             if self.own_paths is not None:
                 self.own_paths.refuse(request, target)
-            websocket = is_websocket_upgrade(request)
+            if is_websocket_upgrade(request):  # a tunnel holds no pooled connection: it has its own cap, not the pool's
+                return await self._websocket(request, request_id, started, target, host)
             # Read before the request counts against any backend: an upload in progress holds no
             # backend connection, so stalled uploads cannot starve other clients.
-            if websocket:  # a tunnel holds no pooled connection: it has its own cap, not the pool's
-                return await self._websocket(request, request_id, started, target, host)
             body, replayable = await self._request_body(request)
             # Capacity is never below max_pending: the scan over backends only runs near overload.
             if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
@@ -244,18 +243,14 @@ class Forwarder:
                 except _TryFailed as failure:
                     last_failure = failure
                     tries.append(TryResult(backend.name, None, time.perf_counter() - try_started, failure.reason))
-                    if not (
-                        self._may_retry(request.method, failure.kind, len(tried), replayable)
-                        and (holding_budget := holding_budget or self.budget.try_acquire())
-                    ):
+                    if not self._may_try_again(request.method, failure.kind, tried, replayable, holding_budget):
                         break
+                    holding_budget = True
                     continue
-                if (
-                    self.policy.retryable_status(upstream.status)
-                    and self._may_retry(request.method, FailureKind.STATUS, len(tried), replayable)
-                    and self.pool.has_candidate(exclude=tried)
-                    and (holding_budget := holding_budget or self.budget.try_acquire())
+                if self.policy.retryable_status(upstream.status) and self._may_try_again(
+                    request.method, FailureKind.STATUS, tried, replayable, holding_budget
                 ):
+                    holding_budget = True
                     if data is None:  # a streamed answer's outcome is otherwise recorded when it ends
                         self._record_answer(backend, upstream.status)
                     self._finish_try(backend, upstream)
@@ -378,8 +373,17 @@ class Forwarder:
         upstream.release()
         self.pool.release(backend)
 
-    def _may_retry(self, method: str, kind: FailureKind, attempts: int, replayable: bool) -> bool:
-        return self.policy.should_retry(method=method, failure=kind, attempt=attempts, body_replayable=replayable)
+    def _may_try_again(
+        self, method: str, kind: FailureKind, tried: list[Backend], replayable: bool, holding_budget: bool
+    ) -> bool:
+        """The one retry question, after a failed try or a retryable status: the policy allows it,
+        a backend not yet tried is left, and the retry budget has room (one slot covers all of
+        one request's retries, so a request already holding one needs no other)."""
+        return (
+            self.policy.should_retry(method=method, failure=kind, attempt=len(tried), body_replayable=replayable)
+            and self.pool.has_candidate(exclude=tried)
+            and (holding_budget or self.budget.try_acquire())
+        )
 
     async def _send(
         self,
