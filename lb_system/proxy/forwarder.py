@@ -80,17 +80,19 @@ class _LimitedBody:
 
 
 def _failure_kind(error: UpstreamError) -> FailureKind:
+    if error.reason == TIMEOUT:  # the try's time ran out, wherever it was spent
+        return FailureKind.TIMEOUT
     if error.connecting:  # nothing reached the backend: safe to retry any method
         return FailureKind.CONNECT
-    return FailureKind.TIMEOUT if error.reason == TIMEOUT else FailureKind.RESET
+    return FailureKind.RESET
 
 
-async def _small_body(upstream: UpstreamResponse) -> bytes | None:
-    """An answer's body when it is small (read whole: b"" for none), None when it is to be streamed."""
+async def _small_body(upstream: UpstreamResponse, deadline: float | None = None) -> bytes | None:
+    """An answer's body when it is small (read whole by `deadline`: b"" for none), None when it is to be streamed."""
     if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
         return b""
     if upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
-        return await upstream.read()
+        return await upstream.read(deadline)
     return None
 
 
@@ -412,16 +414,18 @@ class Forwarder:
         try:
             if timeout <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(timeout):
-                upstream = await endpoint.request(
-                    request.method,
-                    prefix + path if prefix else path,
-                    headers.items(),
-                    body,
-                    body_length=request.content_length if isinstance(body, _LimitedBody) else None,
-                    read_timeout=proxy.per_try_timeout,  # each wait for the next piece of a streamed body
-                )
-                data = await _small_body(upstream)
+            # The transport bounds each wait of the try by its deadline: a timer per wait, no timeout scope.
+            try_deadline = loop.time() + timeout
+            upstream = await endpoint.request(
+                request.method,
+                prefix + path if prefix else path,
+                headers.items(),
+                body,
+                body_length=request.content_length if isinstance(body, _LimitedBody) else None,
+                read_timeout=proxy.per_try_timeout,  # each wait for the next piece of a streamed body
+                deadline=try_deadline,
+            )
+            data = await _small_body(upstream, try_deadline)
         except BaseException as error:
             self.pool.release(backend)
             if upstream is not None:

@@ -142,6 +142,7 @@ class Endpoint:
         timeout: float | None = None,
         read_timeout: float | None = None,
         dedicated: bool = False,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
         """Send one request and return the answer once its head arrived (1xx skipped).
 
@@ -149,21 +150,32 @@ class Endpoint:
         missing; a streamed `body` goes chunked unless `body_length` is given. `wait_timeout` bounds
         the wait for a pooled connection, `timeout` the wait for the answer's head, `read_timeout`
         each wait inside the body. `dedicated` uses a connection of its own, outside the pool's cap
-        (health checks). Raises UpstreamError."""
+        (health checks). `deadline` (loop time) bounds all of it up to the answer's head, a timer
+        per stage instead of a timeout scope around the call. Raises UpstreamError ("timeout" past
+        the deadline)."""
         streamed = body is not None and not isinstance(body, bytes)
         length = len(body) if isinstance(body, bytes) else body_length
         head = build_head(method, target, headers, self.host_header, body_length=length, streamed=streamed)
         if dedicated:
-            connection = await self._connect_dedicated(self._dedicated)
-            return await connection.exchange(head, body, length, timeout=timeout, read_timeout=read_timeout)
-        connection = await self._acquire(wait_timeout)
+            connection = await self._connect_dedicated(self._dedicated, deadline)
+            return await connection.exchange(head, body, length, timeout=self._left(timeout, deadline), read_timeout=read_timeout)
+        connection = await self._acquire(self._left(wait_timeout, deadline), deadline=deadline)
         try:
-            return await connection.exchange(head, body, length, timeout=timeout, read_timeout=read_timeout)
+            return await connection.exchange(head, body, length, timeout=self._left(timeout, deadline), read_timeout=read_timeout)
         except UpstreamError as error:
             if not _should_retry(head, error, connection.reused, replayable=not streamed):
                 raise
-        connection = await self._acquire(wait_timeout, fresh=True)
-        return await connection.exchange(head, body, length, timeout=timeout, read_timeout=read_timeout)
+        connection = await self._acquire(self._left(wait_timeout, deadline), fresh=True, deadline=deadline)
+        return await connection.exchange(head, body, length, timeout=self._left(timeout, deadline), read_timeout=read_timeout)
+
+    def _left(self, timeout: float | None, deadline: float | None) -> float | None:
+        """The shorter of `timeout` and the time left until `deadline`; past it, a timeout now."""
+        if deadline is None:
+            return timeout
+        left = deadline - self._get_loop().time()
+        if left <= 0:
+            raise UpstreamError(TIMEOUT)
+        return left if timeout is None else min(timeout, left)
 
     async def open_tunnel(
         self,
@@ -217,7 +229,9 @@ class Endpoint:
 
     # --- the pool ------------------------------------------------------------------------------
 
-    async def _acquire(self, wait_timeout: float | None, *, fresh: bool = False) -> UpstreamConnection:
+    async def _acquire(
+        self, wait_timeout: float | None, *, fresh: bool = False, deadline: float | None = None
+    ) -> UpstreamConnection:
         while True:
             if self._closed:
                 raise UpstreamError(CANNOT_CONNECT, connecting=True)
@@ -230,10 +244,10 @@ class Endpoint:
                 connection.abort()  # the backend closed it while it sat here: never written to
             if self._open < self._pool.max_connections_per_backend and not self._waiters:
                 self._open += 1
-                return await self._connect_counted()
+                return await self._connect_counted(deadline)
             handed = await self._wait(wait_timeout)
             if handed is None:
-                return await self._connect_counted()
+                return await self._connect_counted(deadline)
             if handed.usable:
                 return handed
             handed.abort()
@@ -277,28 +291,29 @@ class Endpoint:
         if not self._hand_to_waiter(None):
             self._open -= 1
 
-    async def _connect_counted(self) -> UpstreamConnection:
+    async def _connect_counted(self, deadline: float | None) -> UpstreamConnection:
         try:
-            return await self._connect(self)
+            return await self._connect(self, deadline)
         except BaseException:
             self._slot_free()
             raise
 
-    async def _connect_dedicated(self, owner: _Dedicated) -> UpstreamConnection:
+    async def _connect_dedicated(self, owner: _Dedicated, deadline: float | None = None) -> UpstreamConnection:
         owner.open += 1
         try:
-            return await self._connect(owner)
+            return await self._connect(owner, deadline)
         except BaseException:
             owner.open -= 1
             raise
 
-    async def _connect(self, owner: Endpoint | _Dedicated) -> UpstreamConnection:
+    async def _connect(self, owner: Endpoint | _Dedicated, deadline: float | None = None) -> UpstreamConnection:
         if self._closed:
             raise UpstreamError(CANNOT_CONNECT, connecting=True)
         loop = self._get_loop()
         connection = UpstreamConnection(loop, owner)
+        limit = loop.time() + self._pool.connect_timeout
         try:
-            async with asyncio.timeout(self._pool.connect_timeout):
+            async with asyncio.timeout_at(limit if deadline is None or deadline > limit else deadline):
                 await loop.create_connection(
                     lambda: connection,
                     self.host,
@@ -307,7 +322,9 @@ class Endpoint:
                     server_hostname=self.host if self._ssl is not None else None,
                 )
         except TimeoutError:
-            raise UpstreamError(CONNECT_TIMEOUT, connecting=True) from None
+            # The caller's deadline came first: its timeout, not the backend's slow connect.
+            reason = TIMEOUT if deadline is not None and deadline <= limit else CONNECT_TIMEOUT
+            raise UpstreamError(reason, connecting=True) from None
         except ConnectionRefusedError:
             raise UpstreamError(CONNECTION_REFUSED, connecting=True) from None
         except OSError:  # no route, unknown host, a certificate that does not verify

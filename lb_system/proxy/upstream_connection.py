@@ -293,8 +293,9 @@ class UpstreamResponse:
             if timer is not None:
                 timer.cancel()
 
-    async def read_chunk(self) -> bytes:
-        """The next piece of the body (all that is buffered); b"" once it is read whole."""
+    async def read_chunk(self, deadline: float | None = None) -> bytes:
+        """The next piece of the body (all that is buffered); b"" once it is read whole. A wait
+        lasts `read_timeout` at most, and ends at `deadline` (loop time) when one is given."""
         while True:
             if self._chunks:
                 chunks = self._chunks
@@ -309,16 +310,21 @@ class UpstreamResponse:
                 raise self._error
             if self._complete or self._released:
                 return b""
-            self._waiter = self._connection.loop.create_future()
+            loop = self._connection.loop
+            timeout = self.read_timeout
+            if deadline is not None:
+                left = deadline - loop.time()
+                timeout = left if timeout is None or left < timeout else timeout
+            self._waiter = loop.create_future()
             try:
-                await self._wait_for(self._waiter, self.read_timeout)
+                await self._wait_for(self._waiter, timeout)
             finally:
                 self._waiter = None
 
-    async def read(self) -> bytes:
-        """The whole body (for small ones)."""
+    async def read(self, deadline: float | None = None) -> bytes:
+        """The whole body (for small ones), by `deadline` (loop time) when one is given."""
         parts = []
-        while chunk := await self.read_chunk():
+        while chunk := await self.read_chunk(deadline):
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
