@@ -34,7 +34,7 @@ from lb_system.problems import (
     problem_response,
 )
 from lb_system.proxy.client_limits import Refusal
-from lb_system.proxy.headers import HeaderPolicy, response_headers
+from lb_system.proxy.headers import HeaderPolicy, response_headers, strip_hop_by_hop
 from lb_system.proxy.targets import OwnPaths, upstream_target
 from lb_system.proxy.upstream import TIMEOUT, TunnelLimitReached, UpstreamError, UpstreamPool, UpstreamResponse, split_url
 from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
@@ -463,7 +463,8 @@ class Forwarder:
         request_id: str,
     ) -> web.StreamResponse:
         try:
-            headers = response_headers(upstream.headers)
+            # The answer's own headers, edited in place: aiohttp copies them into the response anyway.
+            headers = strip_hop_by_hop(upstream.headers)
             headers[ANSWERED_BY_HEADER] = backend.name
             headers[REQUEST_ID_HEADER] = request_id
             if data is None:

@@ -17,22 +17,25 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"expect"}
 
 
-def without_hop_by_hop(headers: Mapping[str, str], also_drop: frozenset[str]) -> CIMultiDict[str]:
-    # Copy, then delete the few names: 4-5x cheaper than filtering every header in Python.
-    kept = CIMultiDict(headers)
-    drop = also_drop
-    if "Connection" in kept:
+def strip_hop_by_hop(headers: CIMultiDict[str], drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
+    """Delete, in place, the hop-by-hop names and those `Connection` lists; returns `headers`."""
+    # Deleting the few names is 4-5x cheaper than filtering every header in Python.
+    if "Connection" in headers:
         drop = drop | {
-            token.strip().lower() for value in kept.getall("Connection") for token in value.split(",") if token.strip()
+            token.strip().lower() for value in headers.getall("Connection") for token in value.split(",") if token.strip()
         }
     for name in drop:
-        if name in kept:
-            del kept[name]
-    return kept
+        if name in headers:
+            del headers[name]
+    return headers
+
+
+def without_hop_by_hop(headers: Mapping[str, str], also_drop: frozenset[str]) -> CIMultiDict[str]:
+    return strip_hop_by_hop(CIMultiDict(headers), also_drop)
 
 
 def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    """A backend's answer headers as the client gets them: hop-by-hop gone."""
+    """A copy of a backend's answer headers as the client gets them: hop-by-hop gone."""
     return without_hop_by_hop(headers, HOP_BY_HOP)
 
 

@@ -276,9 +276,6 @@ class UpstreamResponse:
 
     # --- the caller's side ----------------------------------------------------------------------
 
-    async def _wait_head(self, timeout: float | None) -> None:
-        await self._wait_for(self._head_waiter, timeout)
-
     async def _wait_for(self, waiter: asyncio.Future[None], timeout: float | None) -> None:
         timer = self._connection.loop.call_later(timeout, _expire, waiter) if timeout is not None else None
         try:
@@ -566,7 +563,7 @@ class UpstreamConnection(asyncio.Protocol):
                 response._sender = sender = self.loop.create_task(self._send_body(body, body_length))
                 sender.add_done_callback(response._body_sent)
         try:
-            await response._wait_head(timeout)
+            await response._wait_for(response._head_waiter, timeout)
             if response._error is not None:  # the head came with a broken rest (a 101 that is no upgrade)
                 raise response._error
         except BaseException:
