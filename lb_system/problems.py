@@ -159,7 +159,9 @@ def make_problem_middleware(
             if request.writer.output_size > 0:
                 raise  # bytes already went out: aiohttp cuts the connection, the only honest signal left
             response = problem_response(500, "Internal server error", instance=request.path, request_id=request_id)
-        cut = response.get(RESPONSE_CUT)  # a cut answer is recorded as the backend's 502
+        # A cut answer is recorded as the backend's 502. Most responses carry no mark at all: asking
+        # only then spares the KeyError that Mapping.get raises and catches for a missing one.
+        cut = response.get(RESPONSE_CUT) if len(response) else None
         status = response.status if cut is None else 502
         if status >= 400 and (cut is not None or not response.get(UPSTREAM_RECORDED, False)):
             answered_by = response.get(ERROR_SERVER)

@@ -259,7 +259,7 @@ class Forwarder:
                     tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                     continue
                 response = await self._respond(request, backend, upstream, data, request_id)
-                cut = response.get(RESPONSE_CUT)
+                cut = None if data is not None else response.get(RESPONSE_CUT)  # only a streamed answer can be cut
                 duration = time.perf_counter() - try_started
                 if cut is None:
                     tries.append(TryResult(backend.name, upstream.status, duration))
