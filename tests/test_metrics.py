@@ -16,6 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.waiting import wait_for
 
+from lb_system.balancing.events import ProxiedRequest
+from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.config import HealthConfig
+from lb_system.observability.error_tracker import ErrorTracker
+from lb_system.observability.metrics import Metrics
+
 # Health checks only at start-up: the counts stay put while a test compares them.
 QUIET_HEALTH = {"interval": 3600, "rise": 1, "fall": 1}
 ALLOWED_LABELS = {"backend", "method", "code", "result", "to", "type", "le", "state"}
@@ -290,3 +296,31 @@ async def test_promtool_finds_the_exposition_clean(make_config, start_system, ht
     )
     output, _ = await asyncio.wait_for(process.communicate(exposition), 30)
     assert process.returncode == 0 and not output.strip(), output.decode()
+
+
+def test_request_durations_land_in_the_buckets_prometheus_would_put_them_in() -> None:
+    # Counted by our own code on the hot path: the histogram must still read as prometheus_client's.
+    pool = BackendPool([Backend("backend-1", "http://127.0.0.1:1", hosted=False)], health=HealthConfig())
+    metrics = Metrics(pool, ErrorTracker(10))
+    for seconds in (0.001, 0.005, 0.0051, 0.3, 12.0):  # 0.005 sits on a bound: `le` counts it there
+        metrics.on_request(ProxiedRequest("GET", 200, "backend-1", seconds, ()))
+    metrics.on_request(ProxiedRequest("BREW", 503, "balancer", 0.02, (), no_backend=True))
+    scraped = Scrape(metrics.exposition().decode())
+    buckets = {
+        labels["le"]: value
+        for labels, value in scraped.samples["lb_request_duration_seconds_bucket"]
+        if labels["backend"] == "backend-1"
+    }
+    assert (buckets["0.005"], buckets["0.01"], buckets["0.25"], buckets["0.5"], buckets["10.0"], buckets["+Inf"]) == (
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+    )
+    assert scraped.value("lb_request_duration_seconds_count", backend="backend-1") == 5
+    assert scraped.value("lb_request_duration_seconds_sum", backend="backend-1") == pytest.approx(12.3111)
+    assert scraped.value("lb_requests_total", backend="backend-1", method="GET", code="200") == 5
+    assert scraped.value("lb_requests_total", backend="balancer", method="OTHER", code="503") == 1
+    assert scraped.value("lb_no_backend_total") == 1

@@ -65,9 +65,10 @@ class AccessLog:
             fields["client"] = client
         if reason is not None:
             fields["reason"] = reason
-        for key, value in more.items():
-            if value is not None:
-                fields[key] = value
+        if more:
+            for key, value in more.items():
+                if value is not None:
+                    fields[key] = value
         self._emit(fields)
 
     def _emit(self, fields: dict[str, object]) -> None:

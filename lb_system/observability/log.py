@@ -54,6 +54,8 @@ def text_value(value: object) -> str:
     """One field's value in a text line: numbers as written, None as `-`, booleans as
     `true`/`false`, strings bare when safe and quoted otherwise."""
     if type(value) is str:
+        if value.isalnum() and value.isascii():  # ids, methods, words: safe without the regex
+            return value
         return value if _SAFE.fullmatch(value) else quote(value)
     if value is None:
         return "-"

@@ -11,7 +11,9 @@ the process, platform and GC collectors report on the process itself.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import TypeAlias
 
 from prometheus_client import (
@@ -24,8 +26,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from lb_system.balancing.events import CheckResult, Observer, ProxiedRequest, Transition
 from lb_system.balancing.pool import ADMIN_STATES, BackendPool
@@ -91,6 +94,52 @@ class _ScrapeTimeState(Collector):
         return families
 
 
+class _ProxiedSeries(Collector):
+    """`lb_requests_total` and `lb_request_duration_seconds`, counted in plain dicts and lists on
+    every proxied request and rendered as families at scrape time: prometheus_client's labelled
+    children take a lock and check their type on each call, a cost paid per request here."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}  # (backend, method, status) -> count
+        # backend -> [count per bucket (the last one +Inf, not cumulative), sum of seconds]
+        self.durations: dict[str, tuple[list[int], list[float]]] = {}
+
+    def add(self, backend: str, method: str, status: int, seconds: float) -> None:
+        key = (backend, method, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        histogram = self.durations.get(backend)
+        if histogram is None:
+            histogram = self.durations[backend] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+        histogram[0][bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
+        histogram[1][0] += seconds
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "lb_requests", "Proxied requests by answering backend, method and status.", labels=["backend", "method", "code"]
+            ),
+            HistogramMetricFamily(
+                "lb_request_duration_seconds",
+                "Time from receiving a proxied request to finishing its response.",
+                labels=["backend"],
+            ),
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        requests, durations = self._families()
+        for (backend, method, status), count in self.requests.items():
+            requests.add_metric([backend, method, str(status)], float(count))
+        bounds = [*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf"]
+        for backend, (counts, total) in self.durations.items():
+            cumulative = list(accumulate(counts))
+            durations.add_metric([backend], list(zip(bounds, map(float, cumulative), strict=True)), total[0])
+        return requests, durations
+
+
 class _WithoutCreated(Collector):
     """The registry's metrics minus the `*_created` samples. prometheus_client can only turn
     those off for the whole process (`disable_created_metrics`); this keeps it per registry."""
@@ -112,16 +161,8 @@ class Metrics(Observer):
     def __init__(self, pool: BackendPool, tracker: ErrorTracker) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "lb_requests", "Proxied requests by answering backend, method and status.", ["backend", "method", "code"], registry=r
-        )
-        self.request_duration = Histogram(
-            "lb_request_duration_seconds",
-            "Time from receiving a proxied request to finishing its response.",
-            ["backend"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
+        self.proxied = _ProxiedSeries()
+        r.register(self.proxied)
         self.health_checks = Counter("lb_health_checks", "Active health checks.", ["backend", "result"], registry=r)
         self.health_check_duration = Histogram(
             "lb_health_check_duration_seconds",
@@ -135,9 +176,6 @@ class Metrics(Observer):
         )
         self.retries = Counter("lb_retries", "Retries away from a backend whose try failed.", ["backend"], registry=r)
         self.no_backend = Counter("lb_no_backend", "503 answers for want of a healthy backend.", registry=r)
-        # (backend, method, status) -> its two series: labels() locks and validates on every call.
-        # As bounded as the labels themselves (config names, standard methods, status codes).
-        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         r.register(_ScrapeTimeState(pool, tracker))
         # The process's CPU, memory, file descriptors, GC and Python version (process_* on Linux only).
         ProcessCollector(registry=r)
@@ -153,16 +191,8 @@ class Metrics(Observer):
             self.retries.labels(backend.name)
 
     def on_request(self, done: ProxiedRequest) -> None:
-        method = done.method if done.method in _METHODS else "OTHER"
-        key = (done.backend, method, done.status)
-        series = self._request_series.get(key)
-        if series is None:
-            series = self._request_series[key] = (
-                self.requests.labels(done.backend, method, str(done.status)),
-                self.request_duration.labels(done.backend),
-            )
-        series[0].inc()
-        series[1].observe(done.duration_s)
+        # Bounded as the labels are: config names, standard methods, status codes.
+        self.proxied.add(done.backend, done.method if done.method in _METHODS else "OTHER", done.status, done.duration_s)
         if len(done.tries) > 1:
             for name in done.retried_from:
                 self.retries.labels(name).inc()
