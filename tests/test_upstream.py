@@ -324,6 +324,49 @@ async def test_the_wait_for_a_connection_is_bounded(serve: Serve, make_pool: Mak
     assert server.accepted == 1
 
 
+async def test_a_deadline_bounds_the_wait_for_a_connection_and_for_the_head(serve: Serve, make_pool: MakePool) -> None:
+    # One deadline per try, kept by the transport's own timers: no timeout scope around the call.
+    gate = asyncio.Event()
+    server = await serve(gated(gate), stall())
+    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    loop = asyncio.get_running_loop()
+    holder = asyncio.create_task(fetch(endpoint))
+    await wait_for(lambda: len(server.requests) == 1)
+    error = await fails(fetch(endpoint, deadline=loop.time() + 0.05))  # queued behind the holder
+    assert (error.reason, error.sent) == ("timeout", False)
+    gate.set()
+    assert await holder == (200, b"ok")
+    error = await fails(fetch(endpoint, deadline=loop.time() + 0.05))  # sent; the backend stalls
+    assert (error.reason, error.sent, error.answered) == ("timeout", True, False)
+    assert endpoint.open_connections == 0 and endpoint.waiting == 0
+    error = await fails(fetch(endpoint, deadline=loop.time() - 1))  # already past: nothing is sent
+    assert (error.reason, error.sent) == ("timeout", False)
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_a_deadline_bounds_the_body_read_whole(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+    endpoint = make_pool().endpoint(server.url)
+    loop = asyncio.get_running_loop()
+    response = await endpoint.request("GET", "/", read_timeout=30)
+    error = await fails(response.read(deadline=loop.time() + 0.05))
+    assert (error.reason, error.answered) == ("timeout", True)
+    response.release()
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+async def test_a_deadline_before_the_connect_timeout_is_the_callers_timeout(make_pool: MakePool) -> None:
+    backlog = FullBacklog()
+    try:
+        await backlog.fill()
+        endpoint = make_pool(connect_timeout=5.0).endpoint(f"http://127.0.0.1:{backlog.port}")
+        error = await fails(fetch(endpoint, deadline=asyncio.get_running_loop().time() + 0.1))
+        assert (error.reason, error.connecting) == ("timeout", True)  # not the backend's "connect timeout"
+        assert endpoint.open_connections == 0
+    finally:
+        backlog.close()
+
+
 async def test_idle_connections_close_after_the_idle_timeout(serve: Serve, make_pool: MakePool) -> None:
     server = await serve()
     endpoint = make_pool(idle_timeout=0.05).endpoint(server.url)
