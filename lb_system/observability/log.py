@@ -102,6 +102,8 @@ class _UTCFormatter(logging.Formatter):
         return f"{cached[1]}.{int(record.msecs):03d}Z"
 
     def _traceback(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return ""  # nearly every record, the access lines among them
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         parts = [record.exc_text or "", record.stack_info or ""]
