@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +17,12 @@ _ADDRESS_IN_USE = {errno.EADDRINUSE, 10048}  # 10048: WSAEADDRINUSE on Windows
 # clients connect at once to a busy loop: the dropped handshakes cost their first request
 # a TCP retransmit (200 ms to over 1 s). The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+
+
+# Out of descriptors or memory: accept() fails until some close, so accepting pauses this long.
+_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_PAUSE_S = 1.0
+_log = logging.getLogger("lb_system.serving")
 
 
 class StartupError(Exception):
@@ -51,6 +60,76 @@ def dial_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class BurstAcceptor:
+    """Accepts every connection waiting on a listening socket at each wake-up (up to the
+    backlog), as asyncio's own loops do. uvloop accepts about one per loop iteration: when a
+    few hundred clients connected at once to a busy loop, the last waited in the kernel's accept
+    queue for up to 0.8 s (benchmarks/run.py's 256-connection p99). What aiohttp's sites need of
+    a server: `sockets` and `close()`."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], asyncio.Protocol], sock: socket.socket, limit: int
+    ) -> None:
+        self._loop, self._factory, self._sock, self._limit = loop, protocol_factory, sock, limit
+        self.sockets = (sock,)
+        self._starting: set[asyncio.Task[Any]] = set()
+        self._paused: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(self._limit):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno not in _RESOURCE_ERRORS:
+                    continue  # that client gave up (ECONNABORTED): the next one may be waiting
+                _log.warning("accept paused", extra={"fields": {"reason": error.strerror, "seconds": ACCEPT_PAUSE_S}})
+                self._loop.remove_reader(self._sock.fileno())
+                self._paused = self._loop.call_later(ACCEPT_PAUSE_S, self._resume)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._connect(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:  # the client left before its transport was made
+            conn.close()
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self._sock.fileno() != -1:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket; accepted connections live on."""
+        if self._paused is not None:
+            self._paused.cancel()
+        if self._sock.fileno() != -1:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+
+class _Site(web.SockSite):
+    """aiohttp's SockSite, accepting with a BurstAcceptor on uvloop (asyncio's loops already
+    accept up to the backlog at a time, and Windows' proactor has no add_reader)."""
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not type(loop).__module__.startswith("uvloop"):
+            await super().start()
+            return
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        self._server = BurstAcceptor(loop, server, self._sock, self._backlog)  # type: ignore[assignment]
+
+
 async def serve(
     app: web.Application,
     sock: socket.socket,
@@ -63,7 +142,7 @@ async def serve(
     runner = runner_class(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, **runner_options)
     try:
         await runner.setup()
-        await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # it listens again
+        await _Site(runner, sock, backlog=LISTEN_BACKLOG).start()  # it listens again
     except BaseException:
         sock.close()
         await runner.cleanup()
