@@ -5,7 +5,9 @@ front of the very same hosted backends, in one run.
 Usage: python benchmarks/run.py [--long] [--duration 8] [--generator auto|wrk|asyncio] [--no-pin]
 
 Starts benchmarks/server.py (a System from a generated config plus the bare forwarder, the
-aiohttp floor and the featureless transport forwarder, in one process and one event loop), nginx
+aiohttp floor, the featureless transport forwarder and the same with httptools on the client
+side, which measures what moving the balancer's client side off aiohttp's server could win, in
+one process and one event loop), nginx
 and HAProxy when installed (configs generated, upstream keep-alive on), and the Python peers a
 user would pick instead (fastapi-proxy-lib under uvicorn, mitmdump in reverse mode), installed
 with pip into the benchmark's own venv benchmarks/.venv-peers, never into the project's; a peer
@@ -49,7 +51,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 PATH = "/tasks/1"
 
-CASES = ("direct", "balancer", "nginx", "haproxy", "bare", "floor", "transport", "fastapi", "mitmproxy")
+CASES = ("direct", "balancer", "nginx", "haproxy", "bare", "floor", "transport", "httptools", "fastapi", "mitmproxy")
 MEDIAN_ROUNDS = 3  # from this many rounds on, the throughput targets use the median round
 LABELS = {
     "direct": "direct to one backend",
@@ -59,6 +61,7 @@ LABELS = {
     "bare": "bare aiohttp forwarder",
     "floor": "aiohttp floor (no features)",
     "transport": "featureless forwarder on lb_system's transport",
+    "httptools": "the same, httptools on the client side too (no aiohttp in the hop)",
     "fastapi": "fastapi-proxy-lib (Starlette + httpx, uvicorn)",
     "mitmproxy": "mitmproxy reverse mode (mitmdump)",
 }
@@ -550,6 +553,7 @@ def summarize(results: dict) -> dict:
         "balancer/transport": ratio("balancer", "transport"),
         "transport/floor": ratio("transport", "floor"),
         "transport/nginx": ratio("transport", "nginx"),
+        "httptools/transport": ratio("httptools", "transport"),
         "balancer/fastapi": ratio("balancer", "fastapi"),
         "balancer/mitmproxy": ratio("balancer", "mitmproxy"),
     }
@@ -574,6 +578,7 @@ def summarize(results: dict) -> dict:
         ("balancer", "floor"),
         ("balancer", "transport"),
         ("transport", "floor"),
+        ("httptools", "transport"),
         ("balancer", "fastapi"),
         ("balancer", "mitmproxy"),
     )
@@ -758,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bare": ready["bare"] + PATH,
                 "floor": ready["floor"] + PATH,
                 "transport": ready["transport"] + PATH,
+                "httptools": ready["httptools"] + PATH,
             }
             expected = wait_until_answers(urls["direct"], server, "benchmark server")
             rss_start = rss_kib(server.pid)

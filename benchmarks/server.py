@@ -1,6 +1,7 @@
 """The process under test: a System (hosted backends + balancer) and, in the same event loop,
 the bare forwarder a user would write by hand in front of the same backends, the aiohttp floor,
-and the featureless forwarder on lb_system's own upstream transport.
+the featureless forwarder on lb_system's own upstream transport, and the same with httptools
+on the client side.
 
 Usage: python benchmarks/server.py CONFIG [--bare-port 0] [--watch-stdin]
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import httptools
 from aiohttp import web
 from yarl import URL
 
@@ -106,6 +108,52 @@ def make_transport_forwarder(backend_urls: list[str], pool: UpstreamPool) -> web
     return web.Server(forward, access_log=None)
 
 
+class HttptoolsFront(asyncio.Protocol):
+    """The featureless forwarder with no aiohttp in the hop: httptools parses the client's
+    requests, lb_system's transport carries them (the issue's "httptools on both sides" row).
+    It measures what moving the balancer's client side off aiohttp's server could win; it keeps
+    none of a proxy's duties (no pipelining, no limits, no headers policy)."""
+
+    def __init__(self, endpoints: itertools.cycle) -> None:
+        self.endpoints = endpoints
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.close()  # type: ignore[union-attr]
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        url, headers, self.url, self.headers = self.url.decode("latin-1"), self.headers, b"", []
+        asyncio.get_running_loop().create_task(self.forward(method, url, headers))
+
+    async def forward(self, method: str, url: str, headers: list[tuple[str, str]]) -> None:
+        upstream = await next(self.endpoints).request(method, url, headers, None)
+        try:
+            data = await upstream.read()
+        finally:
+            upstream.release()
+        content_type = upstream.headers.get("Content-Type", "application/octet-stream")
+        head = f"HTTP/1.1 {upstream.status} {upstream.reason}\r\nContent-Type: {content_type}\r\n"
+        head += f"Content-Length: {len(data)}\r\n\r\n"
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(head.encode() + data)
+
+
 async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
     config = load_config(config_path)
     loop = asyncio.get_running_loop()
@@ -129,6 +177,8 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
         upstream_pool = UpstreamPool.from_config(config.proxy)
         transport = make_transport_forwarder([h.url for h in system.hosted.values()], upstream_pool)
         transport_server = await loop.create_server(transport, config.balancer.host, 0)
+        front_endpoints = itertools.cycle([upstream_pool.endpoint(h.url) for h in system.hosted.values()])
+        front_server = await loop.create_server(lambda: HttptoolsFront(front_endpoints), config.balancer.host, 0)
         try:
             bare_bound = bare_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             ready = {
@@ -138,10 +188,13 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
                 "bare": f"http://{config.balancer.host}:{bare_bound}",
                 "floor": f"http://{config.balancer.host}:{floor_server.sockets[0].getsockname()[1]}",
                 "transport": f"http://{config.balancer.host}:{transport_server.sockets[0].getsockname()[1]}",
+                "httptools": f"http://{config.balancer.host}:{front_server.sockets[0].getsockname()[1]}",
             }
             print(json.dumps(ready), flush=True)
             await stop.wait()
         finally:
+            front_server.close()
+            await front_server.wait_closed()
             transport_server.close()
             await transport_server.wait_closed()
             await transport.shutdown(1.0)
