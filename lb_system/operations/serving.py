@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from lb_system.observability.log import FIELDS
+
 _ADDRESS_IN_USE = {errno.EADDRINUSE, 10048}  # 10048: WSAEADDRINUSE on Windows
 # Connections the kernel may hold for accept(). aiohttp's 128 overflows when a few hundred
 # clients connect at once to a busy loop: the dropped handshakes cost their first request
@@ -19,8 +21,10 @@ _ADDRESS_IN_USE = {errno.EADDRINUSE, 10048}  # 10048: WSAEADDRINUSE on Windows
 LISTEN_BACKLOG = 1024
 
 
-# Out of descriptors or memory: accept() fails until some close, so accepting pauses this long.
-_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# A client that gave up between its handshake and our accept(): the next one may be waiting.
+_CLIENT_GONE = {errno.ECONNABORTED, getattr(errno, "EPROTO", errno.ECONNABORTED)}
+# Anything else (out of descriptors or memory, above all) fails again at once, and the socket
+# stays readable: accepting pauses this long instead of spinning the loop.
 ACCEPT_PAUSE_S = 1.0
 _log = logging.getLogger("lb_system.serving")
 
@@ -84,9 +88,10 @@ class BurstAcceptor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                if error.errno not in _RESOURCE_ERRORS:
-                    continue  # that client gave up (ECONNABORTED): the next one may be waiting
-                _log.warning("accept paused", extra={"fields": {"reason": error.strerror, "seconds": ACCEPT_PAUSE_S}})
+                if error.errno in _CLIENT_GONE:
+                    continue
+                fields = {"port": self._sock.getsockname()[1], "reason": error.strerror, "seconds": ACCEPT_PAUSE_S}
+                _log.warning("accept paused", extra={FIELDS: fields})
                 self._loop.remove_reader(self._sock.fileno())
                 self._paused = self._loop.call_later(ACCEPT_PAUSE_S, self._resume)
                 return
@@ -100,6 +105,9 @@ class BurstAcceptor:
             await self._loop.connect_accepted_socket(self._factory, conn)
         except OSError:  # the client left before its transport was made
             conn.close()
+        except Exception:
+            conn.close()
+            _log.exception("accepted connection failed")
 
     def _resume(self) -> None:
         self._paused = None
