@@ -3,6 +3,7 @@ files, a fake clock and the log records. The helpers themselves are in tests/sup
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -101,6 +102,24 @@ def lb_log() -> Iterator[LogRecords]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="run the tests on this event loop (uvloop: the one `python run.py` uses where it exists)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--event-loop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise pytest.UsageError("--event-loop uvloop: uvloop is not installed (it is not on Windows)") from None
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 _exit_status: list[int] = []
