@@ -670,12 +670,12 @@ def render(results: dict) -> str:
         extra = summary["added_latency_ms"].get(name, {})
         lines.append(
             f"| {LABELS[name]} | {c32['rps']:,.0f} | {c32['cpu_us_per_request']:.0f} | {c32['p50_ms']:.2f} | {c32['p99_ms']:.2f} | {c32['errors']} "
-            f"| {c1['p50_ms']:.3f} | {'+%.3f' % extra['c1_p50_ms'] if 'c1_p50_ms' in extra else '-'} "
+            f"| {c1['p50_ms']:.3f} | {'%+.3f' % extra['c1_p50_ms'] if 'c1_p50_ms' in extra else '-'} "
             f"| {fixed['p50_ms']:.3f} | {fixed['p99_ms']:.3f} "
-            f"| {'+%.3f' % extra['rate_p50_ms'] if 'rate_p50_ms' in extra else '-'} |"
+            f"| {'%+.3f' % extra['rate_p50_ms'] if 'rate_p50_ms' in extra else '-'} |"
             if fixed
             else f"| {LABELS[name]} | {c32['rps']:,.0f} | {c32['cpu_us_per_request']:.0f} | {c32['p50_ms']:.2f} | {c32['p99_ms']:.2f} | {c32['errors']} "
-            f"| {c1['p50_ms']:.3f} | {'+%.3f' % extra['c1_p50_ms'] if 'c1_p50_ms' in extra else '-'} | - | - | - |"
+            f"| {c1['p50_ms']:.3f} | {'%+.3f' % extra['c1_p50_ms'] if 'c1_p50_ms' in extra else '-'} | - | - | - |"
         )
     high = results.get("balancer_high")
     if high:
