@@ -94,7 +94,7 @@ class OwnPaths:
 
     def owns(self, path: str) -> bool:
         """Whether `path` (resolved) is one of the balancer's endpoints or under one of its prefixes."""
-        if path[1:].partition("/")[0] not in self._first_segments:
+        if not self.routed_elsewhere(path):
             return False  # the usual case, decided without the scan over prefixes
         if path in self.methods:
             return True
