@@ -260,26 +260,14 @@ class Forwarder:
                     continue
                 response = await self._respond(request, backend, upstream, data, request_id)
                 cut = None if data is not None else response.get(RESPONSE_CUT)  # only a streamed answer can be cut
-                # The usual end of a request, the access line and the observers inline: it runs every time.
-                now = time.perf_counter()
+                duration = time.perf_counter() - try_started
                 if cut is None:
-                    tries.append(TryResult(backend.name, upstream.status, now - try_started))
+                    tries.append(TryResult(backend.name, upstream.status, duration))
                 else:
-                    tries.append(TryResult(backend.name, None, now - try_started, CUT))
-                method = request.method
-                self.access_log.write(
-                    method=method,
-                    path=request.path,
-                    status=response.status,
-                    backend=backend.name,
-                    duration_ms=(now - started) * 1000,
-                    request_id=request_id,
-                    tries=render_tries(tries),
-                )
+                    tries.append(TryResult(backend.name, None, duration, CUT))
+                self._access_log(request, response.status, backend.name, started, request_id, render_tries(tries))
                 # A cut answer is the backend's 502 for the observers, whatever its status line said.
-                self.observers.on_request(
-                    ProxiedRequest(method, response.status if cut is None else 502, backend.name, now - started, tuple(tries))
-                )
+                self._notify(request.method, response.status if cut is None else 502, backend.name, started, tries)
                 return response
         finally:
             if holding_budget:  # one budget slot covers all the retries of one request
