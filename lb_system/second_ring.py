@@ -54,11 +54,7 @@ class SecondRing(Generic[K]):
 
     def add(self, now: float, key: K, amount: int = 1) -> None:
         """Count `amount` of `key` in the second of `now`."""
-        sec = math.floor(now)
-        if sec >= self._newest:  # _now's usual case, inline: add runs several times per request
-            self._newest = sec
-        else:
-            sec = self._now(now)
+        sec = self._now(now)
         slot = sec % self.seconds
         counts = self._counts[slot]
         if self._secs[slot] != sec:

@@ -65,10 +65,9 @@ class AccessLog:
             fields["client"] = client
         if reason is not None:
             fields["reason"] = reason
-        if more:
-            for key, value in more.items():
-                if value is not None:
-                    fields[key] = value
+        for key, value in more.items():
+            if value is not None:
+                fields[key] = value
         self._emit(fields)
 
     def _emit(self, fields: dict[str, object]) -> None:
