@@ -36,6 +36,7 @@ from .upstream_connection import (
     UpstreamError,
     UpstreamResponse,
     build_head,
+    shorter_wait,
 )
 
 __all__ = [
@@ -170,12 +171,10 @@ class Endpoint:
 
     def _left(self, timeout: float | None, deadline: float | None) -> float | None:
         """The shorter of `timeout` and the time left until `deadline`; past it, a timeout now."""
-        if deadline is None:
-            return timeout
-        left = deadline - self._get_loop().time()
-        if left <= 0:
+        loop = self._get_loop()
+        if deadline is not None and deadline <= loop.time():
             raise UpstreamError(TIMEOUT)
-        return left if timeout is None else min(timeout, left)
+        return shorter_wait(loop, timeout, deadline)
 
     async def open_tunnel(
         self,

@@ -112,6 +112,14 @@ def build_head(
     return RequestHead(text.encode("utf-8", "surrogateescape"), method, keep_alive, idempotency_key)
 
 
+def shorter_wait(loop: asyncio.AbstractEventLoop, timeout: float | None, deadline: float | None) -> float | None:
+    """The shorter of `timeout` and the time left until `deadline` (loop time); None for no bound."""
+    if deadline is None:
+        return timeout
+    left = deadline - loop.time()
+    return left if timeout is None else min(timeout, left)
+
+
 def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -308,13 +316,9 @@ class UpstreamResponse:
             if self._complete or self._released:
                 return b""
             loop = self._connection.loop
-            timeout = self.read_timeout
-            if deadline is not None:
-                left = deadline - loop.time()
-                timeout = left if timeout is None or left < timeout else timeout
             self._waiter = loop.create_future()
             try:
-                await self._wait_for(self._waiter, timeout)
+                await self._wait_for(self._waiter, shorter_wait(loop, self.read_timeout, deadline))
             finally:
                 self._waiter = None
 
