@@ -94,6 +94,20 @@ class _ScrapeTimeState(Collector):
         return families
 
 
+# The histogram's `le` labels, as prometheus_client writes them.
+_BOUNDS = (*(floatToGoString(bound) for bound in DURATION_BUCKETS), "+Inf")
+
+
+class _Durations:
+    """One backend's request durations: a count per bucket (the last one +Inf, not cumulative) and their sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_BOUNDS)
+        self.total = 0.0
+
+
 class _ProxiedSeries(Collector):
     """`lb_requests_total` and `lb_request_duration_seconds`, counted in plain dicts and lists on
     every proxied request and rendered as families at scrape time: prometheus_client's labelled
@@ -101,18 +115,17 @@ class _ProxiedSeries(Collector):
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}  # (backend, method, status) -> count
-        # backend -> [count per bucket (the last one +Inf, not cumulative), sum of seconds]
-        self.durations: dict[str, tuple[list[int], list[float]]] = {}
+        self.durations: dict[str, _Durations] = {}
 
     def add(self, backend: str, method: str, status: int, seconds: float) -> None:
         key = (backend, method, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        histogram = self.durations.get(backend)
-        if histogram is None:
-            histogram = self.durations[backend] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
-        histogram[0][bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
-        histogram[1][0] += seconds
+        durations = self.durations.get(backend)
+        if durations is None:
+            durations = self.durations[backend] = _Durations()
+        durations.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
+        durations.total += seconds
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
@@ -133,10 +146,9 @@ class _ProxiedSeries(Collector):
         requests, durations = self._families()
         for (backend, method, status), count in self.requests.items():
             requests.add_metric([backend, method, str(status)], float(count))
-        bounds = [*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf"]
-        for backend, (counts, total) in self.durations.items():
-            cumulative = list(accumulate(counts))
-            durations.add_metric([backend], list(zip(bounds, map(float, cumulative), strict=True)), total[0])
+        for backend, counted in self.durations.items():
+            cumulative = map(float, accumulate(counted.counts))
+            durations.add_metric([backend], list(zip(_BOUNDS, cumulative, strict=True)), counted.total)
         return requests, durations
 
 
