@@ -31,7 +31,7 @@ from lb_system import System, load_config  # noqa: E402
 from lb_system.cli.main import new_event_loop_factory, tune_gc  # noqa: E402
 from lb_system.config import ProxyConfig  # noqa: E402
 from lb_system.observability.log import configure_logging  # noqa: E402
-from lb_system.proxy.upstream import UpstreamPool  # noqa: E402
+from lb_system.upstream import UpstreamPool  # noqa: E402
 
 SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
 

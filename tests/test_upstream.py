@@ -38,7 +38,7 @@ from support.misbehaving import (
 )
 from support.waiting import wait_for
 
-from lb_system.proxy.upstream import Endpoint, PoolTimeout, TunnelLimitReached, UpstreamError, UpstreamPool
+from lb_system.upstream import Endpoint, PoolTimeout, TunnelLimitReached, UpstreamError, UpstreamPool
 
 Serve = Callable[..., Awaitable[ScriptedServer]]
 MakePool = Callable[..., UpstreamPool]

@@ -34,7 +34,7 @@ from lb_system.proxy.forwarder import Forwarder
 from lb_system.proxy.health import HealthChecker, transport_probe
 from lb_system.proxy.openapi import balancer_document
 from lb_system.proxy.targets import OwnPaths
-from lb_system.proxy.upstream import UpstreamPool
+from lb_system.upstream import UpstreamPool
 
 # The balancer app's state, set once by make_balancer_app (the checker by its cleanup context).
 BACKEND_POOL = web.AppKey("backend_pool", BackendPool)

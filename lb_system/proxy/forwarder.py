@@ -36,8 +36,8 @@ from lb_system.problems import (
 from lb_system.proxy.client_limits import Refusal
 from lb_system.proxy.headers import HeaderPolicy, response_headers, strip_hop_by_hop
 from lb_system.proxy.targets import OwnPaths, upstream_target
-from lb_system.proxy.upstream import TIMEOUT, TunnelLimitReached, UpstreamError, UpstreamPool, UpstreamResponse, split_url
 from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
+from lb_system.upstream import TIMEOUT, TunnelLimitReached, UpstreamError, UpstreamPool, UpstreamResponse, split_url
 
 # Bodies up to this size are read whole: one write each way and a retry can replay them.
 BUFFER_LIMIT = 256 * 1024

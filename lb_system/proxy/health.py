@@ -16,7 +16,7 @@ from lb_system.balancing.events import CheckResult, Observer, Observers
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import HealthConfig
 from lb_system.observability.log import FIELDS
-from lb_system.proxy.upstream import TIMEOUT, UpstreamError, UpstreamPool, split_url
+from lb_system.upstream import TIMEOUT, UpstreamError, UpstreamPool, split_url
 
 # GET `url` within `timeout` seconds and return the status; raises on any failure to get one.
 Probe = Callable[[str, float], Awaitable[int]]

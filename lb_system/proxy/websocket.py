@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from lb_system.proxy.upstream import Tunnel, UpstreamError
+from lb_system.upstream import Tunnel, UpstreamError
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:

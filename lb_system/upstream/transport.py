@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from lb_system.config import ProxyConfig
 
-from .upstream_connection import (
+from .http11 import (
     BAD_RESPONSE,
     BODY_INCOMPLETE,
     CANNOT_CONNECT,
