@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -41,6 +43,15 @@ def validate_hash_on(value: str) -> None:
     raise ValueError(f"invalid hash_on {value!r}; {_HASH_ON_HELP}")
 
 
+def reuse_port_available() -> bool:
+    """Whether this platform lets several sockets listen on one port (Linux, the BSDs, macOS; not Windows)."""
+    return hasattr(socket, "SO_REUSEPORT") and sys.platform != "win32"
+
+
+# The one placeholder [log] file may hold: each process of a --processes group writes its own file.
+PID_PLACEHOLDER = "{pid}"
+
+
 PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -61,6 +72,15 @@ class BalancerConfig(_Section):
     hash_on: str = "client_ip"
     drain_timeout: PositiveSeconds = 30.0
     shutdown_grace: PositiveSeconds = 10.0
+    # Several processes listening on one host and port, the kernel spreading connections (SO_REUSEPORT).
+    reuse_port: bool = False
+
+    @field_validator("reuse_port")
+    @classmethod
+    def _platform_has_reuse_port(cls, value: bool) -> bool:
+        if value and not reuse_port_available():
+            raise ValueError(f"SO_REUSEPORT is not available on this platform ({sys.platform}); set reuse_port = false")
+        return value
 
     @field_validator("strategy")
     @classmethod
@@ -116,6 +136,18 @@ class LogConfig(_Section):
     max_bytes: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
     backups: Annotated[int, Field(ge=0, le=100)] = 5
     format: Literal["text", "json"] = "text"
+
+    @field_validator("file")
+    @classmethod
+    def _only_pid_placeholder(cls, value: str) -> str:
+        rest = value.replace(PID_PLACEHOLDER, "")
+        if "{" in rest or "}" in rest:
+            raise ValueError(f"the only placeholder a log file name may hold is {PID_PLACEHOLDER}, got {value!r}")
+        return value
+
+    def file_for(self, pid: int) -> str:
+        """The log file of process `pid`: `file` with `{pid}` replaced."""
+        return self.file.replace(PID_PLACEHOLDER, str(pid))
 
 
 class ErrorsConfig(_Section):

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import logging.handlers
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -273,3 +274,12 @@ async def test_start_up_line_has_no_empty_field_and_stop_ends_the_log(make_confi
     assert [r["event"] for r in records[-2:]] == ["stopping", "stopped"]
     text = Path(config.log.file).read_text(encoding="utf-8")
     assert not re.search(r"=( |$)", text, re.MULTILINE)
+
+
+def test_a_pid_in_the_file_name_gives_each_process_its_own_log(make_config, log_to, tmp_path: Path) -> None:
+    config = make_config(log={"file": "logs/balancer-{pid}.log"})
+    log_to.start(config).info("started")
+    log_to.flush()
+    own = tmp_path / "logs" / f"balancer-{os.getpid()}.log"
+    assert [parse_text_line(line)["event"] for line in own.read_text(encoding="utf-8").splitlines()] == ["started"]
+    assert not (tmp_path / "logs" / "balancer-{pid}.log").exists()

@@ -273,7 +273,7 @@ def configure_logging(config: LogConfig, *, console: bool = True) -> logging.han
     never blocks the event loop. Returns the started listener; stop it on exit to flush."""
     formatter: logging.Formatter = JsonFormatter() if config.format == "json" else TextFormatter()
     handlers: list[logging.Handler] = []
-    path = Path(config.file)
+    path = Path(config.file_for(os.getpid()))
     path.parent.mkdir(parents=True, exist_ok=True)
     file_handler = _FileHandler(path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8")
     file_handler.setFormatter(formatter)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 
 from lb_system.balancing.pool import BackendPool
 from lb_system.observability.request_stats import RequestStats
@@ -21,6 +23,11 @@ def loop_name() -> str:
     return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
+def instance_identity() -> dict[str, object]:
+    """Which instance answers: its host name and process id (several balancer processes may share a port)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def status_document(pool: BackendPool, stats: RequestStats, *, config_error: str | None = None) -> dict[str, object]:
     return {
         "strategy": pool.strategy.name,
@@ -31,4 +38,5 @@ def status_document(pool: BackendPool, stats: RequestStats, *, config_error: str
         "retiring": backend_statuses(pool, stats, retiring=True),
         "config_error": config_error,
         "loop": loop_name(),
+        "instance": instance_identity(),
     }

@@ -33,8 +33,10 @@ class StartupError(Exception):
     """The system cannot start (a port in use, a database that cannot open)."""
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket, so a busy port is reported by number and port 0 gets a real one."""
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket, so a busy port is reported by number and port 0 gets a real one.
+    With `reuse_port`, other processes that set it too may listen on the same port (SO_REUSEPORT:
+    the kernel spreads new connections across them); config validation refuses it where absent."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as error:
@@ -43,6 +45,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         if sys.platform != "win32":  # on Windows it would let two servers share the port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:

@@ -101,7 +101,7 @@ class System:
         except Exception as error:
             raise StartupError(f"cannot open database {config.database.path}: {error}") from None
         # Bind every port before serving anything: a busy port stops start-up with nothing half-open.
-        balancer_sock = bind_socket(config.balancer.host, config.balancer.port)
+        balancer_sock = bind_socket(config.balancer.host, config.balancer.port, reuse_port=config.balancer.reuse_port)
         try:
             urls = await self.membership.start_servers()
         except BaseException:

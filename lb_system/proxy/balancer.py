@@ -18,7 +18,7 @@ from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.live import LiveFeed
 from lb_system.observability.metrics import CONTENT_TYPE, Metrics
 from lb_system.observability.request_stats import RequestStats
-from lb_system.observability.status import status_document
+from lb_system.observability.status import instance_identity, status_document
 from lb_system.problems import (
     ANSWERED_BY_HEADER,
     CATCH_ALL_VARIABLE,
@@ -97,7 +97,8 @@ async def error_stats(request: web.Request) -> web.Response:
     if status_filter is not None and not 400 <= status_filter <= 599:
         raise web.HTTPBadRequest(text=f"Invalid query parameter 'status': must be 400-599, got {status_filter}")
     limit = _positive_int_query(request, "limit")
-    return json_response(request.app[ERROR_TRACKER].stats(server=server, status=status_filter, limit=limit))
+    stats = request.app[ERROR_TRACKER].stats(server=server, status=status_filter, limit=limit)
+    return json_response(stats | {"instance": instance_identity()})
 
 
 @dataclass(frozen=True)

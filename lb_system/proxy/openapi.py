@@ -37,7 +37,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "Status": {
         "type": "object",
-        "required": ["strategy", "healthy", "total", "backends", "retiring", "config_error", "loop"],
+        "required": ["strategy", "healthy", "total", "backends", "retiring", "config_error", "loop", "instance"],
         "properties": {
             "strategy": {"type": "string"},
             "healthy": _COUNT,
@@ -46,7 +46,14 @@ SCHEMAS: dict[str, Any] = {
             "retiring": {"type": "array", "items": {"$ref": "#/components/schemas/BackendStatus"}},
             "config_error": {"type": ["string", "null"]},
             "loop": {"type": "string", "enum": ["uvloop", "asyncio"], "description": "the event loop this process runs"},
+            "instance": {"$ref": "#/components/schemas/Instance"},
         },
+    },
+    "Instance": {
+        "type": "object",
+        "description": "the balancer process that answered: several may share one port ([balancer] reuse_port)",
+        "required": ["host", "pid"],
+        "properties": {"host": {"type": "string"}, "pid": {"type": "integer", "minimum": 1}},
     },
     "BackendStatus": {
         "type": "object",
@@ -61,8 +68,19 @@ SCHEMAS: dict[str, Any] = {
     },
     "ErrorStats": {
         "type": "object",
-        "required": ["total_errors", "error_types", "by_server", "recent_errors", "since", "by_method", "windows", "top_paths"],
+        "required": [
+            "total_errors",
+            "error_types",
+            "by_server",
+            "recent_errors",
+            "since",
+            "by_method",
+            "windows",
+            "top_paths",
+            "instance",
+        ],
         "properties": {
+            "instance": {"$ref": "#/components/schemas/Instance"},
             "total_errors": _COUNT,
             "error_types": {"type": "object", "additionalProperties": _COUNT},
             "by_server": {"type": "object", "additionalProperties": _COUNT},
