@@ -325,6 +325,25 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
     return config
 
 
+# What one `python run.py` process serves: everything (the default), only the hosted task-API
+# backends (machines behind a balancer elsewhere), or only the balancer (in front of `url` backends).
+ROLES: tuple[str, ...] = ("all", "backends", "balancer")
+
+
+def check_role(config: Config, role: str, *, source: str = DEFAULT_CONFIG_PATH) -> None:
+    """Raise ConfigError, one line naming the backend, when `config` cannot run in `role`."""
+    if role not in ROLES:
+        raise ConfigError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+    if role != "balancer":
+        return
+    for index, backend in enumerate(config.backends):
+        if backend.hosted:
+            raise ConfigError(
+                f"{source}: [[backends]] #{index + 1} ({backend.name}) port: a hosted backend cannot run with --role balancer "
+                "(give it a url, and serve it with --role backends)"
+            )
+
+
 def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> Config:
     """Read and validate a config file; relative paths in it are resolved against its folder."""
     path = Path(path)

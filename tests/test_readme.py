@@ -44,11 +44,12 @@ def test_every_command_line_option_and_the_lb_system_command_are_documented(caps
     usage = capsys.readouterr().out
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", usage))
     assert {"--config", "--url", "--failover", "--backend", "--help"} <= options
-    choices = re.search(r"\{([a-z,]+)\}", usage)
-    assert choices is not None
-    commands = set(choices.group(1).split(","))
+    choices = [frozenset(group.split(",")) for group in set(re.findall(r"\{([a-z,]+)\}", usage))]
+    (commands,) = [group for group in choices if "serve" in group]
     assert commands == {"serve", "check", "demo"}
-    for name in sorted(options) + [f"`{c}`" for c in sorted(commands)] + ["lb-system"]:
+    assert {"--role", "--config"} <= options
+    assert {"all", "backends", "balancer"} in choices
+    for name in sorted(options) + [f"`{c}`" for c in sorted(commands)] + ["lb-system", "`--role all\\|backends\\|balancer`"]:
         assert name in README, name
 
 

@@ -1,4 +1,4 @@
-"""The command line: `python run.py [serve|check|demo]`."""
+"""The command line: `python run.py [serve|check|demo] [--role all|backends|balancer]`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from lb_system.cli.demo import Unreachable, run_demo
 from lb_system.cli.failover import run_failover
-from lb_system.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from lb_system.config import DEFAULT_CONFIG_PATH, ROLES, Config, ConfigError, check_role, load_config
 from lb_system.observability.log import configure_logging
 from lb_system.operations.serving import StartupError, dial_url
 from lb_system.operations.system import System
@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
         help="serve (default): start the system; check: validate the config; demo: provoke errors through a running system",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="config file (default: %(default)s)")
+    parser.add_argument(
+        "--role",
+        default="all",
+        choices=ROLES,
+        help="serve, check: all (default): backends and balancer in one process; backends: only the hosted task-API "
+        "backends; balancer: only the balancer, in front of url backends",
+    )
     parser.add_argument("--url", help="demo: the balancer's URL (default: from the config)")
     parser.add_argument(
         "--failover",
@@ -85,11 +92,11 @@ def install_reload_signal(loop: asyncio.AbstractEventLoop, reload: Callable[[], 
     return [sighup]
 
 
-async def serve(config: Config, config_path: str | None = None) -> int:
+async def serve(config: Config, config_path: str | None = None, role: str = "all") -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed = _install_stop_signals(loop, stop.set)
-    system = System(config, config_path=config_path)
+    system = System(config, config_path=config_path, role=role)
     installed += install_reload_signal(loop, lambda: system.request_reload("SIGHUP"))
     try:
         try:
@@ -118,12 +125,16 @@ async def serve(config: Config, config_path: str | None = None) -> int:
 
 
 def _banner(system: System) -> str:
-    """The console's start-up line: where everything is, whether the admin API is on; no empty segment."""
-    token_env = system.config.admin.token_env
-    on = admin_api_on(system.config)
-    admin = f"admin API on (token in {token_env})" if on else f"admin API off (set {token_env} to turn it on)"
+    """The console's start-up line: the role, where everything is, whether the admin API is on; no empty segment."""
     hosted = ", ".join(f"{name} on {backend.url}" for name, backend in system.hosted.items())
-    segments = [f"balancer on {system.balancer_url}", f"dashboard at {system.dashboard_url}", hosted, admin, "Ctrl-C stops"]
+    if system.serves_balancer:
+        token_env = system.config.admin.token_env
+        on = admin_api_on(system.config)
+        admin = f"admin API on (token in {token_env})" if on else f"admin API off (set {token_env} to turn it on)"
+        segments = [f"balancer on {system.balancer_url}", f"dashboard at {system.dashboard_url}", hosted, admin]
+    else:
+        segments = [hosted or "no hosted backends"]
+    segments += [f"role {system.role}", "Ctrl-C stops"]
     return "lb_system: " + "; ".join(segment for segment in segments if segment)
 
 
@@ -143,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     config: Config | None
     try:
         config = load_config(args.config)
+        if args.command != "demo":
+            check_role(config, args.role, source=args.config)
     except ConfigError as error:
         if not (args.command == "demo" and args.url):
             print(f"error: {error}", file=sys.stderr)
@@ -153,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args, config)
     assert config is not None
     if args.command == "check":
-        print(f"{args.config}: ok: {config.summary()}")
+        role = "" if args.role == "all" else f" (role {args.role})"
+        print(f"{args.config}: ok{role}: {config.summary()}")
         return 0
 
     listener = configure_logging(config.log)
     try:
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-            return runner.run(serve(config, args.config))
+            return runner.run(serve(config, args.config, args.role))
     except KeyboardInterrupt:
         return 0
     finally:

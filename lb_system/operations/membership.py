@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from lb_system.balancing.pool import Backend, BackendPool, new_backend
-from lb_system.config import BackendConfig, Config, ConfigError, load_config
+from lb_system.config import BackendConfig, Config, ConfigError, check_role, load_config
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS
 from lb_system.operations.reload_plan import BackendEdit, ReloadPlan, plan_reload
@@ -48,8 +48,10 @@ class Membership:
         tracker: ErrorTracker,
         logger: logging.Logger,
         config_path: Path | None = None,
+        role: str = "all",
     ) -> None:
         self.config = config
+        self.role = role
         self.tracker = tracker
         self.logger = logger
         self.config_path = config_path
@@ -162,6 +164,7 @@ class Membership:
                 raise ConfigError(f"{self.config_path}: not reloaded: the system is stopping")
             try:
                 edited = await asyncio.to_thread(load_config, self.config_path)
+                check_role(edited, self.role, source=str(self.config_path))
                 plan = plan_reload(self.config, edited, source=str(self.config_path))
                 started = await self._prepare(plan)
             except ConfigError as error:

@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from lb_system.balancing.pool import BackendPool
-from lb_system.config import Config
+from lb_system.config import DEFAULT_CONFIG_PATH, Config, check_role
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS, LOGGER_NAME
 from lb_system.observability.status import loop_name
@@ -38,13 +38,16 @@ class System:
         logger: logging.Logger | None = None,
         config_path: str | Path | None = None,
         watch_interval: float = 0.5,
+        role: str = "all",
     ) -> None:
+        check_role(config, role, source=str(config_path or DEFAULT_CONFIG_PATH))
+        self.role = role
         self.logger = logger or logging.getLogger(LOGGER_NAME)
         self.tracker = ErrorTracker(config.errors.recent)
         self.store = TaskStore(config.database.path)
         self.config_path = Path(config_path) if config_path is not None else None
         self.membership = Membership(
-            config, store=self.store, tracker=self.tracker, logger=self.logger, config_path=self.config_path
+            config, store=self.store, tracker=self.tracker, logger=self.logger, config_path=self.config_path, role=role
         )
         self.balancer: Balancer | None = None
         self.balancer_runner: web.AppRunner | None = None
@@ -71,8 +74,21 @@ class System:
     def hosted(self) -> dict[str, HostedBackend]:
         return self.membership.hosted
 
+    @property
+    def serves_backends(self) -> bool:
+        """This process hosts the task-API backends (and opens the task store)."""
+        return self.role in ("all", "backends")
+
+    @property
+    def serves_balancer(self) -> bool:
+        return self.role in ("all", "balancer")
+
     def request_reload(self, origin: str) -> None:
         """Reload the config file in the background (SIGHUP)."""
+        if not self.serves_balancer:
+            # Reload edits the balancer's pool; a backends-only process has none. Say so, change nothing.
+            self.logger.warning("config reload needs a restart with --role backends", extra={FIELDS: {"origin": origin}})
+            return
         self.membership.request_reload(origin)
 
     async def __aenter__(self) -> System:
@@ -96,10 +112,15 @@ class System:
 
     async def _start(self) -> None:
         config = self.config
-        try:
-            await self.store.open()
-        except Exception as error:
-            raise StartupError(f"cannot open database {config.database.path}: {error}") from None
+        if self.serves_backends:
+            try:
+                await self.store.open()
+            except Exception as error:
+                raise StartupError(f"cannot open database {config.database.path}: {error}") from None
+        if not self.serves_balancer:
+            urls = await self.membership.start_servers()
+            self._log_started({}, urls)
+            return
         # Bind every port before serving anything: a busy port stops start-up with nothing half-open.
         balancer_sock = bind_socket(config.balancer.host, config.balancer.port, reuse_port=config.balancer.reuse_port)
         try:
@@ -130,17 +151,15 @@ class System:
             keepalive_timeout=config.proxy.idle_timeout,
         )
         self.balancer_url = dial_url(config.balancer.host, port)
-        started: dict[str, object] = {
-            "balancer": self.balancer_url,
-            "dashboard": self.dashboard_url,
-            "admin": "on" if admin_api_on(config) else "off",
-            "admin_token_env": config.admin.token_env,
-        }
-        if config.backends:
-            started["backends"] = ",".join(f"{b.name}@{urls[b.name]}" for b in config.backends)
-        started["loop"] = loop_name()  # "uvloop", or "asyncio" where uvloop is not installed (Windows)
-        self.logger.info("started", extra={FIELDS: started})
-        self._started = True
+        self._log_started(
+            {
+                "balancer": self.balancer_url,
+                "dashboard": self.dashboard_url,
+                "admin": "on" if admin_api_on(config) else "off",
+                "admin_token_env": config.admin.token_env,
+            },
+            urls,
+        )
         if self.config_path is not None:
             self._watcher = ConfigWatcher(
                 self.config_path,
@@ -149,6 +168,14 @@ class System:
                 logger=self.logger,
             )
             self._watcher.start()
+
+    def _log_started(self, started: dict[str, object], urls: dict[str, str]) -> None:
+        if self.config.backends:
+            started["backends"] = ",".join(f"{b.name}@{urls[b.name]}" for b in self.config.backends)
+        started["role"] = self.role
+        started["loop"] = loop_name()  # "uvloop", or "asyncio" where uvloop is not installed (Windows)
+        self.logger.info("started", extra={FIELDS: started})
+        self._started = True
 
     # --- shutdown --------------------------------------------------------------------------
 
