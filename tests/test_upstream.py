@@ -38,7 +38,19 @@ from support.misbehaving import (
 )
 from support.waiting import wait_for
 
-from lb_system.upstream import Endpoint, PoolTimeout, TunnelLimitReached, UpstreamError, UpstreamPool
+from lb_system.upstream import (
+    ConnectError,
+    ConnectionRefused,
+    ConnectTimeout,
+    Endpoint,
+    PoolTimeout,
+    ProtocolError,
+    ReadError,
+    Timeout,
+    TunnelLimitReached,
+    UpstreamError,
+    UpstreamPool,
+)
 
 Serve = Callable[..., Awaitable[ScriptedServer]]
 MakePool = Callable[..., UpstreamPool]
@@ -137,6 +149,7 @@ async def test_a_refused_connection_says_so_and_the_next_one_works(serve: Serve,
     endpoint = make_pool().endpoint(f"http://127.0.0.1:{port}")
     error = await fails(fetch(endpoint))
     assert (error.reason, error.connecting, error.sent) == ("connection refused", True, False)
+    assert isinstance(error, ConnectionRefused)
     assert endpoint.open_connections == 0
     await serve(port=port)
     assert await fetch(endpoint) == (200, b"ok")
@@ -147,6 +160,7 @@ async def test_a_reset_after_the_request_is_connection_reset(serve: Serve, make_
     endpoint = make_pool().endpoint(server.url)
     error = await fails(fetch(endpoint))
     assert (error.reason, error.connecting, error.sent) == ("connection reset", False, True)
+    assert isinstance(error, ReadError)
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 2  # a fresh connection that failed is not retried
 
@@ -158,6 +172,7 @@ async def test_a_full_backlog_is_a_connect_timeout(make_pool: MakePool) -> None:
         endpoint = make_pool(connect_timeout=0.2).endpoint(f"http://127.0.0.1:{backlog.port}")
         error = await fails(fetch(endpoint))
         assert (error.reason, error.connecting) == ("connect timeout", True)
+        assert isinstance(error, ConnectTimeout)
         assert endpoint.open_connections == 0
         server = await backlog.start_accepting()
         try:
@@ -193,7 +208,8 @@ async def test_no_answer_at_all_is_a_timeout(serve: Serve, make_pool: MakePool) 
 async def test_garbage_is_a_bad_response(serve: Serve, make_pool: MakePool) -> None:
     server = await serve(raw(b"SSH-2.0-OpenSSH_9.6\r\n", keep=True))
     endpoint = make_pool().endpoint(server.url)
-    assert (await fails(fetch(endpoint))).reason == "bad response"
+    error = await fails(fetch(endpoint))
+    assert (error.reason, type(error)) == ("bad response", ProtocolError)
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 2
 
@@ -334,10 +350,12 @@ async def test_a_deadline_bounds_the_wait_for_a_connection_and_for_the_head(serv
     await wait_for(lambda: len(server.requests) == 1)
     error = await fails(fetch(endpoint, deadline=loop.time() + 0.05))  # queued behind the holder
     assert (error.reason, error.sent) == ("timeout", False)
+    assert isinstance(error, PoolTimeout), "the wait for our own pool ran out, not the backend"
     gate.set()
     assert await holder == (200, b"ok")
     error = await fails(fetch(endpoint, deadline=loop.time() + 0.05))  # sent; the backend stalls
     assert (error.reason, error.sent, error.answered) == ("timeout", True, False)
+    assert isinstance(error, Timeout) and not isinstance(error, PoolTimeout)
     assert endpoint.open_connections == 0 and endpoint.waiting == 0
     error = await fails(fetch(endpoint, deadline=loop.time() - 1))  # already past: nothing is sent
     assert (error.reason, error.sent) == ("timeout", False)
@@ -538,6 +556,7 @@ async def test_https_backends_are_verified(
 
     error = await fails(fetch(make_pool().endpoint(server.url)))
     assert (error.reason, error.connecting) == ("cannot connect", True)
+    assert isinstance(error, ConnectError)
 
 
 async def test_a_closed_pool_closes_its_connections(serve: Serve, make_pool: MakePool) -> None:

@@ -34,10 +34,11 @@ from lb_system.problems import (
     problem_response,
 )
 from lb_system.proxy.client_limits import Refusal
+from lb_system.proxy.failures import Failure, classify
 from lb_system.proxy.headers import HeaderPolicy, response_headers, strip_hop_by_hop
 from lb_system.proxy.targets import OwnPaths, upstream_target
 from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
-from lb_system.upstream import TIMEOUT, TunnelLimitReached, UpstreamError, UpstreamPool, UpstreamResponse, split_url
+from lb_system.upstream import TunnelLimitReached, UpstreamError, UpstreamPool, UpstreamResponse, split_url
 
 # Bodies up to this size are read whole: one write each way and a retry can replay them.
 BUFFER_LIMIT = 256 * 1024
@@ -79,14 +80,6 @@ class _LimitedBody:
             raise
 
 
-def _failure_kind(error: UpstreamError) -> FailureKind:
-    if error.reason == TIMEOUT:  # the try's time ran out, wherever it was spent
-        return FailureKind.TIMEOUT
-    if error.connecting:  # nothing reached the backend: safe to retry any method
-        return FailureKind.CONNECT
-    return FailureKind.RESET
-
-
 async def _small_body(upstream: UpstreamResponse, deadline: float | None = None) -> bytes | None:
     """An answer's body when it is small (read whole by `deadline`: b"" for none), None when it is to be streamed."""
     if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
@@ -102,9 +95,9 @@ def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND
 
 
 class _TryFailed(Exception):
-    def __init__(self, kind: FailureKind, reason: str) -> None:
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.reason)
+        self.kind, self.reason = failure.kind, failure.reason
 
 
 class Forwarder:
@@ -330,7 +323,7 @@ class Forwarder:
             except (UpstreamError, TimeoutError) as error:
                 if upstream is not None:
                     upstream.release()
-                reason = error.reason if isinstance(error, UpstreamError) else TIMEOUT
+                reason = classify(error).reason
                 self.pool.record_passive_failure(backend, reason)
                 failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
                 self._access_log(request, 502, backend.name, started, request_id, render_tries([failed]))
@@ -404,11 +397,6 @@ class Forwarder:
         timeout = min(proxy.per_try_timeout, deadline - loop.time())
         origin, prefix = self._route(backend)
         endpoint = self.upstream.endpoint(origin)
-        # With the backend's pool full, this try first waits for a connection: a timeout then
-        # says the balancer is busy, not that the backend is sick.
-        queued = endpoint.waiting > 0 or (
-            endpoint.open_connections >= self.upstream.max_connections_per_backend and not endpoint.idle_connections
-        )
         self.pool.acquire(backend)
         upstream = None
         try:
@@ -434,15 +422,10 @@ class Forwarder:
                 raise
             if isinstance(body, _LimitedBody) and body.client_error is not None:
                 raise body.client_error from None
-            if isinstance(error, UpstreamError):
-                kind, reason = _failure_kind(error), error.reason
-            elif isinstance(error, TimeoutError):
-                kind, reason = FailureKind.TIMEOUT, TIMEOUT
-            else:  # not seen so far: blamed on the try, as any failure to get an answer
-                kind, reason = FailureKind.RESET, type(error).__name__
-            if not (queued and kind is FailureKind.TIMEOUT):
-                self.pool.record_passive_failure(backend, reason)
-            raise _TryFailed(kind, reason) from None
+            failure = classify(error)
+            if failure.blames_backend:
+                self.pool.record_passive_failure(backend, failure.reason)
+            raise _TryFailed(failure) from None
         if data is not None:
             self._record_answer(backend, upstream.status)
         return upstream, data
@@ -503,7 +486,7 @@ class Forwarder:
                 except ConnectionResetError:
                     return response  # the client left: nothing to tell anyone
         except UpstreamError as error:
-            reason = error.reason
+            reason = classify(error).reason
             self.logger.warning(
                 "upstream body failed",
                 extra={

@@ -16,7 +16,8 @@ from lb_system.balancing.events import CheckResult, Observer, Observers
 from lb_system.balancing.pool import Backend, BackendPool
 from lb_system.config import HealthConfig
 from lb_system.observability.log import FIELDS
-from lb_system.upstream import TIMEOUT, UpstreamError, UpstreamPool, split_url
+from lb_system.proxy.failures import classify
+from lb_system.upstream import UpstreamPool, split_url
 
 # GET `url` within `timeout` seconds and return the status; raises on any failure to get one.
 Probe = Callable[[str, float], Awaitable[int]]
@@ -37,15 +38,6 @@ def transport_probe(upstream: UpstreamPool) -> Probe:
         return response.status
 
     return probe
-
-
-def describe_failure(error: BaseException) -> str:
-    """A failed check's status: the transport's name for it, or the exception's."""
-    if isinstance(error, UpstreamError):
-        return error.reason
-    if isinstance(error, TimeoutError):
-        return TIMEOUT
-    return type(error).__name__
 
 
 class HealthChecker:
@@ -85,7 +77,7 @@ class HealthChecker:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # every failure is a failed check, never a crash of the loop
-            ok, status = False, describe_failure(error)
+            ok, status = False, classify(error).reason
         duration = time.perf_counter() - started
         try:
             self.pool.record_check(backend, ok, status, duration * 1000)
@@ -132,7 +124,7 @@ class HealthChecker:
         # Frozen health states are worse than a noisy log: say why, and check on.
         error = None if task.cancelled() else task.exception()
         self.restarts += 1
-        reason = "cancelled" if error is None else describe_failure(error)
+        reason = "cancelled" if error is None else classify(error).reason
         self.logger.error(
             "health checker ended unexpectedly, restarted",
             extra={FIELDS: {"reason": reason, "restarts": self.restarts}},

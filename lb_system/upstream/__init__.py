@@ -4,10 +4,11 @@ the proxy drives it, the way an app drives httpcore.
 
 - `transport.py`: one `Endpoint` per backend (its keep-alive pool, dedicated and tunnel
   connections) and `UpstreamPool`, the endpoints by URL;
-- `http11.py`: one connection as an asyncio protocol, the answer parsed by llhttp, the tunnel.
+- `http11.py`: one connection as an asyncio protocol, the answer parsed by llhttp, the tunnel;
+- `errors.py`: one exception class per failure, each with the reason users see.
 """
 
-from lb_system.upstream.transport import (
+from lb_system.upstream.errors import (
     BAD_RESPONSE,
     BODY_INCOMPLETE,
     CANNOT_CONNECT,
@@ -16,15 +17,19 @@ from lb_system.upstream.transport import (
     CONNECTION_RESET,
     SERVER_DISCONNECTED,
     TIMEOUT,
-    Endpoint,
+    BodyIncomplete,
+    ConnectError,
+    ConnectionRefused,
+    ConnectTimeout,
     PoolTimeout,
-    Tunnel,
-    TunnelLimitReached,
+    ProtocolError,
+    ReadError,
+    ServerDisconnected,
+    Timeout,
     UpstreamError,
-    UpstreamPool,
-    UpstreamResponse,
-    split_url,
 )
+from lb_system.upstream.http11 import Tunnel, UpstreamResponse
+from lb_system.upstream.transport import Endpoint, TunnelLimitReached, UpstreamPool, split_url
 
 __all__ = [
     "BAD_RESPONSE",
@@ -35,8 +40,16 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "SERVER_DISCONNECTED",
     "TIMEOUT",
+    "BodyIncomplete",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionRefused",
     "Endpoint",
     "PoolTimeout",
+    "ProtocolError",
+    "ReadError",
+    "ServerDisconnected",
+    "Timeout",
     "Tunnel",
     "TunnelLimitReached",
     "UpstreamError",

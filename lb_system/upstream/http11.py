@@ -16,15 +16,14 @@ from typing import Protocol
 import httptools
 from multidict import CIMultiDict
 
-# Failure reasons, shared with logs, metrics and the 502 bodies: spell them exactly like this.
-CONNECTION_REFUSED = "connection refused"
-CONNECTION_RESET = "connection reset"
-CONNECT_TIMEOUT = "connect timeout"
-TIMEOUT = "timeout"
-BODY_INCOMPLETE = "response body incomplete"
-BAD_RESPONSE = "bad response"
-CANNOT_CONNECT = "cannot connect"
-SERVER_DISCONNECTED = "server disconnected"
+from lb_system.upstream.errors import (
+    BodyIncomplete,
+    ProtocolError,
+    ReadError,
+    ServerDisconnected,
+    Timeout,
+    UpstreamError,
+)
 
 # Unread answer bytes past this pause reading from the backend; a read that empties the buffer resumes it.
 HIGH_WATER = 256 * 1024
@@ -33,24 +32,6 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _NOTICED = _FRAMING | {"host", "connection", "idempotency-key", "x-idempotency-key"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-class UpstreamError(Exception):
-    """An exchange with a backend failed; `reason` is one of the names above."""
-
-    def __init__(self, reason: str, *, sent: bool = False, connecting: bool = False, answered: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.sent = sent  # some of the request was written: a retry may repeat a side effect
-        self.connecting = connecting  # no connection was made: nothing reached the backend
-        self.answered = answered  # some of an answer arrived before it failed
-
-
-class PoolTimeout(UpstreamError):
-    """No pooled connection came free in time: the balancer is busy, the backend is not to blame."""
-
-    def __init__(self) -> None:
-        super().__init__(TIMEOUT)
 
 
 class ConnectionOwner(Protocol):
@@ -242,7 +223,7 @@ class UpstreamResponse:
             if self._complete:
                 self._keep_alive = False
             else:
-                self._fail(UpstreamError(BAD_RESPONSE, sent=True, answered=True))
+                self._fail(ProtocolError(sent=True, answered=True))
 
     def _lost(self, error: BaseException | None) -> None:
         if self._error is not None or self._complete or self._released:
@@ -253,10 +234,10 @@ class UpstreamResponse:
                 self._keep_alive = False
                 self._wake()
                 return
-            reason = BODY_INCOMPLETE
+            failure: type[UpstreamError] = BodyIncomplete
         else:
-            reason = SERVER_DISCONNECTED if error is None else CONNECTION_RESET
-        self._fail(UpstreamError(reason, sent=self._sent, answered=self._answered))
+            failure = ServerDisconnected if error is None else ReadError
+        self._fail(failure(sent=self._sent, answered=self._answered))
 
     def _fail(self, error: BaseException) -> None:
         """The exchange is over and the connection with it; readers get `error`."""
@@ -289,10 +270,10 @@ class UpstreamResponse:
         try:
             await waiter
         except TimeoutError:
-            self._fail(UpstreamError(TIMEOUT, sent=self._sent, answered=self._answered))
+            self._fail(Timeout(sent=self._sent, answered=self._answered))
             raise self._error from None  # type: ignore[misc]
         except BaseException:
-            self._fail(self._error or UpstreamError(TIMEOUT, sent=self._sent, answered=self._answered))
+            self._fail(self._error or Timeout(sent=self._sent, answered=self._answered))
             raise
         finally:
             if timer is not None:
@@ -530,7 +511,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self._gone or self.transport is None:
-            raise UpstreamError(CONNECTION_RESET, sent=True)
+            raise ReadError(sent=True)
         self.transport.write(data)
 
     async def drain(self) -> None:

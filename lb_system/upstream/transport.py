@@ -19,47 +19,20 @@ from collections.abc import AsyncIterable, Iterable
 from urllib.parse import urlsplit
 
 from lb_system.config import ProxyConfig
-
-from .http11 import (
-    BAD_RESPONSE,
-    BODY_INCOMPLETE,
-    CANNOT_CONNECT,
-    CONNECT_TIMEOUT,
-    CONNECTION_REFUSED,
-    CONNECTION_RESET,
-    SERVER_DISCONNECTED,
-    TIMEOUT,
+from lb_system.upstream.errors import (
+    ConnectError,
+    ConnectionRefused,
+    ConnectTimeout,
     PoolTimeout,
-    RequestHead,
-    Tunnel,
-    UpstreamConnection,
+    ReadError,
+    Timeout,
     UpstreamError,
-    UpstreamResponse,
-    build_head,
-    shorter_wait,
 )
+from lb_system.upstream.http11 import RequestHead, UpstreamConnection, UpstreamResponse, build_head, shorter_wait
 
-__all__ = [
-    "BAD_RESPONSE",
-    "BODY_INCOMPLETE",
-    "CANNOT_CONNECT",
-    "CONNECTION_REFUSED",
-    "CONNECTION_RESET",
-    "CONNECT_TIMEOUT",
-    "SERVER_DISCONNECTED",
-    "TIMEOUT",
-    "Endpoint",
-    "PoolTimeout",
-    "Tunnel",
-    "TunnelLimitReached",
-    "UpstreamError",
-    "UpstreamPool",
-    "UpstreamResponse",
-    "split_url",
-]
+__all__ = ["Endpoint", "TunnelLimitReached", "UpstreamPool", "split_url"]
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_RETRIED_REASONS = frozenset({CONNECTION_RESET, SERVER_DISCONNECTED})
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -79,7 +52,7 @@ def _should_retry(head: RequestHead, error: UpstreamError, reused: bool, replaya
     may have been closed by the backend under our feet. Retry when no byte of an answer came and
     either nothing was written or the request is idempotent (GET, HEAD, OPTIONS, TRACE, or an
     Idempotency-Key header), and the body can be sent again."""
-    if not reused or error.answered or not replayable or error.reason not in _RETRIED_REASONS:
+    if not reused or error.answered or not replayable or not isinstance(error, ReadError):
         return False
     return not error.sent or head.method in _IDEMPOTENT or head.idempotency_key
 
@@ -173,7 +146,7 @@ class Endpoint:
         """The shorter of `timeout` and the time left until `deadline`; past it, a timeout now."""
         loop = self._get_loop()
         if deadline is not None and deadline <= loop.time():
-            raise UpstreamError(TIMEOUT)
+            raise Timeout
         return shorter_wait(loop, timeout, deadline)
 
     async def open_tunnel(
@@ -219,7 +192,7 @@ class Endpoint:
             self._sweeper.cancel()
         for waiter in self._waiters:
             if not waiter.done():
-                waiter.set_exception(UpstreamError(CANNOT_CONNECT, connecting=True))
+                waiter.set_exception(ConnectError())
         connections = list(self._connections)
         for connection in connections:
             connection.abort()
@@ -233,7 +206,7 @@ class Endpoint:
     ) -> UpstreamConnection:
         while True:
             if self._closed:
-                raise UpstreamError(CANNOT_CONNECT, connecting=True)
+                raise ConnectError()
             idle = self._idle
             while idle and not fresh:
                 connection = idle.pop()
@@ -307,7 +280,7 @@ class Endpoint:
 
     async def _connect(self, owner: Endpoint | _Dedicated, deadline: float | None = None) -> UpstreamConnection:
         if self._closed:
-            raise UpstreamError(CANNOT_CONNECT, connecting=True)
+            raise ConnectError()
         loop = self._get_loop()
         connection = UpstreamConnection(loop, owner)
         limit = loop.time() + self._pool.connect_timeout
@@ -322,12 +295,13 @@ class Endpoint:
                 )
         except TimeoutError:
             # The caller's deadline came first: its timeout, not the backend's slow connect.
-            reason = TIMEOUT if deadline is not None and deadline <= limit else CONNECT_TIMEOUT
-            raise UpstreamError(reason, connecting=True) from None
+            if deadline is not None and deadline <= limit:
+                raise Timeout(connecting=True) from None
+            raise ConnectTimeout from None
         except ConnectionRefusedError:
-            raise UpstreamError(CONNECTION_REFUSED, connecting=True) from None
+            raise ConnectionRefused from None
         except OSError:  # no route, unknown host, a certificate that does not verify
-            raise UpstreamError(CANNOT_CONNECT, connecting=True) from None
+            raise ConnectError() from None
         self._connections.add(connection)
         return connection
 
