@@ -136,11 +136,15 @@ class LogConfig(_Section):
     max_bytes: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
     backups: Annotated[int, Field(ge=0, le=100)] = 5
     format: Literal["text", "json"] = "text"
+    # None: access lines go to `file` with everything else.
+    access_file: Annotated[str, Field(min_length=1)] | None = None
+    access_max_bytes: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
+    access_backups: Annotated[int, Field(ge=0, le=100)] = 5
 
-    @field_validator("file")
+    @field_validator("file", "access_file")
     @classmethod
-    def _only_pid_placeholder(cls, value: str) -> str:
-        rest = value.replace(PID_PLACEHOLDER, "")
+    def _only_pid_placeholder(cls, value: str | None) -> str | None:
+        rest = (value or "").replace(PID_PLACEHOLDER, "")
         if "{" in rest or "}" in rest:
             raise ValueError(f"the only placeholder a log file name may hold is {PID_PLACEHOLDER}, got {value!r}")
         return value
@@ -148,6 +152,10 @@ class LogConfig(_Section):
     def file_for(self, pid: int) -> str:
         """The log file of process `pid`: `file` with `{pid}` replaced."""
         return self.file.replace(PID_PLACEHOLDER, str(pid))
+
+    def access_file_for(self, pid: int) -> str | None:
+        """The access file of process `pid`: `access_file` with `{pid}` replaced; None when unset."""
+        return None if self.access_file is None else self.access_file.replace(PID_PLACEHOLDER, str(pid))
 
 
 class ErrorsConfig(_Section):
@@ -315,11 +323,21 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
     if base_dir is not None:
         update = {
             "database": config.database.model_copy(update={"path": str(base_dir / config.database.path)}),
-            "log": config.log.model_copy(update={"file": str(base_dir / config.log.file)}),
+            "log": config.log.model_copy(
+                update={
+                    "file": str(base_dir / config.log.file),
+                    "access_file": None if config.log.access_file is None else str(base_dir / config.log.access_file),
+                }
+            ),
         }
         if config.proxy.ca_file is not None:
             update["proxy"] = config.proxy.model_copy(update={"ca_file": str(base_dir / config.proxy.ca_file)})
         config = config.model_copy(update=update)
+    if (
+        config.log.access_file is not None
+        and Path(config.log.access_file_for(0) or "").resolve() == Path(config.log.file_for(0)).resolve()
+    ):
+        raise ConfigError(f"{source}: [log] access_file: must not be [log] file ({config.log.file}): it has a writer of its own")
     if config.proxy.ca_file is not None and not Path(config.proxy.ca_file).is_file():
         raise ConfigError(f"{source}: [proxy] ca_file: no such file: {config.proxy.ca_file}")
     return config

@@ -17,7 +17,7 @@ import pytest
 from support.backends import FakeBackend, started_backends
 from support.clock import FakeClock
 from support.config_files import BASE_CONFIG, ConfigFile, merge
-from support.logs import LogRecords
+from support.logs import LogRecords, LogSetup
 
 from lb_system import Config, System, parse_config
 
@@ -102,6 +102,24 @@ def lb_log() -> Iterator[LogRecords]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+@pytest.fixture
+def log_to() -> Iterator[LogSetup]:
+    """The lb_system logger set up as `python run.py` does, restored at the end of the test."""
+    logger = logging.getLogger("lb_system")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    setup = LogSetup()
+    yield setup
+    setup.flush()
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    handlers, level, propagate = saved
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
-import logging
-import logging.handlers
 import os
 import re
 import threading
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -18,8 +15,6 @@ import pytest
 from support.waiting import wait_for
 
 from lb_system.balancing.pool import Backend
-from lb_system.config import Config
-from lb_system.observability.log import LOGGER_NAME, configure_logging
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S")
 # A text record, strictly: time, level, event words, then ` key=value` fields to the end of the line,
@@ -36,43 +31,6 @@ def parse_text_line(line: str) -> dict[str, object]:
     stamp, level, event, fields = match.groups()
     values = {key: ast.literal_eval(value) if value.startswith("'") else value for key, value in _FIELD.findall(fields)}
     return {"time": stamp, "level": level, "event": event, **values}
-
-
-class LogSetup:
-    """configure_logging() for a test: `start` points the lb_system logger at a config's file,
-    `flush` waits until every queued line is written and closes the files."""
-
-    def __init__(self) -> None:
-        self.listener: logging.handlers.QueueListener | None = None
-
-    def start(self, config: Config) -> logging.Logger:
-        self.flush()
-        self.listener = configure_logging(config.log, console=False)
-        return logging.getLogger(LOGGER_NAME)
-
-    def flush(self) -> None:
-        if self.listener is not None:
-            listener, self.listener = self.listener, None
-            listener.stop()
-            for handler in listener.handlers:
-                handler.close()
-
-
-@pytest.fixture
-def log_to() -> Iterator[LogSetup]:
-    logger = logging.getLogger(LOGGER_NAME)
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    setup = LogSetup()
-    yield setup
-    setup.flush()
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    handlers, level, propagate = saved
-    for handler in handlers:
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
 
 
 def log_files(path: Path) -> list[Path]:
@@ -231,9 +189,10 @@ async def raw_request(url: str, method: bytes, target: bytes, request_id: str) -
         await writer.wait_closed()
 
 
+@pytest.mark.parametrize("access_file", [None, "access.log"])
 @pytest.mark.parametrize("form", ["text", "json"])
-async def test_no_request_can_split_a_log_line_or_add_a_field(make_config, start_system, log_to, form: str) -> None:
-    config = make_config(log={"format": form})
+async def test_no_request_can_split_a_log_line_or_add_a_field(make_config, start_system, log_to, form: str, access_file) -> None:
+    config = make_config(log={"format": form, "access_file": access_file})
     log_to.start(config)
     system = await start_system(config)
     answered = {}
@@ -244,6 +203,9 @@ async def test_no_request_can_split_a_log_line_or_add_a_field(make_config, start
     log_to.flush()
 
     records = parse(Path(config.log.file), form)  # every line is one whole record, or parse fails
+    if access_file is not None:  # the access lines in their own file, and only there
+        assert not any(r["event"] == "access" for r in records)
+        records += parse(Path(config.log.access_file), form)
     assert not any(str(r["time"]).startswith(FORGED[:10]) for r in records)
     access = {r["request_id"]: r for r in records if r["event"] == "access"}
     for number, (method, _target, path) in enumerate(ATTACKS):

@@ -229,6 +229,26 @@ async def test_invalid_edit_changes_nothing_logs_one_error_and_shows_config_erro
     assert len(lb_log.messages(logging.ERROR)) == 1
 
 
+@pytest.mark.parametrize(
+    ("log", "key"),
+    [
+        ({"access_file": "balancer.log"}, "[log] access_file"),
+        ({"access_max_bytes": -1}, "[log] access_max_bytes"),
+        ({"access_backups": 101}, "[log] access_backups"),
+    ],
+)
+async def test_a_bad_access_log_key_is_refused_and_the_old_config_keeps_serving(
+    config_file, start_system, http, lb_log, log: dict[str, object], key: str
+) -> None:
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
+    running = system.config
+    config_file.write(log=log)
+    await wait_for(lambda: system.config_error is not None, message="config_error set")
+    assert key in system.config_error and system.config is running
+    body = await status(http, system)
+    assert body["config_error"] == system.config_error and names(body) == ["backend-1", "backend-2"]
+
+
 async def test_edit_needing_a_restart_is_refused_whole(config_file, start_system, http, lb_log) -> None:
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
     config_file.write(

@@ -1,5 +1,8 @@
 """The access line: one INFO record per request, built as fields on the hot path.
 
+With `[log] access_file` set, the line's time and fields go to that file's buffer instead
+(log.AccessFile): no record is made at all, and its thread writes them in batches.
+
 `AccessLog.write` makes what `logger.info("access", extra={"fields": {...}})` makes, without
 what that call spends per line and a hot path can do without: the caller's frame lookup, the
 record's __init__ and the `extra` merge. Rendering (text or JSON) happens on the log thread.
@@ -68,6 +71,12 @@ class AccessLog:
         for key, value in more.items():
             if value is not None:
                 fields[key] = value
+        handlers = self.logger.handlers
+        if len(handlers) == 1 and type(handlers[0]) is HandOff:
+            access_file = handlers[0].access_file
+            if access_file is not None:  # `[log] access_file`: its writer renders and writes in batches
+                access_file.append(time.time(), fields)
+                return
         self._emit(fields)
 
     def _emit(self, fields: dict[str, object]) -> None:

@@ -8,6 +8,7 @@ set of characters is quoted with its control characters escaped; in JSON it is a
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import json
@@ -17,6 +18,7 @@ import os
 import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,7 +79,11 @@ def render_message(record: logging.LogRecord) -> str:
     message = record.getMessage()
     if not message.isprintable():  # a classic record with a client's text in it
         message = quote(message)[1:-1]
-    fields = fields_of(record)
+    return with_fields(message, fields_of(record))
+
+
+def with_fields(message: str, fields: Mapping[str, object]) -> str:
+    """`<message> key=value ...`."""
     if not fields:
         return message
     return message + " " + " ".join(f"{key}={text_value(value)}" for key, value in fields.items())
@@ -95,11 +101,21 @@ class _UTCFormatter(logging.Formatter):
     _second: tuple[int, str] = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - stdlib name
-        second = int(record.created)
+        return self.utc_time(record.created, record.msecs)
+
+    def utc_time(self, created: float, msecs: float | None = None) -> str:
+        """`created` (seconds since the epoch) as `2026-11-28T03:23:47.999Z`."""
+        second = int(created)
         cached = self._second
         if cached[0] != second:
             cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-        return f"{cached[1]}.{int(record.msecs):03d}Z"
+        if msecs is None:
+            msecs = (created - second) * 1000  # as Python 3.11's LogRecord counts them
+        return f"{cached[1]}.{int(msecs):03d}Z"
+
+    def fields_line(self, created: float, level: str, logger: str, event: str, fields: Mapping[str, object]) -> str:
+        """The line of a record without a traceback, from its parts (the access file's writer has no records)."""
+        raise NotImplementedError
 
     def _traceback(self, record: logging.LogRecord) -> str:
         if not (record.exc_info or record.exc_text or record.stack_info):
@@ -113,6 +129,9 @@ class _UTCFormatter(logging.Formatter):
 class TextFormatter(_UTCFormatter):
     """`<time> <LEVEL> <event> key=value ...`, traceback lines indented under it (so no line
     of a traceback, whatever its exception says, can pass for a record)."""
+
+    def fields_line(self, created: float, level: str, logger: str, event: str, fields: Mapping[str, object]) -> str:
+        return f"{self.utc_time(created)} {level} {with_fields(event, fields)}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{self.formatTime(record)} {record.levelname} {render_message(record)}"
@@ -128,24 +147,36 @@ _RECORD_KEYS = frozenset({"time", "level", "logger", "event", "traceback"})
 class JsonFormatter(_UTCFormatter):
     """One JSON object per line with the same fields as the text line, typed, for log shippers."""
 
+    def fields_line(self, created: float, level: str, logger: str, event: str, fields: Mapping[str, object]) -> str:
+        return json.dumps(self._document(created, level, logger, event, fields))
+
     def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, Any] = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        for key, value in fields_of(record).items():
-            # A field never replaces the record's own keys: `event` as a field becomes `field_event`.
-            document[f"field_{key}" if key in _RECORD_KEYS else key] = json_value(value)
+        document = self._document(record.created, record.levelname, record.name, record.getMessage(), fields_of(record))
         traceback = self._traceback(record)
         if traceback:
             document["traceback"] = traceback
         return json.dumps(document)
 
+    def _document(self, created: float, level: str, logger: str, event: str, fields: Mapping[str, object]) -> dict[str, Any]:
+        document: dict[str, Any] = {"time": self.utc_time(created), "level": level, "logger": logger, "event": event}
+        for key, value in fields.items():
+            # A field never replaces the record's own keys: `event` as a field becomes `field_event`.
+            document[f"field_{key}" if key in _RECORD_KEYS else key] = json_value(value)
+        return document
+
 
 class HandOff(logging.handlers.QueueHandler):
-    """Renders the message and traceback in the caller, leaves the layout to the file's formatter."""
+    """Renders the message and traceback in the caller, leaves the layout to the file's formatter.
+    `access_file`, when set, is where AccessLog sends the access lines instead of the queue."""
+
+    access_file: AccessFile | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        access_file = self.access_file
+        if access_file is not None and record.msg == "access" and FIELDS in record.__dict__:
+            access_file.append(record.created, record.__dict__[FIELDS])  # an AccessLog line that took the long way
+            return
+        super().emit(record)
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if not record.args and not record.exc_info and type(record.msg) is str:
@@ -177,13 +208,16 @@ class _BatchStreamHandler(logging.StreamHandler):
                     lines.append(self.format(record) + self.terminator)
                 except Exception:
                     self.handleError(record)
-        if not lines:
-            return
+        if lines:
+            self.write_batch(lines, records[-1])
+
+    def write_batch(self, lines: list[str], record: logging.LogRecord | None = None) -> None:
+        """Write whole lines (each ending in the terminator) with one write and one flush."""
         with self.lock:  # type: ignore[union-attr]
             try:
                 self._write_lines(lines)
             except Exception:
-                self.handleError(records[-1])
+                self.handleError(record or logging.makeLogRecord({"msg": f"{len(lines)} lines lost"}))
 
     def _write_lines(self, lines: list[str]) -> None:
         self.stream.write("".join(lines))
@@ -235,11 +269,65 @@ class _FileHandler(_BatchStreamHandler, logging.handlers.RotatingFileHandler):
         self._size = size + pending_size
 
 
+class AccessFile:
+    """The access log's own file (`[log] access_file`). The event loop only appends a line's time
+    and fields to a buffer; one thread renders what gathered every `interval` seconds and writes
+    it with one write, rotated by size as balancer.log is (no LogRecord, no queue per line)."""
+
+    def __init__(self, handler: _FileHandler, formatter: _UTCFormatter, *, logger: str, interval: float = 0.2) -> None:
+        self._handler = handler
+        self._formatter = formatter
+        self._logger = logger
+        self.interval = interval
+        # deque.append and popleft are atomic: the loop and the writer share it without a lock.
+        self._waiting: collections.deque[tuple[float, Mapping[str, object]]] = collections.deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lb_system access log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def append(self, created: float, fields: Mapping[str, object]) -> None:
+        """One INFO `access` line, written within `interval` seconds."""
+        self._waiting.append((created, fields))
+
+    def close(self) -> None:
+        """Write every line appended so far and close the file."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._write_waiting()
+        self._handler.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        waiting = self._waiting
+        count = len(waiting)
+        if not count:
+            return
+        line, logger, take = self._formatter.fields_line, self._logger, waiting.popleft
+        try:
+            lines = [line(created, "INFO", logger, "access", fields) + "\n" for created, fields in (take() for _ in range(count))]
+        except Exception:
+            self._handler.handleError(logging.makeLogRecord({"msg": f"{count} access lines lost"}))
+            return
+        self._handler.write_batch(lines)
+
+
 class _BatchListener(logging.handlers.QueueListener):
     """Takes everything waiting in the queue at each wake-up and hands it over as one batch."""
 
     queue: queue.SimpleQueue[logging.LogRecord | None]
     _sentinel: None
+    access_file: AccessFile | None = None
+
+    def stop(self) -> None:
+        super().stop()
+        if self.access_file is not None:
+            self.access_file.close()
 
     def _monitor(self) -> None:
         q = self.queue
@@ -268,10 +356,12 @@ class _BatchListener(logging.handlers.QueueListener):
                     handler.handle(record)
 
 
-def configure_logging(config: LogConfig, *, console: bool = True) -> logging.handlers.QueueListener:
+def configure_logging(config: LogConfig, *, console: bool = True, access_interval: float = 0.2) -> logging.handlers.QueueListener:
     """Route the lb_system logger through a queue to the file and the console, so a slow disk
-    never blocks the event loop. Returns the started listener; stop it on exit to flush."""
-    formatter: logging.Formatter = JsonFormatter() if config.format == "json" else TextFormatter()
+    never blocks the event loop; with `access_file`, the access lines to that file alone.
+    The access file's writer wakes every `access_interval` seconds. Returns the started
+    listener; stop it on exit to flush both."""
+    formatter: _UTCFormatter = JsonFormatter() if config.format == "json" else TextFormatter()
     handlers: list[logging.Handler] = []
     path = Path(config.file_for(os.getpid()))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,12 +375,25 @@ def configure_logging(config: LogConfig, *, console: bool = True) -> logging.han
 
     log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = _BatchListener(log_queue, *handlers, respect_handler_level=False)
+    hand_off = HandOff(log_queue)
+    access_file = config.access_file_for(os.getpid())
+    if access_file is not None:
+        access_path = Path(access_file)
+        access_path.parent.mkdir(parents=True, exist_ok=True)
+        access_handler = _FileHandler(
+            access_path, maxBytes=config.access_max_bytes, backupCount=config.access_backups, encoding="utf-8"
+        )
+        hand_off.access_file = listener.access_file = AccessFile(
+            access_handler, formatter, logger=LOGGER_NAME, interval=access_interval
+        )
     logger = logging.getLogger(LOGGER_NAME)
     for old in list(logger.handlers):
         logger.removeHandler(old)
         old.close()
-    logger.addHandler(HandOff(log_queue))
+    logger.addHandler(hand_off)
     logger.setLevel(config.level)
     logger.propagate = False
     listener.start()
+    if listener.access_file is not None:
+        listener.access_file.start()
     return listener
