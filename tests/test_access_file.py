@@ -8,6 +8,7 @@ import logging
 import threading
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.logs import LogRecords, LogSetup
@@ -18,7 +19,7 @@ from lb_system.config import Config, LogConfig
 from lb_system.observability.access_log import AccessLog
 from lb_system.observability.log import LOGGER_NAME, with_fields
 
-LINE = {
+LINE: dict[str, Any] = {
     "method": "GET",
     "path": "/tasks/1",
     "status": 200,
@@ -39,13 +40,17 @@ def read(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
 
 
+def lines_are(path: Path, count: int) -> bool:
+    return len(read(path)) == count
+
+
 def test_batched_lines_are_complete_and_in_order_after_a_clean_stop(make_config, log_to) -> None:
     access, config = start(log_to, make_config)
     writers = 4
 
     def write(worker: int) -> None:
         for number in range(2000):
-            access.write(**{**LINE, "request_id": f"w{worker}-{number}", "path": f"/p/{'x' * (number % 50)}"})  # type: ignore[arg-type]
+            access.write(**{**LINE, "request_id": f"w{worker}-{number}", "path": f"/p/{'x' * (number % 50)}"})
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
     for thread in threads:
@@ -54,7 +59,7 @@ def test_batched_lines_are_complete_and_in_order_after_a_clean_stop(make_config,
         thread.join()
     log_to.flush()  # no wait for the writer's next wake-up: stopping writes what is left
 
-    records = parse(Path(config.access_file), "text")  # every line one whole record, or parse fails
+    records = parse(Path(config.access_file or ""), "text")  # every line one whole record, or parse fails
     seen: dict[int, list[int]] = {w: [] for w in range(writers)}
     for record in records:
         worker, number = str(record["request_id"])[1:].split("-")
@@ -68,8 +73,8 @@ async def test_a_trickle_of_lines_is_written_within_a_second(make_config, log_to
     access, config = start(log_to, make_config)
     path = Path(config.access_file or "")
     for number in range(5):
-        access.write(**{**LINE, "request_id": f"t{number}"})  # type: ignore[arg-type]
-        await wait_for(lambda n=number + 1: len(read(path)) == n, timeout=1.0, message=f"line {number} written")
+        access.write(**{**LINE, "request_id": f"t{number}"})
+        await wait_for(partial(lines_are, path, number + 1), timeout=1.0, message=f"line {number} written")
     assert [line.split("request_id=")[1].split()[0] for line in read(path)] == [f"t{n}" for n in range(5)]
 
 
@@ -78,10 +83,10 @@ def test_a_line_in_the_access_file_is_the_line_balancer_log_would_have(make_conf
     shared = make_config(log={"file": "shared.log", "format": form}).log
     AccessLog(log_to.start(make_config(log={"file": "shared.log", "format": form}))).write(
         **LINE, client="10.0.0.1", reason="shed"
-    )  # type: ignore[arg-type]
+    )
     log_to.flush()
     access, config = start(log_to, make_config, format=form)
-    access.write(**LINE, client="10.0.0.1", reason="shed")  # type: ignore[arg-type]
+    access.write(**LINE, client="10.0.0.1", reason="shed")
     log_to.flush()
 
     (in_shared,) = read(Path(shared.file))
@@ -97,7 +102,7 @@ def test_the_access_file_rotates_by_its_own_keys(make_config, log_to) -> None:
     access, config = start(log_to, make_config, access_max_bytes=2000, access_backups=3, max_bytes=100)
     logging.getLogger(LOGGER_NAME).warning("kept in balancer.log")
     for number in range(120):
-        access.write(**{**LINE, "request_id": f"n{number:04d}", "tries": "x" * 40})  # type: ignore[arg-type]
+        access.write(**{**LINE, "request_id": f"n{number:04d}", "tries": "x" * 40})
     log_to.flush()
 
     path = Path(config.access_file or "")
@@ -136,7 +141,7 @@ def test_an_access_line_still_reaches_the_access_file_with_another_handler_on_th
     watcher = LogRecords()  # a second handler: the line goes as a record through both
     logger.addHandler(watcher)
     try:
-        access.write(**LINE)  # type: ignore[arg-type]
+        access.write(**LINE)
     finally:
         logger.removeHandler(watcher)
     log_to.flush()
