@@ -8,7 +8,7 @@ import socket
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -52,8 +52,18 @@ def reuse_port_available() -> bool:
 PID_PLACEHOLDER = "{pid}"
 
 
+def validate_strategy(value: str) -> None:
+    """Raise ValueError unless `value` names a balancing strategy."""
+    if value not in STRATEGY_NAMES:
+        raise ValueError(f"must be one of {', '.join(STRATEGY_NAMES)}, got {value!r}")
+
+
 PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+# A backend's or a pool's name: it shows in logs, metrics labels and URLs of the admin API.
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+# The pool of a backend that names none, and of a request no route matches.
+DEFAULT_POOL = "default"
 
 
 class ConfigError(Exception):
@@ -85,8 +95,7 @@ class BalancerConfig(_Section):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGY_NAMES:
-            raise ValueError(f"must be one of {', '.join(STRATEGY_NAMES)}, got {value!r}")
+        validate_strategy(value)
         return value
 
     @field_validator("hash_on")
@@ -206,11 +215,12 @@ class AdminConfig(_Section):
 
 
 class BackendConfig(_Section):
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    name: Name
     port: Port | None = None
     host: str | None = None
     url: str | None = None
     weight: Annotated[int, Field(ge=1, le=100)] = 1
+    pool: Name = DEFAULT_POOL
 
     @model_validator(mode="after")
     def _port_or_url(self) -> BackendConfig:
@@ -229,6 +239,125 @@ class BackendConfig(_Section):
         return self.port is not None
 
 
+class PoolConfig(_Section):
+    """A pool's settings, resolved: every key the pool's own `[pools.NAME]` does not set comes from
+    `[balancer]` (strategy, hash_on, sticky_cookie) or `[health]` (the checks, slow_start)."""
+
+    strategy: str = "round_robin"
+    hash_on: str = "client_ip"
+    # RFC 6265: a cookie name is an HTTP token.
+    sticky_cookie: Annotated[str, Field(max_length=64, pattern=f"^{_HEADER_NAME.pattern}$")] | None = None
+    slow_start: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    health: HealthConfig = HealthConfig()
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        validate_strategy(value)
+        return value
+
+    @field_validator("hash_on")
+    @classmethod
+    def _known_hash_on(cls, value: str) -> str:
+        validate_hash_on(value)
+        return value
+
+
+# The [pools.NAME] keys that fall back to [balancer]'s; slow_start and [pools.NAME.health] fall back to [health].
+POOL_BALANCER_KEYS = ("strategy", "hash_on", "sticky_cookie")
+_HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
+
+
+def _route_host(value: str) -> str:
+    """A route's host, lower-cased: a name or address, or `*.` and a name (any subdomain of it)."""
+    host = value.strip().lower().rstrip(".")
+    name = host.removeprefix("*.")
+    if not name or name == "*":
+        raise ValueError(f"must be a host name or '*.example.com', got {value!r}; leave host out to match every host")
+    if name.startswith("[") and name.endswith("]"):
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {value!r}") from None
+        if host != name:
+            raise ValueError(f"a wildcard needs a domain name, got {value!r}")
+        return host
+    if ":" in name:
+        raise ValueError(f"a route's host has no port (a request matches whatever its port), got {value!r}")
+    if not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"must be a host name or '*.example.com', got {value!r}")
+    return host
+
+
+def _route_prefix(value: str) -> str:
+    """A route's path prefix, without a trailing slash (but "/"): it is matched on whole segments."""
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+    if any(c in value for c in "?#%\\") or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"must be a plain decoded path (no query, '#', '%', '\\' or spaces), got {value!r}")
+    prefix = value.rstrip("/") or "/"
+    if any(segment in ("", ".", "..") for segment in prefix.split("/")[1:]) and prefix != "/":
+        raise ValueError(f"must not hold empty, '.' or '..' segments, got {value!r}")
+    return prefix
+
+
+class RouteConfig(_Section):
+    """One [[routes]] entry: requests for `host` (any when unset) under `path_prefix` go to `pool`."""
+
+    host: str | None = None
+    path_prefix: str = "/"
+    strip_prefix: bool = False
+    pool: Name
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str | None) -> str | None:
+        return None if value is None else _route_host(value)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        return _route_prefix(value)
+
+    def describe(self) -> str:
+        """How logs and records name the route: `api.example.com/api`, `*.example.com/`, `/static`."""
+        return f"{self.host or ''}{self.path_prefix}"
+
+
+def _resolve_pools(data: dict[str, Any]) -> dict[str, Any]:
+    """The raw document with every pool in use ([pools.NAME] tables, the pools backends name, and
+    "default") given the global keys it does not set itself; validated afterwards as PoolConfigs."""
+    raw_pools = data.get("pools", {})
+    if not isinstance(raw_pools, dict):
+        return data  # validation says what is wrong with it
+    balancer, health = data.get("balancer", {}), data.get("health", {})
+    balancer = balancer if isinstance(balancer, dict) else {}
+    health = health if isinstance(health, dict) else {}
+    names = {DEFAULT_POOL: None} | dict.fromkeys(raw_pools)
+    backends = data.get("backends", [])
+    for backend in backends if isinstance(backends, list) else []:
+        if isinstance(backend, dict) and isinstance(backend.get("pool"), str):
+            names.setdefault(backend["pool"], None)
+    pools: dict[str, Any] = {}
+    for name in names:
+        own = raw_pools.get(name, {})
+        if not isinstance(own, dict):
+            pools[name] = own
+            continue
+        resolved = {key: balancer[key] for key in POOL_BALANCER_KEYS if key in balancer and key in PoolConfig.model_fields}
+        resolved |= own
+        own_health = own.get("health", {})
+        if isinstance(own_health, dict):
+            pool_health = health | own_health
+            if "slow_start" not in own and "slow_start" in pool_health:
+                resolved["slow_start"] = pool_health["slow_start"]
+            if "slow_start" in HealthConfig.model_fields and "slow_start" in resolved:
+                pool_health["slow_start"] = resolved["slow_start"]  # one value, however it was written
+            resolved["health"] = pool_health
+        pools[name] = resolved
+    return data | {"pools": pools}
+
+
 def _default_backends() -> list[BackendConfig]:
     return [BackendConfig(name="backend-1", port=5001), BackendConfig(name="backend-2", port=5002)]
 
@@ -245,6 +374,36 @@ class Config(_Section):
     proxy: ProxyConfig = ProxyConfig()
     admin: AdminConfig = AdminConfig()
     backends: list[BackendConfig] = Field(default_factory=_default_backends)
+    # Every pool in use, resolved (see _resolve_pools); "default" is always there.
+    pools: dict[Name, PoolConfig] = {}
+    routes: list[RouteConfig] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pools_in_use(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "backends" not in data:
+            data = data | {"backends": [b.model_dump(exclude_defaults=True) for b in _default_backends()]}
+        return _resolve_pools(data)
+
+    @model_validator(mode="after")
+    def _routes_to_pools(self) -> Config:
+        staffed = {b.pool for b in self.backends}
+        seen: dict[tuple[str | None, str], int] = {}
+        for index, route in enumerate(self.routes):
+            if route.pool not in staffed:
+                raise _ItemError("routes", index, "pool", f"pool {route.pool!r} has no backends")
+            key = (route.host, route.path_prefix)
+            if key in seen:
+                raise _ItemError("routes", index, "", f"duplicate of route #{seen[key] + 1} ({route.describe()})")
+            seen[key] = index
+        return self
+
+    @property
+    def routed(self) -> bool:
+        """Whether requests are sorted at all: routes, or backends in more than one pool."""
+        return bool(self.routes) or len({b.pool for b in self.backends}) > 1
 
     @model_validator(mode="after")
     def _unique_backends(self) -> Config:
@@ -252,12 +411,12 @@ class Config(_Section):
         ports: dict[int, int] = {self.balancer.port: -1} if self.balancer.port else {}
         for index, backend in enumerate(self.backends):
             if backend.name in names:
-                raise _BackendError(index, "name", f"duplicate backend name {backend.name!r}")
+                raise _ItemError("backends", index, "name", f"duplicate backend name {backend.name!r}")
             names[backend.name] = index
             if backend.port:  # 0 means "any free port", never a clash
                 if backend.port in ports:
                     other = "[balancer] port" if ports[backend.port] < 0 else repr(self.backends[ports[backend.port]].name)
-                    raise _BackendError(index, "port", f"port {backend.port} is already used by {other}")
+                    raise _ItemError("backends", index, "port", f"port {backend.port} is already used by {other}")
                 ports[backend.port] = index
         return self
 
@@ -270,25 +429,38 @@ class Config(_Section):
         )
 
 
-class _BackendError(ValueError):
-    def __init__(self, index: int, key: str, message: str) -> None:
+class _ItemError(ValueError):
+    """A mistake found across entries of an array of tables ([[backends]], [[routes]])."""
+
+    def __init__(self, table: str, index: int, key: str, message: str) -> None:
         super().__init__(message)
-        self.index, self.key, self.message = index, key, message
+        self.table, self.index, self.key, self.message = table, index, key, message
+
+
+def _item_label(table: str, index: int, data: dict) -> str:
+    """`[[backends]] #2 (backend-2)`: an entry as a user finds it in the file."""
+    raw = data.get(table)
+    name = ""
+    if isinstance(raw, list) and index < len(raw) and isinstance(raw[index], dict):
+        if isinstance(raw[index].get("name"), str):
+            name = f" ({raw[index]['name']})"
+    return f"[[{table}]] #{index + 1}{name}"
 
 
 def _key_name(loc: tuple[int | str, ...], data: dict) -> str:
     """Turn pydantic's error location into the TOML key a user would look for."""
     if not loc:
         return "(top level)"
-    if loc[0] == "backends" and len(loc) >= 2 and isinstance(loc[1], int):
-        index = loc[1]
-        name = ""
-        raw = data.get("backends")
-        if isinstance(raw, list) and index < len(raw) and isinstance(raw[index], dict):
-            if isinstance(raw[index].get("name"), str):
-                name = f" ({raw[index]['name']})"
+    if loc[0] in ("backends", "routes") and len(loc) >= 2 and isinstance(loc[1], int):
         rest = ".".join(str(p) for p in loc[2:] if not str(p).startswith("function-"))
-        return f"[[backends]] #{index + 1}{name}" + (f" {rest}" if rest else "")
+        return _item_label(str(loc[0]), loc[1], data) + (f" {rest}" if rest else "")
+    if loc[0] == "pools" and len(loc) >= 2:
+        name, rest = str(loc[1]), [str(p) for p in loc[2:]]
+        if rest == ["[key]"]:
+            return f"[pools] {name!r}"
+        if rest[:1] == ["health"] and len(rest) > 1:
+            return f"[pools.{name}.health] " + ".".join(rest[1:])
+        return f"[pools.{name}]" + (f" {'.'.join(rest)}" if rest else "")
     if len(loc) == 1:
         return f"[{loc[0]}]"
     return f"[{loc[0]}] " + ".".join(str(p) for p in loc[1:])
@@ -314,11 +486,9 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
         config = Config.model_validate(data)
     except ValidationError as error:
         cause = error.errors(include_url=False)[0].get("ctx", {}).get("error")
-        if isinstance(cause, _BackendError):
-            raw = data.get("backends", [])
-            name = raw[cause.index].get("name") if isinstance(raw[cause.index], dict) else None
-            label = f"[[backends]] #{cause.index + 1}" + (f" ({name})" if name else "")
-            raise ConfigError(f"{source}: {label} {cause.key}: {cause.message}") from None
+        if isinstance(cause, _ItemError):
+            label = _item_label(cause.table, cause.index, data) + (f" {cause.key}" if cause.key else "")
+            raise ConfigError(f"{source}: {label}: {cause.message}") from None
         raise ConfigError(f"{source}: {_first_error_line(error, data)}") from None
     if base_dir is not None:
         update = {

@@ -100,7 +100,8 @@ class ReloadPlan:
 
 def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
     """Diff two configs; raise RestartRequired naming the first key that needs a restart."""
-    old, new = running.model_dump(exclude={"backends"}), edited.model_dump(exclude={"backends"})
+    tables = {"backends", "pools", "routes"}  # compared entry by entry below
+    old, new = running.model_dump(exclude=tables), edited.model_dump(exclude=tables)
     settings: list[str] = []
     for section in sorted(old.keys() | new.keys()):
         before, after = old.get(section, {}), new.get(section, {})
@@ -113,6 +114,8 @@ def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
                     f"({before.get(key)!r} -> {after.get(key)!r}); the edit was not applied"
                 )
             settings.append(f"[{section}] {key}: {before.get(key)!r} -> {after.get(key)!r}")
+    if running.pools != edited.pools or running.routes != edited.routes:
+        raise RestartRequired(f"{source}: [pools] and [[routes]]: changing them needs a restart; the edit was not applied")
 
     running_backends = {b.name: b for b in running.backends}
     edited_names = {b.name for b in edited.backends}
