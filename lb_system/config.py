@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATH = "config.toml"
 
@@ -377,15 +387,23 @@ class Config(_Section):
     # Every pool in use, resolved (see _resolve_pools); "default" is always there.
     pools: dict[Name, PoolConfig] = {}
     routes: list[RouteConfig] = []
+    # The [pools.NAME] tables as written (before the global keys filled them in): what a reload compares.
+    _written_pools: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _pools_in_use(cls, data: Any) -> Any:
+    def _pools_in_use(cls, data: Any, handler: ModelWrapValidatorHandler[Config]) -> Config:
         if not isinstance(data, dict):
-            return data
+            return handler(data)
         if "backends" not in data:
             data = data | {"backends": [b.model_dump(exclude_defaults=True) for b in _default_backends()]}
-        return _resolve_pools(data)
+        config = handler(_resolve_pools(data))
+        config._written_pools = {name: dict(table) for name, table in data.get("pools", {}).items()}
+        return config
+
+    def written_pool(self, name: str) -> dict[str, Any]:
+        """The keys `[pools.NAME]` sets itself (its `health` table as written too); {} when it has none."""
+        return self._written_pools.get(name, {})
 
     @model_validator(mode="after")
     def _routes_to_pools(self) -> Config:
@@ -455,12 +473,12 @@ def _key_name(loc: tuple[int | str, ...], data: dict) -> str:
         rest = ".".join(str(p) for p in loc[2:] if not str(p).startswith("function-"))
         return _item_label(str(loc[0]), loc[1], data) + (f" {rest}" if rest else "")
     if loc[0] == "pools" and len(loc) >= 2:
-        name, rest = str(loc[1]), [str(p) for p in loc[2:]]
-        if rest == ["[key]"]:
-            return f"[pools] {name!r}"
-        if rest[:1] == ["health"] and len(rest) > 1:
-            return f"[pools.{name}.health] " + ".".join(rest[1:])
-        return f"[pools.{name}]" + (f" {'.'.join(rest)}" if rest else "")
+        pool, keys = str(loc[1]), [str(p) for p in loc[2:]]
+        if keys == ["[key]"]:
+            return f"[pools] {pool!r}"
+        if keys[:1] == ["health"] and len(keys) > 1:
+            return f"[pools.{pool}.health] " + ".".join(keys[1:])
+        return f"[pools.{pool}]" + (f" {'.'.join(keys)}" if keys else "")
     if len(loc) == 1:
         return f"[{loc[0]}]"
     return f"[{loc[0]}] " + ".".join(str(p) for p in loc[1:])

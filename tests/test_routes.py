@@ -38,9 +38,8 @@ def test_a_pool_takes_every_key_it_does_not_set_from_balancer_and_health() -> No
 
 
 def test_a_route_host_and_prefix_are_normalised_and_named() -> None:
-    config = parse_config(
-        {"backends": TWO_POOLS, "routes": [{"host": "*.Example.COM.", "path_prefix": "/api/", "pool": "api", "strip_prefix": True}]}
-    )
+    written = {"host": "*.Example.COM.", "path_prefix": "/api/", "pool": "api", "strip_prefix": True}
+    config = parse_config({"backends": TWO_POOLS, "routes": [written]})
     (route,) = config.routes
     assert (route.host, route.path_prefix, route.strip_prefix, route.describe()) == (
         "*.example.com",

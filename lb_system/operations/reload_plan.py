@@ -4,6 +4,7 @@ and whether all of it can be applied live. No I/O here; the System applies a pla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lb_system.config import BackendConfig, Config, ConfigError
 
@@ -98,6 +99,44 @@ class ReloadPlan:
         }
 
 
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"health": {"path": "/x"}} as {"health.path": "/x"}."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _pool_changes(running: Config, edited: Config) -> list[str]:
+    """The keys of [pools.NAME] tables changed as written (what the global keys change shows in their own lines)."""
+    lines = []
+    for name in sorted(running.pools.keys() | edited.pools.keys()):
+        before, after = _flat(running.written_pool(name)), _flat(edited.written_pool(name))
+        for key in sorted(before.keys() | after.keys()):
+            if before.get(key) != after.get(key):
+                lines.append(f"[pools.{name}] {key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return lines
+
+
+def _route_changes(running: Config, edited: Config) -> list[str]:
+    """Routes added, removed, or sending elsewhere; a route is known by its host and prefix."""
+    before = {(r.host, r.path_prefix): r for r in running.routes}
+    after = {(r.host, r.path_prefix): r for r in edited.routes}
+    lines = [f"route added: {r.describe()} -> {r.pool}" for key, r in after.items() if key not in before]
+    lines += [f"route removed: {r.describe()}" for key, r in before.items() if key not in after]
+    for key, route in after.items():
+        old = before.get(key)
+        if old is not None and old != route:
+            lines.append(
+                f"route edited: {route.describe()} (pool {old.pool!r} -> {route.pool!r}, "
+                f"strip_prefix {old.strip_prefix} -> {route.strip_prefix})"
+            )
+    return lines
+
+
 def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
     """Diff two configs; raise RestartRequired naming the first key that needs a restart."""
     tables = {"backends", "pools", "routes"}  # compared entry by entry below
@@ -114,8 +153,7 @@ def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
                     f"({before.get(key)!r} -> {after.get(key)!r}); the edit was not applied"
                 )
             settings.append(f"[{section}] {key}: {before.get(key)!r} -> {after.get(key)!r}")
-    if running.pools != edited.pools or running.routes != edited.routes:
-        raise RestartRequired(f"{source}: [pools] and [[routes]]: changing them needs a restart; the edit was not applied")
+    settings += _pool_changes(running, edited) + _route_changes(running, edited)
 
     running_backends = {b.name: b for b in running.backends}
     edited_names = {b.name for b in edited.backends}
