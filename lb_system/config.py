@@ -94,12 +94,23 @@ class BalancerConfig(_Section):
     shutdown_grace: PositiveSeconds = 10.0
     # Several processes listening on one host and port, the kernel spreading connections (SO_REUSEPORT).
     reuse_port: bool = False
+    # A port of each process's own beside the shared one, where Prometheus scrapes exactly that
+    # instance: a scrape of the shared port reaches any of them. Process i of --processes N takes
+    # instance_port + i.
+    instance_port: Port | None = None
 
     @field_validator("reuse_port")
     @classmethod
     def _platform_has_reuse_port(cls, value: bool) -> bool:
         if value and not reuse_port_available():
             raise ValueError(f"SO_REUSEPORT is not available on this platform ({sys.platform}); set reuse_port = false")
+        return value
+
+    @field_validator("instance_port")
+    @classmethod
+    def _not_the_shared_port(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and value == info.data.get("port"):
+            raise ValueError("must differ from [balancer] port: it is this process's own")
         return value
 
     @field_validator("strategy")
@@ -427,11 +438,14 @@ class Config(_Section):
     def _unique_backends(self) -> Config:
         names: dict[str, int] = {}
         ports: dict[int, int] = {self.balancer.port: -1} if self.balancer.port else {}
+        instance_port = self.balancer.instance_port
         for index, backend in enumerate(self.backends):
             if backend.name in names:
                 raise _ItemError("backends", index, "name", f"duplicate backend name {backend.name!r}")
             names[backend.name] = index
             if backend.port:  # 0 means "any free port", never a clash
+                if backend.port == instance_port:
+                    raise _BackendError(index, "port", f"port {backend.port} is already used by [balancer] instance_port")
                 if backend.port in ports:
                     other = "[balancer] port" if ports[backend.port] < 0 else repr(self.backends[ports[backend.port]].name)
                     raise _ItemError("backends", index, "port", f"port {backend.port} is already used by {other}")

@@ -34,6 +34,35 @@ async def test_two_instances_with_reuse_port_listen_on_one_port(make_config, sta
     assert (await get_json(http, second.balancer_url + "/health"))["status"] == "ok"
 
 
+@needs_reuse_port
+async def test_each_instance_answers_alone_on_its_instance_port(make_config, start_system, http) -> None:
+    shared = {"port": 0, "reuse_port": True, "instance_port": 0}
+    first = await start_system(make_config(balancer=shared))
+    port = int(first.balancer_url.rsplit(":", 1)[1])
+    second = await start_system(make_config(balancer=shared | {"port": port}, database={"path": "second.db"}))
+    assert first.instance_url and second.instance_url and first.instance_url != second.instance_url
+    async with http.get(second.instance_url + "/tasks/999999") as response:
+        assert response.status == 404
+    assert (await get_json(http, first.instance_url + "/errors/stats"))["total_errors"] == 0
+    assert (await get_json(http, second.instance_url + "/errors/stats"))["total_errors"] == 1
+
+
+@pytest.mark.parametrize(
+    ("balancer", "backends", "expected"),
+    [
+        ({"port": 8080, "instance_port": 8080}, [], r"\[balancer\] instance_port: must differ from \[balancer\] port"),
+        (
+            {"port": 8080, "instance_port": 9101},
+            [{"name": "b1", "port": 9101}],
+            r"\[\[backends\]\] #1 \(b1\) port: port 9101 is already used by \[balancer\] instance_port",
+        ),
+    ],
+)
+def test_the_instance_port_is_a_port_of_its_own(balancer: dict, backends: list, expected: str) -> None:
+    with pytest.raises(ConfigError, match=r"^lb.toml: " + expected):
+        parse_config({"balancer": balancer, "backends": backends}, source="lb.toml")
+
+
 async def test_without_reuse_port_a_second_instance_finds_the_port_in_use(make_config, start_system) -> None:
     first = await start_system(make_config())
     port = int(first.balancer_url.rsplit(":", 1)[1])

@@ -160,3 +160,12 @@ async def serve(
         await runner.cleanup()
         raise
     return runner
+
+
+async def serve_also(runner: web.AppRunner, sock: socket.socket) -> None:
+    """Serve the runner's app on one more bound socket (runner.cleanup() stops it with the others)."""
+    try:
+        await _Site(runner, sock, backlog=LISTEN_BACKLOG).start()
+    except BaseException:
+        sock.close()
+        raise

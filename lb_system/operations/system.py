@@ -16,7 +16,7 @@ from lb_system.observability.log import FIELDS, LOGGER_NAME
 from lb_system.observability.status import loop_name
 from lb_system.operations.config_watch import ConfigWatcher
 from lb_system.operations.membership import HostedBackend, Membership
-from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
+from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve, serve_also
 from lb_system.problems import RouteGroups
 from lb_system.proxy.admin import admin_api_on
 from lb_system.proxy.balancer import Balancer, make_balancer_app
@@ -39,6 +39,7 @@ class System:
         config_path: str | Path | None = None,
         watch_interval: float = 0.5,
         role: str = "all",
+        instance_index: int = 0,
     ) -> None:
         check_role(config, role, source=str(config_path or DEFAULT_CONFIG_PATH))
         self.role = role
@@ -52,6 +53,9 @@ class System:
         self.balancer: Balancer | None = None
         self.balancer_runner: web.AppRunner | None = None
         self.balancer_url = ""
+        # This process's own port ([balancer] instance_port + instance_index), None without one.
+        self.instance_index = instance_index
+        self.instance_url: str | None = None
         self.watch_interval = watch_interval
         self._watcher: ConfigWatcher | None = None
         self._started = False  # "started" was logged: stop() logs stopping and stopped
@@ -151,15 +155,17 @@ class System:
             keepalive_timeout=config.proxy.idle_timeout,
         )
         self.balancer_url = dial_url(config.balancer.host, port)
-        self._log_started(
-            {
-                "balancer": self.balancer_url,
-                "dashboard": self.dashboard_url,
-                "admin": "on" if admin_api_on(config) else "off",
-                "admin_token_env": config.admin.token_env,
-            },
-            urls,
-        )
+        if config.balancer.instance_port is not None:
+            await self._serve_instance_port(self.balancer_runner, config)
+        started: dict[str, object] = {
+            "balancer": self.balancer_url,
+            "dashboard": self.dashboard_url,
+            "admin": "on" if admin_api_on(config) else "off",
+            "admin_token_env": config.admin.token_env,
+        }
+        if self.instance_url is not None:
+            started["instance"] = self.instance_url
+        self._log_started(started, urls)
         if self.config_path is not None:
             self._watcher = ConfigWatcher(
                 self.config_path,
@@ -176,6 +182,13 @@ class System:
         started["loop"] = loop_name()  # "uvloop", or "asyncio" where uvloop is not installed (Windows)
         self.logger.info("started", extra={FIELDS: started})
         self._started = True
+
+    async def _serve_instance_port(self, runner: web.AppRunner, config: Config) -> None:
+        """The balancer on this process's own port too, where Prometheus scrapes this instance alone."""
+        base = config.balancer.instance_port
+        sock = bind_socket(config.balancer.host, base + self.instance_index if base else 0)
+        await serve_also(runner, sock)
+        self.instance_url = dial_url(config.balancer.host, sock.getsockname()[1])
 
     # --- shutdown --------------------------------------------------------------------------
 
