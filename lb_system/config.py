@@ -445,7 +445,8 @@ class Config(_Section):
             names[backend.name] = index
             if backend.port:  # 0 means "any free port", never a clash
                 if backend.port == instance_port:
-                    raise _ItemError("backends", index, "port", f"port {backend.port} is already used by [balancer] instance_port")
+                    clash = f"port {backend.port} is already used by [balancer] instance_port"
+                    raise _ItemError("backends", index, "port", clash)
                 if backend.port in ports:
                     other = "[balancer] port" if ports[backend.port] < 0 else repr(self.backends[ports[backend.port]].name)
                     raise _ItemError("backends", index, "port", f"port {backend.port} is already used by {other}")
