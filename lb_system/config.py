@@ -209,6 +209,8 @@ class ProxyConfig(_Section):
     max_body_bytes: Annotated[int, Field(ge=0)] = 0  # 0: no limit at the balancer
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 8190
     max_header_section_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = 65536
+    max_response_header_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = 65536
+    max_response_headers: Annotated[int, Field(ge=1, le=10_000)] = 100
     header_timeout: PositiveSeconds = 10.0
     body_timeout: PositiveSeconds = 30.0
     idle_timeout: PositiveSeconds = 75.0

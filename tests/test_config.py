@@ -72,6 +72,9 @@ def test_an_outside_backend_is_a_url(tmp_path: Path) -> None:
         ("[proxy]\nupstream_idle_timeout = 0", "[proxy] upstream_idle_timeout:"),
         ("[proxy]\nmax_tunnels_per_backend = 0", "[proxy] max_tunnels_per_backend:"),
         ('[proxy]\nca_file = "missing-ca.pem"', "[proxy] ca_file: no such file"),
+        ("[proxy]\nmax_response_header_bytes = 100", "[proxy] max_response_header_bytes:"),
+        ('[proxy]\nmax_response_header_bytes = "64k"', "[proxy] max_response_header_bytes:"),
+        ("[proxy]\nmax_response_headers = 0", "[proxy] max_response_headers:"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path: Path, toml: str, expected: str) -> None:
@@ -88,6 +91,7 @@ def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path: Path, toml: st
 def test_the_upstream_keys_default_and_ca_file_resolves_against_the_config_folder(tmp_path: Path) -> None:
     proxy = parse_config({}).proxy
     assert (proxy.upstream_idle_timeout, proxy.max_tunnels_per_backend, proxy.ca_file) == (30.0, 1000, None)
+    assert (proxy.max_response_header_bytes, proxy.max_response_headers) == (65536, 100)
     (tmp_path / "certs").mkdir()
     (tmp_path / "certs" / "ca.pem").write_text("not parsed here")
     (tmp_path / "lb.toml").write_text('[proxy]\nca_file = "certs/ca.pem"\nupstream_idle_timeout = 5.0\n')

@@ -27,8 +27,16 @@ from support.misbehaving import (
     answer,
     close_when_idle,
     echo,
+    endless_chunk_extension,
+    endless_chunk_line,
+    endless_header_line,
+    endless_header_lines,
     gated,
     hang_up,
+    huge_field,
+    interim_answers,
+    many_fields,
+    many_trailers,
     raw,
     refused_port,
     reset,
@@ -43,10 +51,14 @@ from lb_system.upstream import (
     ConnectionRefused,
     ConnectTimeout,
     Endpoint,
+    FramingTooLarge,
+    HeadLimits,
+    HeadTooLarge,
     PoolTimeout,
     ProtocolError,
     ReadError,
     Timeout,
+    TooManyInterim,
     TunnelLimitReached,
     UpstreamError,
     UpstreamPool,
@@ -250,6 +262,63 @@ async def test_informational_answers_are_skipped(serve: Serve, make_pool: MakePo
     response.release()
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 1
+
+
+# --- bounds on what a backend sends outside a body (issue #16) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cast", "expected"),
+    [
+        (huge_field, (HeadTooLarge, "upstream response headers too large")),
+        (many_fields, (HeadTooLarge, "upstream response headers too large")),
+        (endless_header_lines, (HeadTooLarge, "upstream response headers too large")),
+        (endless_header_line, (HeadTooLarge, "upstream response headers too large")),
+        (interim_answers, (TooManyInterim, "too many interim responses")),
+    ],
+)
+async def test_a_head_past_a_bound_is_refused_and_its_connection_closed(
+    serve: Serve, make_pool: MakePool, cast: Callable[[], Behaviour], expected: tuple[type[UpstreamError], str]
+) -> None:
+    server = await serve(cast())
+    endpoint = make_pool().endpoint(server.url)
+    error = await fails(fetch(endpoint, timeout=5.0))
+    assert (type(error), error.reason) == expected
+    assert (error.sent, error.answered) == (True, True)
+    assert endpoint.open_connections == 0, "the connection is closed, not pooled"
+    await wait_for(lambda: server.open == 0, message="the backend seeing its connection closed")
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2
+
+
+async def test_a_head_within_its_bounds_is_taken_whole(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(huge_field(60 * 1024), many_fields(99), interim_answers(10), many_trailers(99))
+    endpoint = make_pool().endpoint(server.url)
+    for _ in range(4):
+        assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 1
+
+
+async def test_the_bounds_are_the_pools_to_set(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(many_fields(10), huge_field(2100), many_fields(9))
+    endpoint = make_pool(head_limits=HeadLimits(max_bytes=2048, max_fields=10)).endpoint(server.url)
+    assert isinstance(await fails(fetch(endpoint)), HeadTooLarge), "10 fields and Content-Length: 11"
+    assert isinstance(await fails(fetch(endpoint)), HeadTooLarge), "a head of 2,100 bytes and more"
+    assert await fetch(endpoint) == (200, b"ok")
+
+
+@pytest.mark.parametrize("cast", [endless_chunk_line, endless_chunk_extension, many_trailers])
+async def test_chunk_framing_past_the_bound_fails_the_body(
+    serve: Serve, make_pool: MakePool, cast: Callable[[], Behaviour]
+) -> None:
+    server = await serve(cast())
+    endpoint = make_pool().endpoint(server.url)
+    # The head may be read before the framing breaks, or with it (then the request itself fails).
+    error = await fails(fetch(endpoint))
+    assert (type(error), error.reason, error.answered) == (FramingTooLarge, "upstream chunk line or trailers too large", True)
+    assert endpoint.open_connections == 0
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == 2
 
 
 async def test_a_connection_closed_while_idle_costs_nothing(serve: Serve, make_pool: MakePool) -> None:

@@ -97,7 +97,7 @@ def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND
 class _TryFailed(Exception):
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.reason)
-        self.kind, self.reason = failure.kind, failure.reason
+        self.kind, self.reason, self.refused_answer = failure.kind, failure.reason, failure.refused_answer
 
 
 class Forwarder:
@@ -271,9 +271,9 @@ class Forwarder:
         elif last_failure.kind is FailureKind.TIMEOUT:
             response = problem_response(504, "Backend did not answer in time", instance=request.path, request_id=request_id)
         else:
-            response = problem_response(
-                502, f"No backend answered: {last_failure.reason}", instance=request.path, request_id=request_id
-            )
+            reason = last_failure.reason
+            detail = reason if last_failure.refused_answer else f"No backend answered: {reason}"
+            response = problem_response(502, detail, instance=request.path, request_id=request_id)
         self._access_log(request, response.status, None, started, request_id, render_tries(tries))
         self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None)
         return response

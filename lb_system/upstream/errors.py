@@ -12,6 +12,9 @@ that string.
     ├── Timeout                 the try's time ran out, wherever it was spent ("timeout")
     │   └── PoolTimeout         no pooled connection came free: the balancer is busy, not the backend
     ├── ProtocolError           not HTTP, or HTTP out of step ("bad response")
+    │   ├── HeadTooLarge        a head past a bound ("upstream response headers too large")
+    │   │   └── TooManyInterim  past 10 interim 1xx answers ("too many interim responses")
+    │   └── FramingTooLarge     a chunk-size line or trailers past it, mid-body
     └── BodyIncomplete          the answer started and was cut ("response body incomplete")
 """
 
@@ -26,6 +29,9 @@ BODY_INCOMPLETE = "response body incomplete"
 BAD_RESPONSE = "bad response"
 CANNOT_CONNECT = "cannot connect"
 SERVER_DISCONNECTED = "server disconnected"
+HEAD_TOO_LARGE = "upstream response headers too large"
+TOO_MANY_INTERIM = "too many interim responses"
+FRAMING_TOO_LARGE = "upstream chunk line or trailers too large"
 
 
 class UpstreamError(Exception):
@@ -88,6 +94,24 @@ class ProtocolError(UpstreamError):
     """The backend's bytes are not an HTTP/1.1 answer to this request."""
 
     reason = BAD_RESPONSE
+
+
+class HeadTooLarge(ProtocolError):
+    """The answer's head broke a bound (HeadLimits): refused before any of it reached the client."""
+
+    reason = HEAD_TOO_LARGE
+
+
+class TooManyInterim(HeadTooLarge):
+    """More interim (1xx) answers than allowed before the final one."""
+
+    reason = TOO_MANY_INTERIM
+
+
+class FramingTooLarge(ProtocolError):
+    """A chunk-size line (with its extensions) or the trailer section broke a bound, mid-body."""
+
+    reason = FRAMING_TOO_LARGE
 
 
 class BodyIncomplete(UpstreamError):

@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import httptools
 from multidict import CIMultiDict
 
 from lb_system.upstream.errors import (
     BodyIncomplete,
+    FramingTooLarge,
+    HeadTooLarge,
     ProtocolError,
     ReadError,
     ServerDisconnected,
     Timeout,
+    TooManyInterim,
     UpstreamError,
 )
 
@@ -32,6 +35,24 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _NOTICED = _FRAMING | {"host", "connection", "idempotency-key", "x-idempotency-key"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A head's bytes besides its fields, counted against HeadLimits.max_bytes: "HTTP/1.1 200 ", two CRLFs.
+_HEAD_FRAMING = 17
+
+
+class HeadLimits:
+    """Bounds on what a backend sends outside a body, as nginx's `proxy_buffer_size` and Envoy's
+    `max_response_headers_kb` / `max_headers_count`: the status line and header section in bytes
+    and fields, the interim (1xx) answers before the final one, and, after the head, each
+    chunk-size line (with its extensions) and the trailer section, in the same bytes and fields."""
+
+    __slots__ = ("max_bytes", "max_fields", "max_interim")
+
+    def __init__(self, max_bytes: int = 65536, max_fields: int = 100, max_interim: int = 10) -> None:
+        self.max_bytes, self.max_fields, self.max_interim = max_bytes, max_fields, max_interim
+
+
+class _Broken(Exception):
+    """Raised inside a parser callback to stop llhttp at once; the error is kept on the response."""
 
 
 class ConnectionOwner(Protocol):
@@ -113,7 +134,9 @@ class UpstreamResponse:
     sends the connection back to the pool, anything else closes it.
     """
 
-    def __init__(self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None) -> None:
+    def __init__(
+        self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None, limits: HeadLimits
+    ) -> None:
         self.status = 0
         self.reason = ""
         self.version = "1.1"
@@ -127,6 +150,15 @@ class UpstreamResponse:
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
         self._raw: list[tuple[str, str]] = []
+        self._limits = limits
+        # Counted against `limits`: the current head's (or, after the final head, the trailers')
+        # bytes and fields so far, the interim answers, and the bytes fed since the parser last
+        # finished a piece (a field, a chunk line, body bytes): a line that never ends grows it.
+        self._section = _HEAD_FRAMING
+        self._fields = 0
+        self._interim = 0
+        self._unparsed = 0
+        self._broken: type[ProtocolError] | None = None
         self._head_waiter: asyncio.Future[None] = connection.loop.create_future()
         self._final = False  # the final (non-1xx) head arrived
         self._complete = False  # the body arrived whole
@@ -151,19 +183,34 @@ class UpstreamResponse:
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._section += len(reason)
+        if self._section > self._limits.max_bytes:
+            self._break(HeadTooLarge)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        self._unparsed = 0
+        self._fields += 1
+        self._section += len(name) + len(value) + 4  # ": " and CRLF
+        if self._fields > self._limits.max_fields or self._section > self._limits.max_bytes:
+            self._break(FramingTooLarge if self._final else HeadTooLarge)
+        if not self._final:  # trailers are counted, not kept
+            self._raw.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        self._unparsed = 0
         if self._complete:  # a second answer to one request: this connection is out of step
             self._keep_alive = False
             return
         status = self._parser.get_status_code()
         if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: not the answer
+            self._interim += 1
+            if self._interim > self._limits.max_interim:
+                self._break(TooManyInterim)
             self._raw, self._reason = [], b""
+            self._section, self._fields = _HEAD_FRAMING, 0
             return
         self._final = True
+        self._section = self._fields = 0  # the trailers, if any, are bounded on their own
         self.status = status
         self.reason = self._reason.decode("latin-1")
         self.version = self._parser.get_http_version()
@@ -187,6 +234,7 @@ class UpstreamResponse:
             self._head_waiter.set_result(None)
 
     def on_body(self, data: bytes) -> None:
+        self._unparsed = 0
         if self._complete:  # bytes after a HEAD answer: this connection is out of step
             self._keep_alive = False
             return
@@ -197,7 +245,14 @@ class UpstreamResponse:
             self._connection.pause_reading()
         self._wake()
 
+    def on_chunk_header(self) -> None:
+        self._unparsed = 0
+
+    def on_chunk_complete(self) -> None:
+        self._unparsed = 0
+
     def on_message_complete(self) -> None:
+        self._unparsed = 0
         if not self._final or self._complete:
             return
         self._complete = True
@@ -214,16 +269,29 @@ class UpstreamResponse:
         if self._complete:  # more than the answer: fine for this one, but no reuse
             self._keep_alive = False
             return
+        self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded = bytearray(data[upgrade.args[0] :])
             self._connection.pause_reading()  # until the tunnel is taken
+            return
         except httptools.HttpParserError:
-            if self._complete:
+            if self._broken is not None:
+                self._fail(self._broken(sent=True, answered=True))
+            elif self._complete:
                 self._keep_alive = False
             else:
                 self._fail(ProtocolError(sent=True, answered=True))
+            return
+        # A line still unfinished (a header, a chunk-size line, a trailer): llhttp and httptools
+        # would keep it whole, however long, so it is refused once it passes the bound.
+        if self._unparsed + self._section > self._limits.max_bytes and not self._complete:
+            self._fail((FramingTooLarge if self._final else HeadTooLarge)(sent=True, answered=True))
+
+    def _break(self, error: type[ProtocolError]) -> NoReturn:
+        self._broken = error
+        raise _Broken(error.reason)
 
     def _lost(self, error: BaseException | None) -> None:
         if self._error is not None or self._complete or self._released:
@@ -430,9 +498,10 @@ class Tunnel:
 class UpstreamConnection(asyncio.Protocol):
     """One connection to a backend. Its owner (a pool) is told when it can be reused or is gone."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, owner: ConnectionOwner) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, owner: ConnectionOwner, limits: HeadLimits) -> None:
         self.loop = loop
         self.owner = owner
+        self.limits = limits
         self.transport: asyncio.Transport | None = None
         self.reused = False  # has carried an exchange before
         self.in_pool = False  # sitting idle in its owner's pool
@@ -532,7 +601,7 @@ class UpstreamConnection(asyncio.Protocol):
         read_timeout: float | None,
     ) -> UpstreamResponse:
         """Write one request and wait for the answer's head (1xx skipped); `timeout` bounds that wait."""
-        response = UpstreamResponse(self, head, read_timeout)
+        response = UpstreamResponse(self, head, read_timeout, self.limits)
         self._exchange = response
         transport = self.transport
         assert transport is not None

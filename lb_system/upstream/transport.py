@@ -28,7 +28,7 @@ from lb_system.upstream.errors import (
     Timeout,
     UpstreamError,
 )
-from lb_system.upstream.http11 import RequestHead, UpstreamConnection, UpstreamResponse, build_head, shorter_wait
+from lb_system.upstream.http11 import HeadLimits, RequestHead, UpstreamConnection, UpstreamResponse, build_head, shorter_wait
 
 __all__ = ["Endpoint", "TunnelLimitReached", "UpstreamPool", "split_url"]
 
@@ -282,7 +282,7 @@ class Endpoint:
         if self._closed:
             raise ConnectError()
         loop = self._get_loop()
-        connection = UpstreamConnection(loop, owner)
+        connection = UpstreamConnection(loop, owner, self._pool.head_limits)
         limit = loop.time() + self._pool.connect_timeout
         try:
             async with asyncio.timeout_at(limit if deadline is None or deadline > limit else deadline):
@@ -357,8 +357,10 @@ class UpstreamPool:
         connect_timeout: float = 1.0,
         idle_timeout: float = 30.0,
         ca_file: str | None = None,
+        head_limits: HeadLimits | None = None,
     ) -> None:
         self.max_connections_per_backend = max_connections_per_backend
+        self.head_limits = head_limits or HeadLimits()
         self.max_tunnels_per_backend = max_tunnels_per_backend
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
@@ -377,6 +379,7 @@ class UpstreamPool:
             connect_timeout=proxy.connect_timeout,
             idle_timeout=proxy.upstream_idle_timeout,
             ca_file=proxy.ca_file,
+            head_limits=HeadLimits(proxy.max_response_header_bytes, proxy.max_response_headers),
         )
 
     def apply_config(self, proxy: ProxyConfig) -> None:

@@ -163,6 +163,67 @@ async def upgrade_and_echo(server: ScriptedServer, request: Request, reader: Rea
     return False
 
 
+# --- heads past every bound (issue #16): each answer below is refused by the balancer -----------
+
+
+def huge_field(size: int = 100 * 1024) -> Behaviour:
+    """A 200 whose one header field is `size` bytes long."""
+    return raw(b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * size + b"\r\nContent-Length: 2\r\n\r\nok", keep=True)
+
+
+def many_fields(count: int = 1000) -> Behaviour:
+    """A 200 with `count` short header fields."""
+    fields = b"".join(b"X-Field-%d: v\r\n" % n for n in range(count))
+    return raw(b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok", keep=True)
+
+
+def interim_answers(count: int = 100) -> Behaviour:
+    """`count` interim 103 Early Hints answers, then the final 200."""
+    hint = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    return raw(hint * count + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", keep=True)
+
+
+def endless(start: bytes, line: bytes, block: int = 16 * 1024) -> Behaviour:
+    """Send `start`, then `line` over and over until the client goes (counted in `server.sent`)."""
+    data = line * max(1, block // len(line))
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        writer.write(start)
+        while not writer.is_closing():
+            writer.write(data)
+            server.sent += len(data)
+            await writer.drain()
+        return False
+
+    return behave
+
+
+def endless_header_lines() -> Behaviour:
+    """A 200 whose header lines never end: one short field after another."""
+    return endless(b"HTTP/1.1 200 OK\r\n", b"X-More: again\r\n")
+
+
+def endless_header_line() -> Behaviour:
+    """A 200 whose one header field never ends."""
+    return endless(b"HTTP/1.1 200 OK\r\nX-Endless: ", b"e")
+
+
+def endless_chunk_line() -> Behaviour:
+    """A chunked 200 whose first chunk-size line never ends (leading zeros, a valid size so far)."""
+    return endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"0")
+
+
+def endless_chunk_extension() -> Behaviour:
+    """A chunked 200 whose first chunk-size line has an extension that never ends."""
+    return endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=", b"x")
+
+
+def many_trailers(count: int = 1000) -> Behaviour:
+    """A chunked 200, body "ok", then `count` trailer fields."""
+    trailers = b"".join(b"X-Trailer-%d: v\r\n" % n for n in range(count))
+    return raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n" + trailers + b"\r\n", keep=True)
+
+
 def on_path(path: str, behaviour: Behaviour, otherwise: Behaviour) -> Behaviour:
     """`behaviour` for requests to `path` (say, a health check that passes), `otherwise` for the rest."""
 
