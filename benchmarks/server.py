@@ -102,7 +102,7 @@ def make_transport_forwarder(backend_urls: list[str], pool: UpstreamPool) -> web
             data = await upstream.read()
         finally:
             upstream.release()
-        content_type = upstream.headers.get("Content-Type")
+        content_type = upstream.header("Content-Type")
         return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type} if content_type else None)
 
     return web.Server(forward, access_log=None)
@@ -147,7 +147,7 @@ class HttptoolsFront(asyncio.Protocol):
             data = await upstream.read()
         finally:
             upstream.release()
-        content_type = upstream.headers.get("Content-Type", "application/octet-stream")
+        content_type = upstream.header("Content-Type", "application/octet-stream")
         head = f"HTTP/1.1 {upstream.status} {upstream.reason}\r\nContent-Type: {content_type}\r\n"
         head += f"Content-Length: {len(data)}\r\n\r\n"
         if self.transport is not None and not self.transport.is_closing():

@@ -342,7 +342,7 @@ class Forwarder:
                 return response
             answer = response_headers(upstream.headers)
             answer["Connection"] = "Upgrade"
-            answer["Upgrade"] = upstream.headers.get("Upgrade", "websocket")
+            answer["Upgrade"] = upstream.header("Upgrade") or "websocket"
             answer[ANSWERED_BY_HEADER] = backend.name
             answer[REQUEST_ID_HEADER] = request_id
             tunnel = upstream.detach()
@@ -446,8 +446,8 @@ class Forwarder:
         request_id: str,
     ) -> web.StreamResponse:
         try:
-            # The answer's own headers, edited in place: aiohttp copies them into the response anyway.
-            headers = strip_hop_by_hop(upstream.headers)
+            # aiohttp copies them into the response anyway: this copy is edited in place.
+            headers = strip_hop_by_hop(CIMultiDict(upstream.headers))
             headers[ANSWERED_BY_HEADER] = backend.name
             headers[REQUEST_ID_HEADER] = request_id
             if data is None:

@@ -30,11 +30,11 @@ def strip_hop_by_hop(headers: CIMultiDict[str], drop: frozenset[str] = HOP_BY_HO
     return headers
 
 
-def without_hop_by_hop(headers: Mapping[str, str], also_drop: frozenset[str]) -> CIMultiDict[str]:
+def without_hop_by_hop(headers: Mapping[str, str] | Iterable[tuple[str, str]], also_drop: frozenset[str]) -> CIMultiDict[str]:
     return strip_hop_by_hop(CIMultiDict(headers), also_drop)
 
 
-def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+def response_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """A copy of a backend's answer headers as the client gets them: hop-by-hop gone."""
     return without_hop_by_hop(headers, HOP_BY_HOP)
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import NoReturn, Protocol
 
 import httptools
-from multidict import CIMultiDict
 
 from lb_system.upstream.errors import (
     BodyIncomplete,
@@ -140,7 +139,7 @@ class UpstreamResponse:
         self.status = 0
         self.reason = ""
         self.version = "1.1"
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.headers: list[tuple[str, str]] = []  # (name, value) as received, in order
         self.has_body = False  # False for HEAD, 1xx, 204, 304 and a Content-Length of 0
         self.content_length: int | None = None
         self.chunked = False
@@ -173,6 +172,14 @@ class UpstreamResponse:
         self._sender: asyncio.Task[None] | None = None
         self._upgraded: bytearray | None = None
         self._released = False
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of the header `name` (any case), or `default`."""
+        size, lower = len(name), name.lower()
+        for key, value in self.headers:
+            if len(key) == size and key.lower() == lower:
+                return value
+        return default
 
     @property
     def close_delimited(self) -> bool:
@@ -214,7 +221,7 @@ class UpstreamResponse:
         self.status = status
         self.reason = self._reason.decode("latin-1")
         self.version = self._parser.get_http_version()
-        self.headers = headers = CIMultiDict(self._raw)
+        self.headers = self._raw
         if status == 101 or status in _NO_BODY_STATUS or self._request.method == "HEAD":
             if self._request.method == "HEAD":
                 # llhttp cannot be told this answered a HEAD: the exchange ends here, and the
@@ -222,12 +229,12 @@ class UpstreamResponse:
                 self._complete = True
                 self._keep_alive = self._parser.should_keep_alive()
         else:
-            encoding = headers.get("Transfer-Encoding")
+            encoding = self.header("Transfer-Encoding")
             if encoding is not None:
                 self.chunked = encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
                 self.has_body = True
             else:
-                length = headers.get("Content-Length")
+                length = self.header("Content-Length")
                 self.content_length = int(length) if length is not None else None  # llhttp checked it
                 self.has_body = self.content_length != 0
         if not self._head_waiter.done():
