@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -68,6 +69,42 @@ def validate_strategy(value: str) -> None:
         raise ValueError(f"must be one of {', '.join(STRATEGY_NAMES)}, got {value!r}")
 
 
+# RFC 3986 reg-name or IP literal, with an optional port: what a Host header may say.
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(:[0-9]{1,5})?")
+# How much of a check's answer is read, and so the longest `expect_body` that can match.
+CHECK_BODY_LIMIT = 64 * 1024
+
+
+def parse_status_ranges(value: str) -> tuple[tuple[int, int], ...]:
+    """'200,204,300-399' as inclusive (low, high) pairs; ValueError naming the bad part."""
+    ranges: list[tuple[int, int]] = []
+    for part in value.split(","):
+        text = part.strip()
+        low, dash, high = text.partition("-")
+        try:
+            pair = (int(low), int(high) if dash else int(low))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a status code or a range like 200-399 (in {value!r})") from None
+        if not (100 <= pair[0] <= pair[1] <= 599):
+            raise ValueError(f"{text!r} is not a status code or a low-high range within 100-599 (in {value!r})")
+        ranges.append(pair)
+    return tuple(ranges)
+
+
+def status_allowed(ranges: tuple[tuple[int, int], ...], status: int) -> bool:
+    """Whether `status` falls in one of `ranges` (as parse_status_ranges gives them)."""
+    return any(low <= status <= high for low, high in ranges)
+
+
+def validate_health_path(value: str) -> str:
+    """A check path: absolute, no whitespace (it goes on the request line as it is)."""
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"must not contain spaces or control characters, got {value!r}")
+    return value
+
+
 PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 # A backend's or a pool's name: it shows in logs, metrics labels and URLs of the admin API.
@@ -98,6 +135,8 @@ class BalancerConfig(_Section):
     # instance: a scrape of the shared port reaches any of them. Process i of --processes N takes
     # instance_port + i.
     instance_port: Port | None = None
+    # The cookie that keeps a client on one backend; None: no sticky sessions.
+    sticky_cookie: str | None = None
 
     @field_validator("reuse_port")
     @classmethod
@@ -125,9 +164,29 @@ class BalancerConfig(_Section):
         validate_hash_on(value)
         return value
 
+    @field_validator("sticky_cookie")
+    @classmethod
+    def _cookie_name(cls, value: str | None) -> str | None:
+        return None if value is None else validate_cookie_name(value)
+
+
+def validate_cookie_name(value: str) -> str:
+    """A cookie name is an RFC 9110 token (RFC 6265 §4.1.1), 1-64 characters here."""
+    if not value or len(value) > 64 or not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"must be a cookie name (1-64 letters, digits or !#$%&'*+-.^_`|~), got {value!r}")
+    return value
+
 
 class HealthConfig(_Section):
     path: str = "/health"
+    # Codes and ranges a check's answer may have: "200,204,300-399".
+    expect_status: str = "200-399"
+    # A substring the check's body must contain (within its first CHECK_BODY_LIMIT bytes); None: any body.
+    expect_body: Annotated[str, Field(min_length=1, max_length=CHECK_BODY_LIMIT)] | None = None
+    # The Host header a check sends; None: the backend's own host:port.
+    host: str | None = None
+    # Seconds over which a backend back in service ramps from 10% to 100% of its weight; 0: at once.
+    slow_start: Annotated[float, Field(ge=0, le=3600)] = 0.0
     # Below 0.1 s the checker would keep a core busy; a check waiting over a minute finds nothing.
     interval: Annotated[float, Field(ge=0.1, le=3600)] = 2.0
     timeout: Annotated[float, Field(gt=0, le=60)] = 1.0
@@ -143,9 +202,25 @@ class HealthConfig(_Section):
     @field_validator("path")
     @classmethod
     def _absolute_path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"must start with '/', got {value!r}")
+        return validate_health_path(value)
+
+    @field_validator("expect_status")
+    @classmethod
+    def _status_ranges(cls, value: str) -> str:
+        parse_status_ranges(value)
         return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_header(cls, value: str | None) -> str | None:
+        if value is not None and not _HOST_HEADER.fullmatch(value):
+            raise ValueError(f"must be a host name or address with an optional port, got {value!r}")
+        return value
+
+    @property
+    def status_ranges(self) -> tuple[tuple[int, int], ...]:
+        """`expect_status`, parsed (validated already, so this cannot fail)."""
+        return _status_ranges_cached(self.expect_status)
 
     @field_validator("max_ejection_time")
     @classmethod
@@ -154,6 +229,11 @@ class HealthConfig(_Section):
         if base is not None and value < base:
             raise ValueError(f"must be at least ejection_time ({base})")
         return value
+
+
+@functools.lru_cache(maxsize=64)
+def _status_ranges_cached(value: str) -> tuple[tuple[int, int], ...]:
+    return parse_status_ranges(value)
 
 
 class DatabaseConfig(_Section):
@@ -244,6 +324,15 @@ class BackendConfig(_Section):
     url: str | None = None
     weight: Annotated[int, Field(ge=1, le=100)] = 1
     pool: Name = DEFAULT_POOL
+    # Gets traffic only while no primary (non-backup) backend serves, as HAProxy's and nginx's `backup`.
+    backup: bool = False
+    # This backend's check path instead of [health] path.
+    health_path: str | None = None
+
+    @field_validator("health_path")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        return None if value is None else validate_health_path(value)
 
     @model_validator(mode="after")
     def _port_or_url(self) -> BackendConfig:

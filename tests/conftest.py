@@ -76,6 +76,17 @@ async def outside_backend() -> AsyncIterator[Callable[..., Awaitable[FakeBackend
 
 
 @pytest.fixture
+async def fake_backends() -> AsyncIterator[Callable[..., Awaitable[list[FakeBackend]]]]:
+    """Start outside backends by names (keyword options go to each FakeBackend); all stopped at the end."""
+    async with started_backends() as start:
+
+        async def start_all(*names: str, **options: bool) -> list[FakeBackend]:
+            return [await start(name, **options) for name in names]
+
+        yield start_all
+
+
+@pytest.fixture
 def gated_backend(outside_backend: Callable[..., Awaitable[FakeBackend]]) -> Callable[..., Awaitable[FakeBackend]]:
     """An outside backend (default name "gated") whose `/slow` requests wait for `release`."""
 

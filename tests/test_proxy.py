@@ -10,12 +10,12 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 import trustme
-from support.backends import GZIPPED, FakeBackend, MiB, started_backends
+from support.backends import GZIPPED, FakeBackend, MiB
 from support.misbehaving import ScriptedServer, answer, on_path, stall, stream
 from support.waiting import wait_for
 
@@ -23,13 +23,8 @@ from lb_system.observability.log import render_message
 
 
 @pytest.fixture
-async def backends() -> AsyncIterator[Callable[..., Awaitable[list[FakeBackend]]]]:
-    async with started_backends() as start:
-
-        async def start_all(*names: str) -> list[FakeBackend]:
-            return [await start(name) for name in names]
-
-        yield start_all
+def backends(fake_backends: Callable[..., Awaitable[list[FakeBackend]]]) -> Callable[..., Awaitable[list[FakeBackend]]]:
+    return fake_backends
 
 
 @pytest.fixture

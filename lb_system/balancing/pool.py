@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb_system.balancing.checks import backend_check_settings
 from lb_system.balancing.events import Observers, Transition
 from lb_system.balancing.strategies import Strategy, make_strategy
 from lb_system.config import BackendConfig, HealthConfig
@@ -32,6 +33,10 @@ class Backend:
     url: str
     hosted: bool
     weight: int = 1
+    # Serves only while no primary of its set does (HAProxy's and nginx's `backup`).
+    backup: bool = False
+    # Its own check path instead of the set's [health] path; None: the set's.
+    health_path: str | None = None
     healthy: bool = False
     admin_state: str = ENABLED
     checked: bool = False
@@ -87,6 +92,7 @@ class Backend:
             "serving": self.serving,
             "admin_state": self.admin_state,
             "weight": self.weight,
+            "backup": self.backup,
             "last_check": iso_utc_or_none(self.last_check),
             "last_check_ms": self.last_check_ms,
             "last_check_status": self.last_check_status,
@@ -112,7 +118,13 @@ class Backend:
 def new_backend(config: BackendConfig, url: str) -> Backend:
     """The backend for one [[backends]] entry, reached at `url`; a hosted one starts listening."""
     return Backend(
-        name=config.name, url=url, hosted=config.hosted, weight=config.weight, listening=True if config.hosted else None
+        name=config.name,
+        url=url,
+        hosted=config.hosted,
+        weight=config.weight,
+        backup=config.backup,
+        health_path=config.health_path,
+        listening=True if config.hosted else None,
     )
 
 
@@ -132,6 +144,7 @@ class BackendPool:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backends: list[Backend] = list(backends)
+        self._has_backups = any(b.backup for b in self.backends)
         self.health = health
         self.strategy: Strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
         self.strategy.set_backends(self.backends)
@@ -155,6 +168,7 @@ class BackendPool:
     def set_backends(self, backends: Iterable[Backend]) -> None:
         """Replace the membership in one step (a reload); the strategy forgets removed names."""
         self.backends = list(backends)
+        self._has_backups = any(b.backup for b in self.backends)
         self.strategy.set_backends(self.backends)
 
     def set_strategy(self, strategy: str | Strategy) -> None:
@@ -182,6 +196,17 @@ class BackendPool:
     def set_weight(self, backend: Backend, weight: int) -> None:
         """A reloaded weight; the strategy sees it at the next `set_backends`."""
         backend.weight = weight
+
+    def configure(self, backend: Backend, config: BackendConfig) -> None:
+        """A kept backend's reloaded settings (weight, backup, health_path); its address goes through `move`."""
+        self.set_weight(backend, config.weight)
+        backend.backup = config.backup
+        backend.health_path = config.health_path
+        self._has_backups = any(b.backup for b in self.backends)
+
+    def check_settings(self, backend: Backend) -> HealthConfig:
+        """What a check of `backend` asks and expects: the set's [health] with the backend's own path."""
+        return backend_check_settings(self.health, backend.health_path)
 
     def move(self, backend: Backend, url: str, *, hosted: bool) -> None:
         """A new address (or hosted here instead of outside, or back): no traffic until a good check there."""
@@ -265,23 +290,37 @@ class BackendPool:
             return "unavailable"
         return "ok" if serving == len(self.backends) else "degraded"
 
+    def _candidates(self, exclude: Sequence[Backend]) -> list[Backend]:
+        """The backends a try may go to: serving and not yet tried. Backups only while no primary
+        serves (tried or not, as HAProxy and nginx do: a retry goes to another primary)."""
+        if self._has_backups:
+            serving = [b for b in self.backends if b.eligible]
+            primaries = [b for b in serving if not b.backup]
+            return [b for b in (primaries or serving) if b not in exclude]
+        return [b for b in self.backends if b.eligible and b not in exclude]
+
     def choose(self, key: str | None = None, exclude: Sequence[Backend] = ()) -> Backend | None:
         """The backend for the next try of a request, never one it already tried; None when none is left."""
-        candidates = [b for b in self.backends if b.eligible and b not in exclude]
+        candidates = self._candidates(exclude)
         if not candidates:
             return None
         return self.strategy.choose(candidates, key)
 
     def has_candidate(self, exclude: Sequence[Backend] = ()) -> bool:
         """Whether a further try could go anywhere (without advancing the strategy)."""
+        if self._has_backups:
+            return bool(self._candidates(exclude))
         return any(b.eligible and b not in exclude for b in self.backends)
 
     # --- what the health checker saw -------------------------------------------------
 
-    def record_check(self, backend: Backend, ok: bool, status: str, duration_ms: float | None) -> None:
+    def record_check(
+        self, backend: Backend, ok: bool, status: str, duration_ms: float | None, error: str | None = None
+    ) -> None:
         """One active check: `fall` failures in a row take it down, `rise` successes bring it up.
         The very first check sets the state directly. An ejected backend's good checks count
-        only once its ejection time is over. Checks never touch the count of proxied failures."""
+        only once its ejection time is over. Checks never touch the count of proxied failures.
+        `error` says why a failed check failed when `status` alone does not (a wrong status or body)."""
         now = self.clock()
         backend.last_check = now
         backend.last_check_ms = None if duration_ms is None else round(duration_ms, 2)
@@ -302,9 +341,9 @@ class BackendPool:
             backend.checks_failed += 1
             backend.consecutive_failures += 1
             backend.consecutive_successes = 0
-            backend.last_error = status
+            backend.last_error = error or status
             if not backend.checked or (backend.healthy and backend.consecutive_failures >= self.health.fall):
-                self._transition(backend, up=False, reason=f"health check failed: {status}")
+                self._transition(backend, up=False, reason=f"health check failed: {backend.last_error}")
         backend.checked = True
 
     # --- what the proxy saw ----------------------------------------------------------

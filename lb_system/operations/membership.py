@@ -229,7 +229,7 @@ class Membership:
                 backend = new_backend(cfg, self._url_of(cfg, started))
             else:
                 # Kept: same object, so health state, counters and history carry over.
-                pool.set_weight(backend, cfg.weight)
+                pool.configure(backend, cfg)
                 if edit is not None and edit.moved:
                     previous = self.hosted.pop(cfg.name, None)
                     if previous is not None and previous.runner is not None:

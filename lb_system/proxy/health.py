@@ -1,4 +1,5 @@
-"""Active health checks: every backend gets `GET <path>` each `interval` seconds.
+"""Active health checks: every backend gets `GET <path>` each `interval` seconds, and passes when
+the answer's status is in `expect_status` and its body (its first 64 KiB) holds `expect_body`.
 
 Checks go through the upstream transport, the proxied requests' one code path to the backends,
 but each on a dedicated connection outside the capped pool: a backend busy with slow answers must
@@ -11,31 +12,47 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+from lb_system.balancing.checks import check_verdict
 from lb_system.balancing.events import CheckResult, Observer, Observers
 from lb_system.balancing.pool import Backend, BackendPool
-from lb_system.config import HealthConfig
+from lb_system.config import CHECK_BODY_LIMIT, HealthConfig
 from lb_system.observability.log import FIELDS
 from lb_system.proxy.failures import classify
 from lb_system.upstream import UpstreamPool, split_url
 
-# GET `url` within `timeout` seconds and return the status; raises on any failure to get one.
-Probe = Callable[[str, float], Awaitable[int]]
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """A check's answer: its status and the start of its body (at most CHECK_BODY_LIMIT bytes)."""
+
+    status: int
+    body: bytes
+
+
+# GET `url` within `timeout` seconds, with `host` as the Host header when given; raises on any
+# failure to get an answer.
+Probe = Callable[[str, float, str | None], Awaitable[ProbeAnswer]]
 
 
 def transport_probe(upstream: UpstreamPool) -> Probe:
     """A probe over the upstream transport: a fresh connection per check, never one of the pool's
-    (one connect per backend per interval); the whole answer is read, redirects are not followed."""
+    (one connect per backend per interval); redirects are not followed. At most CHECK_BODY_LIMIT
+    bytes of the body are read: a longer one ends the check's connection there."""
 
-    async def probe(url: str, timeout: float) -> int:
+    async def probe(url: str, timeout: float, host: str | None) -> ProbeAnswer:
         origin, target = split_url(url)
+        headers = [("Host", host)] if host is not None else []
         async with asyncio.timeout(timeout):
-            response = await upstream.endpoint(origin).request("GET", target or "/", dedicated=True)
+            response = await upstream.endpoint(origin).request("GET", target or "/", headers, dedicated=True)
             try:
-                await response.read()
+                body = bytearray()
+                while len(body) < CHECK_BODY_LIMIT and (chunk := await response.read_chunk()):
+                    body += chunk
             finally:
                 response.release()
-        return response.status
+        return ProbeAnswer(response.status, bytes(body[:CHECK_BODY_LIMIT]))
 
     return probe
 
@@ -69,18 +86,21 @@ class HealthChecker:
         return self.pool.health
 
     async def check_backend(self, backend: Backend) -> bool:
-        config = self.config
+        settings = self.pool.check_settings(backend)
         started = time.perf_counter()
+        error: str | None = None
         try:
-            code = await self.probe(backend.url + config.path, config.timeout)
-            ok, status = 200 <= code < 300, str(code)
+            answer = await self.probe(backend.url + settings.path, settings.timeout, settings.host)
+            status = str(answer.status)
+            error = check_verdict(settings, answer.status, answer.body)
+            ok = error is None
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # every failure is a failed check, never a crash of the loop
-            ok, status = False, classify(error).reason
+        except Exception as failure:  # every failure is a failed check, never a crash of the loop
+            ok, status = False, classify(failure).reason
         duration = time.perf_counter() - started
         try:
-            self.pool.record_check(backend, ok, status, duration * 1000)
+            self.pool.record_check(backend, ok, status, duration * 1000, error)
         except Exception:  # a bug in the pool must not stop the checks of the other backends
             self.logger.exception("recording a health check failed", extra={FIELDS: {"backend": backend.name}})
         self.observers.on_check(CheckResult(backend.name, ok, status, duration))
