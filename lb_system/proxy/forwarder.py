@@ -229,6 +229,7 @@ class Forwarder:
         tries: list[TryResult] = []
         last_failure: _TryFailed | None = None
         holding_budget = False
+        unreached = 0  # tries that never reached their backend (refused, connect timeout)
         try:
             while (backend := self.pool.choose(key, exclude=tried)) is not None:
                 tried.append(backend)
@@ -238,12 +239,20 @@ class Forwarder:
                 except _TryFailed as failure:
                     last_failure = failure
                     tries.append(TryResult(backend.name, None, time.perf_counter() - try_started, failure.reason))
-                    if not self._may_try_again(request.method, failure.kind, tried, replayable, holding_budget):
+                    if failure.kind is FailureKind.CONNECT:
+                        # Nothing reached that backend and nothing of the body was read: another try
+                        # adds no load, so neither the budget nor `retries` holds it back (the
+                        # budget's window is empty after an idle spell: a burst would get 502s).
+                        unreached += 1
+                        if self.pool.has_candidate(exclude=tried):
+                            continue
+                        break
+                    if not self._may_try_again(request.method, failure.kind, tried, unreached, replayable, holding_budget):
                         break
                     holding_budget = True
                     continue
                 if self.policy.retryable_status(upstream.status) and self._may_try_again(
-                    request.method, FailureKind.STATUS, tried, replayable, holding_budget
+                    request.method, FailureKind.STATUS, tried, unreached, replayable, holding_budget
                 ):
                     holding_budget = True
                     if data is None:  # a streamed answer's outcome is otherwise recorded when it ends
@@ -369,13 +378,15 @@ class Forwarder:
         self.pool.release(backend)
 
     def _may_try_again(
-        self, method: str, kind: FailureKind, tried: list[Backend], replayable: bool, holding_budget: bool
+        self, method: str, kind: FailureKind, tried: list[Backend], unreached: int, replayable: bool, holding_budget: bool
     ) -> bool:
-        """The one retry question, after a failed try or a retryable status: the policy allows it,
-        a backend not yet tried is left, and the retry budget has room (one slot covers all of
-        one request's retries, so a request already holding one needs no other)."""
+        """The one retry question, after a try that reached its backend (failed, or a retryable
+        status): the policy allows it (tries that never reached a backend are not counted), a
+        backend not yet tried is left, and the retry budget has room (one slot covers all of one
+        request's retries, so a request already holding one needs no other)."""
+        attempt = len(tried) - unreached
         return (
-            self.policy.should_retry(method=method, failure=kind, attempt=len(tried), body_replayable=replayable)
+            self.policy.should_retry(method=method, failure=kind, attempt=attempt, body_replayable=replayable)
             and self.pool.has_candidate(exclude=tried)
             and (holding_budget or self.budget.try_acquire())
         )
