@@ -656,6 +656,23 @@ def check_role(config: Config, role: str, *, source: str = DEFAULT_CONFIG_PATH) 
             )
 
 
+def check_processes(config: Config, processes: int, *, source: str = DEFAULT_CONFIG_PATH) -> None:
+    """Raise ConfigError, one line naming the key, when `config` cannot run as `processes`
+    balancer processes on one port (`--processes`)."""
+    if processes < 2:
+        return
+    needs = f"--processes {processes} needs"
+    if not config.balancer.reuse_port:
+        raise ConfigError(f"{source}: [balancer] reuse_port: {needs} reuse_port = true: the processes share one port")
+    if config.balancer.port == 0:
+        raise ConfigError(f"{source}: [balancer] port: {needs} a fixed port, not 0: the processes share one port")
+    for key, name in (("file", config.log.file), ("access_file", config.log.access_file)):
+        if name is not None and PID_PLACEHOLDER not in name:
+            raise ConfigError(
+                f"{source}: [log] {key}: {needs} {PID_PLACEHOLDER} in the name, so that each process writes its own"
+            )
+
+
 def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> Config:
     """Read and validate a config file; relative paths in it are resolved against its folder."""
     path = Path(path)

@@ -1,20 +1,24 @@
-"""The command line: `python run.py [serve|check|demo] [--role all|backends|balancer]`."""
+"""The command line: `python run.py [serve|check|demo] [--role all|backends|balancer] [--processes N]`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
+import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import lb_system
 from lb_system.cli.demo import Unreachable, run_demo
 from lb_system.cli.failover import run_failover
-from lb_system.config import DEFAULT_CONFIG_PATH, ROLES, Config, ConfigError, check_role, load_config
-from lb_system.observability.log import configure_logging
+from lb_system.config import DEFAULT_CONFIG_PATH, ROLES, Config, ConfigError, check_processes, check_role, load_config
+from lb_system.observability.log import LOGGER_NAME, configure_logging
 from lb_system.operations.serving import StartupError, dial_url
+from lb_system.operations.supervisor import PARENT_PID_ENV, Supervisor, parent_watch
 from lb_system.operations.system import System
 from lb_system.proxy.admin import admin_api_on
 
@@ -36,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
         help="serve, check: all (default): backends and balancer in one process; backends: only the hosted task-API "
         "backends; balancer: only the balancer, in front of url backends",
     )
+    parser.add_argument(
+        "--processes",
+        type=_at_least_one,
+        metavar="N",
+        help="serve, check, with --role balancer: run N balancer processes on one port ([balancer] reuse_port) under "
+        "one parent that forwards SIGTERM, SIGINT and SIGHUP and restarts a child that dies",
+    )
+    # Set by the parent of --processes for each child: it listens on [balancer] instance_port + index.
+    parser.add_argument("--instance-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--url", help="demo: the balancer's URL (default: from the config)")
     parser.add_argument(
         "--failover",
@@ -44,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", default="backend-2", help="demo --failover: the backend to stop (default: %(default)s)")
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> list[int]:
@@ -92,12 +115,15 @@ def install_reload_signal(loop: asyncio.AbstractEventLoop, reload: Callable[[], 
     return [sighup]
 
 
-async def serve(config: Config, config_path: str | None = None, role: str = "all") -> int:
+async def serve(config: Config, config_path: str | None = None, role: str = "all", instance_index: int = 0) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed = _install_stop_signals(loop, stop.set)
-    system = System(config, config_path=config_path, role=role)
+    system = System(config, config_path=config_path, role=role, instance_index=instance_index)
     installed += install_reload_signal(loop, lambda: system.request_reload("SIGHUP"))
+    parent = os.environ.get(PARENT_PID_ENV)
+    # A child of --processes stops with its parent, even one killed without a word (SIGKILL).
+    watch = loop.create_task(parent_watch(int(parent), stop.set)) if parent and parent.isdigit() else None
     try:
         try:
             await system.start()
@@ -119,6 +145,8 @@ async def serve(config: Config, config_path: str | None = None, role: str = "all
                 task.uncancel()
         return 0
     finally:
+        if watch is not None:
+            watch.cancel()
         await system.stop()
         for sig in installed:
             loop.remove_signal_handler(sig)
@@ -156,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command != "demo":
             check_role(config, args.role, source=args.config)
+            if args.processes is not None:
+                if args.role != "balancer":
+                    raise ConfigError(f"--processes runs balancer processes: add --role balancer (got --role {args.role})")
+                check_processes(config, args.processes, source=args.config)
     except ConfigError as error:
         if not (args.command == "demo" and args.url):
             print(f"error: {error}", file=sys.stderr)
@@ -167,17 +199,42 @@ def main(argv: list[str] | None = None) -> int:
     assert config is not None
     if args.command == "check":
         role = "" if args.role == "all" else f" (role {args.role})"
-        print(f"{args.config}: ok{role}: {config.summary()}")
+        processes = "" if args.processes is None else f", {args.processes} processes"
+        print(f"{args.config}: ok{role}{processes}: {config.summary()}")
         return 0
 
     listener = configure_logging(config.log)
     try:
+        if args.processes is not None:
+            return asyncio.run(_supervise(config, args))
         with asyncio.Runner(loop_factory=new_event_loop_factory()) as runner:
-            return runner.run(serve(config, args.config, args.role))
+            return runner.run(serve(config, args.config, args.role, args.instance_index))
     except KeyboardInterrupt:
         return 0
     finally:
         listener.stop()
+
+
+async def _supervise(config: Config, args: argparse.Namespace) -> int:
+    """--processes N: this process serves nothing; it runs N `--role balancer` children."""
+    config_path = os.path.abspath(args.config)
+    # The children import this very lb_system, installed or not.
+    package_root = str(Path(lb_system.__file__).resolve().parent.parent)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+
+    def command(index: int) -> list[str]:
+        args_ = ["serve", "--config", config_path, "--role", "balancer", "--instance-index", str(index)]
+        return [sys.executable, "-m", "lb_system.cli", *args_]
+
+    supervisor = Supervisor(
+        command,
+        args.processes,
+        logger=logging.getLogger(LOGGER_NAME),
+        stop_timeout=config.balancer.shutdown_grace + 5,
+        env=env,
+    )
+    supervisor.install_signals(asyncio.get_running_loop())
+    return await supervisor.run()
 
 
 def _demo(args: argparse.Namespace, config: Config | None) -> int:
