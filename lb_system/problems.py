@@ -29,6 +29,9 @@ PROBLEM_DETAIL = web.ResponseKey("problem_detail", str)
 # backend (sharing our tracker) already recorded it, so each failure is counted once.
 ERROR_SERVER = web.ResponseKey("error_server", str)
 UPSTREAM_RECORDED = web.ResponseKey("upstream_recorded", bool)
+# Set on an answer whose error status is its message, not an error (the balancer's /health while
+# unavailable: a probe polling it must not fill the recent errors).
+NOT_AN_ERROR = web.ResponseKey("not_an_error", bool)
 # Set by the proxy when a backend cut an answer already under way: recorded as that backend's 502 with this detail.
 RESPONSE_CUT = web.ResponseKey("response_cut", str)
 
@@ -163,7 +166,11 @@ def make_problem_middleware(
         # only then spares the KeyError that Mapping.get raises and catches for a missing one.
         cut = response.get(RESPONSE_CUT) if len(response) else None
         status = response.status if cut is None else 502
-        if status >= 400 and (cut is not None or not response.get(UPSTREAM_RECORDED, False)):
+        if (
+            status >= 400
+            and (cut is not None or not response.get(UPSTREAM_RECORDED, False))
+            and not response.get(NOT_AN_ERROR, False)
+        ):
             answered_by = response.get(ERROR_SERVER)
             route = _route_pattern(request)
             if route is None and answered_by is None and group_own is not None:

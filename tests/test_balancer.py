@@ -202,6 +202,31 @@ async def test_health_reports_ok_degraded_unavailable(make_config, start_system,
         assert r.status == 503
 
 
+async def test_health_polled_during_an_outage_is_counted_but_never_an_error(
+    make_config, start_system, outside_backend, http
+) -> None:
+    down = await outside_backend("remote-1")
+    down.healthy = False
+    system = await start_system(make_config(backends=[{"name": "remote-1", "url": down.url}]))
+    await wait_for(lambda: system.pool.health_word() == "unavailable", message="the balancer unavailable")
+    for _ in range(5):  # an uptime probe, once a second
+        async with http.get(system.balancer_url + "/health") as r:
+            assert r.status == 503
+            assert r.headers["X-Backend"] == "balancer"
+    async with http.get(system.balancer_url + "/errors/stats") as r:
+        stats = await r.json()
+    assert [e for e in stats["recent_errors"] if e["path"] == "/health"] == []
+    assert stats["total_errors"] == 0
+    async with http.get(system.balancer_url + "/metrics") as r:
+        exposition = await r.text()
+    assert 'lb_requests_total{backend="balancer",code="503",method="GET"} 5.0' in exposition
+    assert "lb_errors_total{" not in exposition
+    async with http.get(system.balancer_url + "/tasks") as r:
+        assert r.status == 503, "a proxied request's 503 still is an error"
+    async with http.get(system.balancer_url + "/errors/stats") as r:
+        assert (await r.json())["total_errors"] == 1
+
+
 async def test_health_counts_disabled_and_draining_backends_as_not_serving(
     make_config, start_system, http, monkeypatch: pytest.MonkeyPatch
 ) -> None:

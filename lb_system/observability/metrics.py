@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from lb_system.balancing.events import CheckResult, Observer, ProxiedRequest, Transition
+from lb_system.balancing.events import BALANCER, CheckResult, Observer, ProxiedRequest, Transition
 from lb_system.balancing.pool import ADMIN_STATES, BackendPool
 from lb_system.observability.error_tracker import ErrorTracker, error_type
 
@@ -210,6 +210,11 @@ class Metrics(Observer):
                 self.retries.labels(name).inc()
         if done.no_backend:
             self.no_backend.inc()
+
+    def count_own_answer(self, method: str, status: int, seconds: float) -> None:
+        """An answer of the balancer's own that `lb_requests_total` counts as the balancer's
+        (its /health while unavailable), beside those of proxied requests."""
+        self.proxied.add(BALANCER, method if method in _METHODS else "OTHER", status, seconds)
 
     def on_check(self, result: CheckResult) -> None:
         self.health_checks.labels(result.backend, "ok" if result.ok else "failed").inc()

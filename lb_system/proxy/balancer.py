@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from lb_system.observability.status import instance_identity, status_document
 from lb_system.problems import (
     ANSWERED_BY_HEADER,
     CATCH_ALL_VARIABLE,
+    NOT_AN_ERROR,
     REQUEST_ID,
     REQUEST_ID_HEADER,
     RouteGroups,
@@ -48,6 +50,7 @@ LIVE_FEED = web.AppKey("live_feed", LiveFeed)
 
 async def health(request: web.Request) -> web.Response:
     # Probes and outer balancers read the status code: 503 exactly when no request could be served.
+    started = time.perf_counter()
     pool = request.app[BACKEND_POOL]
     word = pool.health_word()
     body = {
@@ -56,7 +59,14 @@ async def health(request: web.Request) -> web.Response:
         "healthy_backends": pool.healthy_count,
         "total_backends": len(pool.backends),
     }
-    return json_response(body, status=503 if word == "unavailable" else 200)
+    if word != "unavailable":
+        return json_response(body)
+    response = json_response(body, status=503)
+    # The 503 is the probe's answer, not the balancer's error: counted as a request, never
+    # recorded in /errors/stats (a probe polling every second would fill the recent errors).
+    response[NOT_AN_ERROR] = True
+    request.app[METRICS].count_own_answer(request.method, 503, time.perf_counter() - started)
+    return response
 
 
 async def status(request: web.Request) -> web.Response:
