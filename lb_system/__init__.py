@@ -8,7 +8,8 @@ from lb_system.operations.system import System
 from lb_system.proxy.balancer import make_balancer_app
 from lb_system.proxy.health import HealthChecker
 from lb_system.tasks.api import make_backend_app
-from lb_system.tasks.store import TaskStore
+from lb_system.tasks.sqlite_store import SqliteTaskStore
+from lb_system.tasks.store import TaskStore, make_task_store
 
 __all__ = [
     "Backend",
@@ -19,10 +20,12 @@ __all__ = [
     "HealthChecker",
     "StartupError",
     "System",
+    "SqliteTaskStore",
     "TaskStore",
     "load_config",
     "make_backend_app",
     "make_balancer_app",
+    "make_task_store",
     "parse_config",
 ]
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import ipaddress
 import re
 import socket
@@ -236,8 +237,64 @@ def _status_ranges_cached(value: str) -> tuple[tuple[int, int], ...]:
     return parse_status_ranges(value)
 
 
+DEFAULT_DATABASE_PATH = "tasks.db"
+POSTGRES_EXTRA = "pip install -e '.[postgres]'"
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit for a log line, an error or /status: any password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 class DatabaseConfig(_Section):
-    path: str = "tasks.db"
+    """SQLite (`path`, the default) or PostgreSQL (`url`), never both."""
+
+    path: str = DEFAULT_DATABASE_PATH
+    url: str | None = None
+    password_env: Annotated[str, Field(min_length=1)] | None = None
+    pool_min: Annotated[int, Field(ge=0, le=1000)] = 1
+    pool_max: Annotated[int, Field(ge=1, le=1000)] = 10
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # Never echo the value: it may hold the password.
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise ValueError(f"must look like postgresql://user@host:5432/db, got {redact_url(value)!r}")
+        if importlib.util.find_spec("asyncpg") is None:
+            raise ValueError(f"PostgreSQL needs asyncpg, which is not installed: {POSTGRES_EXTRA}")
+        return value
+
+    @field_validator("pool_max")
+    @classmethod
+    def _not_below_pool_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("pool_min")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least pool_min ({low})")
+        return value
+
+    @model_validator(mode="after")
+    def _path_or_url(self) -> DatabaseConfig:
+        if self.url is not None and "path" in self.model_fields_set:
+            raise ValueError("set 'path' (SQLite) or 'url' (PostgreSQL), not both")
+        return self
+
+    @property
+    def postgres(self) -> bool:
+        return self.url is not None
+
+    @property
+    def where(self) -> str:
+        """The database as a log line or an error may name it: the SQLite file, or the URL without its password."""
+        return redact_url(self.url) if self.url is not None else self.path
 
 
 class LogConfig(_Section):
@@ -549,7 +606,7 @@ class Config(_Section):
         return (
             f"balancer on {self.balancer.host}:{self.balancer.port} ({self.balancer.strategy}), "
             f"{len(self.backends)} backends ({hosted} hosted, {len(self.backends) - hosted} outside), "
-            f"database {self.database.path}, log {self.log.file}"
+            f"database {self.database.where}, log {self.log.file}"
         )
 
 
@@ -615,8 +672,7 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
             raise ConfigError(f"{source}: {label}: {cause.message}") from None
         raise ConfigError(f"{source}: {_first_error_line(error, data)}") from None
     if base_dir is not None:
-        update = {
-            "database": config.database.model_copy(update={"path": str(base_dir / config.database.path)}),
+        update: dict[str, BaseModel] = {
             "log": config.log.model_copy(
                 update={
                     "file": str(base_dir / config.log.file),
@@ -624,6 +680,8 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
                 }
             ),
         }
+        if not config.database.postgres:
+            update["database"] = config.database.model_copy(update={"path": str(base_dir / config.database.path)})
         if config.proxy.ca_file is not None:
             update["proxy"] = config.proxy.model_copy(update={"ca_file": str(base_dir / config.proxy.ca_file)})
         config = config.model_copy(update=update)

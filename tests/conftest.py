@@ -18,13 +18,45 @@ from support.backends import FakeBackend, started_backends
 from support.clock import FakeClock
 from support.config_files import BASE_CONFIG, ConfigFile, merge
 from support.logs import LogRecords, LogSetup
+from support.postgres import TemporaryPostgres, unavailable_reason
 
-from lb_system import Config, System, parse_config
+from lb_system import Config, SqliteTaskStore, System, TaskStore, parse_config
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[TemporaryPostgres]:
+    """One real PostgreSQL for the whole session (started on first use); skips where there is none."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with TemporaryPostgres() as server:
+        yield server
+
+
+def reset_postgres(server: TemporaryPostgres) -> None:
+    """An empty database for the next test: the task store's tables dropped."""
+    if not server.running:
+        server.start()  # a test that stopped it failed half-way
+    server.psql("DROP TABLE IF EXISTS tasks, schema_version")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], TaskStore]]:
+    """New (unopened) task stores on one database, SQLite or PostgreSQL: the task API suite runs on both."""
+    if request.param == "sqlite":
+        yield lambda: SqliteTaskStore(tmp_path / "tasks.db")
+        return
+    from lb_system.tasks.postgres_store import PostgresTaskStore
+
+    server: TemporaryPostgres = request.getfixturevalue("postgres_server")
+    reset_postgres(server)
+    yield lambda: PostgresTaskStore(server.url(), pool_min=1, pool_max=4)
+    reset_postgres(server)
 
 
 @pytest.fixture

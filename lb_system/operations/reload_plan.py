@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lb_system.config import BackendConfig, Config, ConfigError
+from lb_system.config import BackendConfig, Config, ConfigError, redact_url
 
 # (section, key) pairs a running system applies without a restart. Everything else, including
 # sections added later, needs one: refusing an edit is safe, silently ignoring part of it is not.
@@ -137,6 +137,13 @@ def _route_changes(running: Config, edited: Config) -> list[str]:
     return lines
 
 
+def _shown(section: str, key: str, value: object) -> str:
+    """A setting's value for a message; a database URL without its password."""
+    if (section, key) == ("database", "url") and isinstance(value, str):
+        value = redact_url(value)
+    return repr(value)
+
+
 def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
     """Diff two configs; raise RestartRequired naming the first key that needs a restart."""
     tables = {"backends", "pools", "routes"}  # compared entry by entry below
@@ -148,9 +155,9 @@ def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
             if before.get(key) == after.get(key):
                 continue
             if section not in LIVE_SECTIONS and (section, key) not in LIVE_KEYS:
+                was, now = _shown(section, key, before.get(key)), _shown(section, key, after.get(key))
                 raise RestartRequired(
-                    f"{source}: [{section}] {key}: changing it needs a restart "
-                    f"({before.get(key)!r} -> {after.get(key)!r}); the edit was not applied"
+                    f"{source}: [{section}] {key}: changing it needs a restart ({was} -> {now}); the edit was not applied"
                 )
             settings.append(f"[{section}] {key}: {before.get(key)!r} -> {after.get(key)!r}")
     settings += _pool_changes(running, edited) + _route_changes(running, edited)

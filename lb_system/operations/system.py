@@ -22,7 +22,7 @@ from lb_system.proxy.admin import admin_api_on
 from lb_system.proxy.balancer import Balancer, make_balancer_app
 from lb_system.proxy.client_limits import ClientLimitsRunner
 from lb_system.tasks.openapi import task_api_document
-from lb_system.tasks.store import TaskStore
+from lb_system.tasks.store import SchemaTooNew, StoreUnavailable, make_task_store
 
 
 class System:
@@ -45,7 +45,7 @@ class System:
         self.role = role
         self.logger = logger or logging.getLogger(LOGGER_NAME)
         self.tracker = ErrorTracker(config.errors.recent)
-        self.store = TaskStore(config.database.path)
+        self.store = make_task_store(config.database)
         self.config_path = Path(config_path) if config_path is not None else None
         self.membership = Membership(
             config, store=self.store, tracker=self.tracker, logger=self.logger, config_path=self.config_path, role=role
@@ -119,8 +119,10 @@ class System:
         if self.serves_backends:
             try:
                 await self.store.open()
-            except Exception as error:
-                raise StartupError(f"cannot open database {config.database.path}: {error}") from None
+            except SchemaTooNew as error:
+                raise StartupError(str(error)) from None
+            except (StoreUnavailable, OSError) as error:
+                raise StartupError(f"cannot open database {self.store.where}: {error}") from None
         if not self.serves_balancer:
             urls = await self.membership.start_servers()
             self._log_started({}, urls)

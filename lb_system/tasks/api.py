@@ -8,6 +8,7 @@ import re
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
 from lb_system.config import ApiConfig
@@ -15,7 +16,7 @@ from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.problems import json_response, make_problem_middleware
 from lb_system.tasks.models import MAX_ID, TaskFields, TaskPatch
 from lb_system.tasks.openapi import task_api_document
-from lb_system.tasks.store import TaskStore
+from lb_system.tasks.store import StoreUnavailable, TaskStore
 
 TASK_STORE = web.AppKey("task_store", TaskStore)
 SERVER_NAME = web.AppKey("server_name", str)
@@ -39,7 +40,7 @@ def _field_error(error: ValidationError) -> str:
         return f"Missing required field '{field}'"
     if first["type"] == "string_pattern_mismatch":
         return f"Invalid field '{field}': must not be blank"
-    return f"Invalid field '{field}': {first['msg']}"
+    return f"Invalid field '{field}': {first['msg'].removeprefix('Value error, ')}"
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -108,10 +109,28 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
+DATABASE_UNAVAILABLE = "Database unavailable"
+
+
+def _database_unavailable() -> web.HTTPServiceUnavailable:
+    # Retry-After: the balancer retries an idempotent request elsewhere, a client a second later.
+    return web.HTTPServiceUnavailable(text=DATABASE_UNAVAILABLE, headers={"Retry-After": "1"})
+
+
+@web.middleware
+async def database_unavailable_is_503(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A database that does not answer is a 503 with Retry-After, never a 500: nothing is wrong
+    with the request, and nothing it asked for was done unless the answer says so."""
+    try:
+        return await handler(request)
+    except StoreUnavailable:
+        raise _database_unavailable() from None
+
+
 async def health(request: web.Request) -> web.Response:
     name = request.app[SERVER_NAME]
     if not await request.app[TASK_STORE].ping():
-        raise web.HTTPServiceUnavailable(text="Database unavailable")
+        raise _database_unavailable()
     return json_response({"status": "ok", "server": name})
 
 
@@ -191,7 +210,7 @@ def make_backend_app(
 ) -> web.Application:
     """One task-API backend; several may share one store and one tracker."""
     app = web.Application(
-        middlewares=[make_problem_middleware(server=name, tracker=tracker, logger=logger)],
+        middlewares=[make_problem_middleware(server=name, tracker=tracker, logger=logger), database_unavailable_is_503],
         client_max_size=api.max_body_bytes,
     )
     app[SERVER_NAME] = name
