@@ -66,6 +66,18 @@ class Backend:
     drained_at: float | None = None
     # Hosted backends: whether the listening socket is open (admin stop/start); None for outside ones.
     listening: bool | None = None
+    # Slow start: when its ramp to full weight began (None: at full weight) and how many seconds it lasts.
+    ramp_start: float | None = None
+    ramp_seconds: float = 0.0
+    # Added to a running pool: its first good check starts a ramp (a backend there from the start does not ramp).
+    ramp_on_up: bool = False
+
+    def effective_weight(self, now: float) -> float:
+        """Its weight now: from 10% to 100% of `weight`, linearly over a slow start's ramp; `weight` outside one."""
+        start = self.ramp_start
+        if start is None or now - start >= self.ramp_seconds:
+            return float(self.weight)
+        return self.weight * (0.1 + 0.9 * max(0.0, now - start) / self.ramp_seconds)
 
     @property
     def eligible(self) -> bool:
@@ -92,6 +104,7 @@ class Backend:
             "serving": self.serving,
             "admin_state": self.admin_state,
             "weight": self.weight,
+            "effective_weight": round(self.effective_weight(now), 2),
             "backup": self.backup,
             "last_check": iso_utc_or_none(self.last_check),
             "last_check_ms": self.last_check_ms,
@@ -157,6 +170,8 @@ class BackendPool:
         self.retiring: list[Backend] = []
         # One per draining backend, set by the release() that ends its last request.
         self._drained: dict[Backend, asyncio.Event] = {}
+        # Backends in a slow start's ramp: while there is one, strategies get their effective weights.
+        self._ramping: list[Backend] = []
 
     @classmethod
     def from_config(cls, configs: Sequence[BackendConfig], urls: dict[str, str], **kwargs: Any) -> BackendPool:
@@ -166,8 +181,13 @@ class BackendPool:
         return next((b for b in self.backends if b.name == name), None)
 
     def set_backends(self, backends: Iterable[Backend]) -> None:
-        """Replace the membership in one step (a reload); the strategy forgets removed names."""
+        """Replace the membership in one step (a reload); the strategy forgets removed names. A backend
+        new to the pool ramps up from its first good check (slow start)."""
+        known = set(self.backends)
         self.backends = list(backends)
+        for backend in self.backends:
+            if backend not in known and not backend.checked:
+                backend.ramp_on_up = True
         self._has_backups = any(b.backup for b in self.backends)
         self.strategy.set_backends(self.backends)
 
@@ -304,7 +324,29 @@ class BackendPool:
         candidates = self._candidates(exclude)
         if not candidates:
             return None
+        if self._ramping:
+            return self.strategy.choose(candidates, key, self._ramp_weights())
         return self.strategy.choose(candidates, key)
+
+    def _ramp_weights(self) -> Callable[[Backend], float] | None:
+        """The effective-weight function for this pick; ramps that are over are dropped first."""
+        now = self.clock()
+        for backend in [b for b in self._ramping if b.ramp_start is None or now - b.ramp_start >= b.ramp_seconds]:
+            backend.ramp_start = None
+            self._ramping.remove(backend)
+        if not self._ramping:
+            return None
+        return lambda backend: backend.effective_weight(now)
+
+    def _start_ramp(self, backend: Backend, now: float) -> None:
+        """Back in service (or new): from 10% of its weight to all of it over `slow_start` seconds."""
+        backend.ramp_on_up = False
+        seconds = self.health.slow_start
+        if seconds <= 0:
+            return
+        backend.ramp_start, backend.ramp_seconds = now, seconds
+        if backend not in self._ramping:
+            self._ramping.append(backend)
 
     def has_candidate(self, exclude: Sequence[Backend] = ()) -> bool:
         """Whether a further try could go anywhere (without advancing the strategy)."""
@@ -322,6 +364,7 @@ class BackendPool:
         only once its ejection time is over. Checks never touch the count of proxied failures.
         `error` says why a failed check failed when `status` alone does not (a wrong status or body)."""
         now = self.clock()
+        was_serving, was_checked = backend.serving, backend.checked
         backend.last_check = now
         backend.last_check_ms = None if duration_ms is None else round(duration_ms, 2)
         backend.last_check_status = status
@@ -345,6 +388,8 @@ class BackendPool:
             if not backend.checked or (backend.healthy and backend.consecutive_failures >= self.health.fall):
                 self._transition(backend, up=False, reason=f"health check failed: {backend.last_error}")
         backend.checked = True
+        if backend.serving and not was_serving and (was_checked or backend.ramp_on_up):
+            self._start_ramp(backend, now)  # back up, enabled again, moved, or added to a running pool
 
     # --- what the proxy saw ----------------------------------------------------------
 

@@ -3,6 +3,11 @@
 A strategy never opens sockets or looks at health; the pool hands it the
 backends eligible right now (up, enabled, not yet tried by this request) in
 stable config order, and it answers with one of them.
+
+While a backend ramps up after a slow start, the pool also hands each pick a
+weight function (`weigh`: a backend's effective weight now); without one, a
+backend weighs its configured `weight`. Every strategy uses it where it uses
+weights.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import hashlib
 import random
 import struct
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from lb_system.config import STRATEGY_NAMES, validate_hash_on
@@ -41,6 +46,8 @@ class BackendView(Protocol):
 
 
 B = TypeVar("B", bound=BackendView)
+# A backend's effective weight for this pick (slow start); None: its configured weight.
+Weigh = Callable[[B], float]
 
 
 class Strategy(Protocol):
@@ -48,8 +55,9 @@ class Strategy(Protocol):
 
     name: str  # the config word
 
-    def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
-        """Pick one of `candidates` (stable config order); None when empty."""
+    def choose(self, candidates: Sequence[B], key: str | None = None, weigh: Weigh[B] | None = None) -> B | None:
+        """Pick one of `candidates` (stable config order), by their effective weights when `weigh`
+        is given; None when empty."""
         ...
 
     def set_backends(self, all_backends: Sequence[BackendView]) -> None:
@@ -79,7 +87,7 @@ class RoundRobin:
         if forget_after < 1:
             raise ValueError(f"forget_after must be >= 1, got {forget_after}")
         self._forget_after = forget_after
-        self._current: dict[str, int] = {}
+        self._current: dict[str, float] = {}
         self._last_seen: dict[str, int] = {}
         self._picks = 0
 
@@ -90,20 +98,21 @@ class RoundRobin:
             del self._current[name]
             del self._last_seen[name]
 
-    def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
+    def choose(self, candidates: Sequence[B], key: str | None = None, weigh: Weigh[B] | None = None) -> B | None:
         """Pick the next backend in the smooth weighted sequence; `key` is ignored."""
         if not candidates:
             return None
         self._picks += 1
         current = self._current
-        total = 0
+        total: float = 0
         best: B | None = None
-        best_value = 0
+        best_value: float = 0
         for backend in candidates:
-            value = current.get(backend.name, 0) + backend.weight
+            weight = backend.weight if weigh is None else weigh(backend)
+            value = current.get(backend.name, 0) + weight
             current[backend.name] = value
             self._last_seen[backend.name] = self._picks
-            total += backend.weight
+            total += weight
             if best is None or value > best_value:
                 best, best_value = backend, value
         assert best is not None
@@ -125,21 +134,27 @@ class LeastConnections:
     Ties rotate: the pick is the first tied backend after the previously
     chosen one in candidate order (wrapping; the first tied one if that
     backend is no longer a candidate), so an idle pool is served round
-    robin rather than always by the first backend.
+    robin rather than always by the first backend. With effective weights
+    (a slow start's ramp), load is measured against them and ties go by
+    smooth weighted round robin, as nginx's least_conn breaks them, so a
+    ramping backend gets its share of an idle pool too.
     """
 
     name = "least_connections"
 
     def __init__(self) -> None:
         self._last: str | None = None
+        self._ties = RoundRobin()
 
     def set_backends(self, all_backends: Sequence[BackendView]) -> None:
         """No-op: this strategy needs only the candidates."""
 
-    def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
+    def choose(self, candidates: Sequence[B], key: str | None = None, weigh: Weigh[B] | None = None) -> B | None:
         """Pick the least loaded backend relative to its weight; `key` is ignored."""
         if not candidates:
             return None
+        if weigh is not None:
+            return self._choose_weighed(candidates, weigh)
         tied: list[tuple[int, B]] = []
         best: B | None = None
         last_position = -1
@@ -152,6 +167,15 @@ class LeastConnections:
             elif backend.active_requests * best.weight == best.active_requests * backend.weight:
                 tied.append((position, backend))
         chosen = next((b for p, b in tied if p > last_position), tied[0][1])
+        self._last = chosen.name
+        return chosen
+
+    def _choose_weighed(self, candidates: Sequence[B], weigh: Weigh[B]) -> B:
+        loads = [(backend.active_requests / weigh(backend), backend) for backend in candidates]
+        lowest = min(load for load, _ in loads)
+        tied = [backend for load, backend in loads if load == lowest]
+        chosen = tied[0] if len(tied) == 1 else self._ties.choose(tied, weigh=weigh)
+        assert chosen is not None
         self._last = chosen.name
         return chosen
 
@@ -172,21 +196,28 @@ class PowerOfTwo(_Randomized):
     Draws two distinct candidates, each draw weighted by `weight` (sampling
     without replacement), and returns the one with fewer active_requests;
     on a tie the first drawn wins, so an idle pool is served in proportion
-    to the weights.
+    to the weights. With effective weights (a slow start's ramp) the draws
+    use them, and the two compare active_requests per effective weight, so
+    a ramping backend is not handed load just for being idle.
     """
 
     name = "power_of_two"
 
-    def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
+    def choose(self, candidates: Sequence[B], key: str | None = None, weigh: Weigh[B] | None = None) -> B | None:
         """Pick the less busy of two weighted random draws; `key` is ignored."""
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
         choices = self._rng.choices
-        first_index = choices(range(len(candidates)), weights=[b.weight for b in candidates])[0]
-        rest = [b for i, b in enumerate(candidates) if i != first_index]
-        first = candidates[first_index]
-        second = rest[0] if len(rest) == 1 else choices(rest, weights=[b.weight for b in rest])[0]
-        return second if second.active_requests < first.active_requests else first
+        weights = [b.weight for b in candidates] if weigh is None else [weigh(b) for b in candidates]
+        first_index = choices(range(len(candidates)), weights=weights)[0]
+        rest = [i for i in range(len(candidates)) if i != first_index]
+        second_index = rest[0] if len(rest) == 1 else choices(rest, weights=[weights[i] for i in rest])[0]
+        first, second = candidates[first_index], candidates[second_index]
+        if weigh is None:
+            return second if second.active_requests < first.active_requests else first
+        # Cross-multiplied: second's load per weight below first's.
+        less_busy = second.active_requests * weights[first_index] < first.active_requests * weights[second_index]
+        return second if less_busy else first
 
 
 class RandomChoice(_Randomized):
@@ -194,11 +225,12 @@ class RandomChoice(_Randomized):
 
     name = "random"
 
-    def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
-        """Pick a backend with probability proportional to its weight; `key` is ignored."""
+    def choose(self, candidates: Sequence[B], key: str | None = None, weigh: Weigh[B] | None = None) -> B | None:
+        """Pick a backend with probability proportional to its (effective) weight; `key` is ignored."""
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
-        return self._rng.choices(candidates, weights=[b.weight for b in candidates])[0]
+        weights = [b.weight for b in candidates] if weigh is None else [weigh(b) for b in candidates]
+        return self._rng.choices(candidates, weights=weights)[0]
 
 
 _EIGHT_U64 = struct.Struct(">8Q")
@@ -207,6 +239,13 @@ _EIGHT_U64 = struct.Struct(">8Q")
 def _key_point(key: str) -> int:
     """Ring position of a request key (stable across processes, unlike hash())."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def _key_share(key: str, owner: str) -> float:
+    """Where a key stands, in [0, 1), in its owner's ramp: it goes to the ramping owner once the
+    ramp's fraction passes it, and stays there as the ramp grows."""
+    digest = hashlib.blake2b(key.encode() + b"\0" + owner.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 class _Ring:
@@ -240,6 +279,16 @@ class _Ring:
                 return owners[index]
         return None
 
+    def walk_ramped(self, point: int, allowed: Mapping[str, object], key: str, ramp: Mapping[str, float]) -> str | None:
+        """`walk`, where an owner in `ramp` (its fraction of full weight) takes only that share of its keys."""
+        start = bisect.bisect_left(self.points, point)
+        owners = self.owners
+        for index in (*range(start, len(owners)), *range(start)):
+            owner: str = owners[index]
+            if owner in allowed and (owner not in ramp or _key_share(key, owner) < ramp[owner]):
+                return owner
+        return self.walk(point, allowed)  # every candidate ramping and passing over this key: its owner
+
 
 class ConsistentHash:
     """Hash ring with virtual nodes, weighted by `weight`.
@@ -256,6 +305,10 @@ class ConsistentHash:
     candidate (down, or already tried) goes to the next backend clockwise
     that is one. A request without a key (None) is served by smooth
     weighted round robin, so keyless traffic still spreads.
+
+    A backend in a slow start's ramp keeps its ring positions but takes only
+    its ramp's fraction of the keys landing there (the others walk on
+    clockwise); as the ramp grows, keys move to it and stay.
     """
 
     name = "consistent_hash"
@@ -276,14 +329,19 @@ class ConsistentHash:
         self._backends = tuple(all_backends)
         self._fallback.set_backends(all_backends)
 
-    def choose(self, candidates: Sequence[B], key: str | None = None) -> B | None:
+    def choose(self, candidates: Sequence[B], key: str | None = None, weigh: Weigh[B] | None = None) -> B | None:
         """Pick the candidate owning `key` on the ring (round robin when key is None)."""
         if not candidates:
             return None
         if key is None:
-            return self._fallback.choose(candidates)
+            return self._fallback.choose(candidates, weigh=weigh)
         by_name = {b.name: b for b in candidates}
-        owner = self._ring_for(candidates).walk(_key_point(key), by_name)
+        ring = self._ring_for(candidates)
+        ramp = {} if weigh is None else {b.name: weigh(b) / b.weight for b in candidates if weigh(b) < b.weight}
+        if ramp:
+            owner = ring.walk_ramped(_key_point(key), by_name, key, ramp)
+        else:
+            owner = ring.walk(_key_point(key), by_name)
         # Every candidate is on the ring, so the walk always finds one.
         assert owner is not None
         return by_name[owner]

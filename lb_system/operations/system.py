@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -40,9 +42,12 @@ class System:
         watch_interval: float = 0.5,
         role: str = "all",
         instance_index: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         check_role(config, role, source=str(config_path or DEFAULT_CONFIG_PATH))
         self.role = role
+        # The pool's clock (health timestamps, ejections, slow start): a test moves a fake one.
+        self.clock = clock
         self.logger = logger or logging.getLogger(LOGGER_NAME)
         self.tracker = ErrorTracker(config.errors.recent)
         self.store = make_task_store(config.database)
@@ -136,7 +141,12 @@ class System:
             raise
 
         pool = BackendPool.from_config(
-            config.backends, urls, health=config.health, strategy=config.balancer.strategy, logger=self.logger
+            config.backends,
+            urls,
+            health=config.health,
+            strategy=config.balancer.strategy,
+            logger=self.logger,
+            clock=self.clock,
         )
         self.balancer = make_balancer_app(
             config,
