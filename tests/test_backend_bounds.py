@@ -177,4 +177,3 @@ async def test_memory_stays_flat_while_a_backend_streams_a_line_that_never_ends_
     assert answered > 4
     assert bad.sent > 0
     assert grown < RSS_GROWTH_LIMIT, f"RSS grew {grown / 2**20:.1f} MiB"
-

@@ -49,6 +49,7 @@ from support.waiting import wait_for
 from lb_system.upstream import (
     ConnectError,
     ConnectionRefused,
+    ConnectionState,
     ConnectTimeout,
     Endpoint,
     FramingTooLarge,
@@ -132,6 +133,10 @@ async def fails(request: Awaitable[Any]) -> UpstreamError:
 async def test_keep_alive_reuses_one_connection(serve: Serve, make_pool: MakePool) -> None:
     server = await serve()
     endpoint = make_pool().endpoint(server.url)
+    exchange = await endpoint.request("GET", "/")
+    assert await exchange.read() == b"ok"
+    assert exchange.state is ConnectionState.IDLE  # arrived whole, both sides keep alive: reusable
+    exchange.release()
     for _ in range(5):
         assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 1
@@ -376,7 +381,9 @@ async def test_connection_close_from_either_side_is_not_reused(serve: Serve, mak
     server = await serve(answer(headers=(("Connection", "close"),)) if side == "backend" else answer())
     endpoint = make_pool().endpoint(server.url)
     headers = [("Connection", "close")] if side == "balancer" else []
-    assert await fetch(endpoint, headers=headers) == (200, b"ok")
+    exchange = await endpoint.request("GET", "/", headers)
+    assert (await exchange.read(), exchange.state) == (b"ok", ConnectionState.CLOSED)
+    exchange.release()
     assert endpoint.idle_connections == 0
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 2
@@ -470,7 +477,7 @@ async def test_a_large_body_streams_with_bounded_memory(serve: Serve, make_pool:
     assert response.content_length == total
     received = len(await response.read_chunk())
     # A slow reader: the transport stops reading, so the backend's writes stall in its socket.
-    await wait_for(lambda: response._paused and server.draining, message="the backend paused by flow control")
+    await wait_for(lambda: response._flow.read_paused and server.draining, message="the backend paused by flow control")
     stalled_at = server.sent
     assert stalled_at < 64 * 1024 * 1024
     largest = 0

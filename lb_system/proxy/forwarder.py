@@ -38,7 +38,7 @@ from lb_system.proxy.failures import Failure, classify
 from lb_system.proxy.headers import HeaderPolicy, response_headers, strip_hop_by_hop
 from lb_system.proxy.targets import OwnPaths, upstream_target
 from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
-from lb_system.upstream import TunnelLimitReached, UpstreamError, UpstreamPool, UpstreamResponse, split_url
+from lb_system.upstream import Exchange, TunnelLimitReached, UpstreamError, UpstreamPool, split_url
 
 # Bodies up to this size are read whole: one write each way and a retry can replay them.
 BUFFER_LIMIT = 256 * 1024
@@ -80,7 +80,7 @@ class _LimitedBody:
             raise
 
 
-async def _small_body(upstream: UpstreamResponse, deadline: float | None = None) -> bytes | None:
+async def _small_body(upstream: Exchange, deadline: float | None = None) -> bytes | None:
     """An answer's body when it is small (read whole by `deadline`: b"" for none), None when it is to be streamed."""
     if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
         return b""
@@ -372,7 +372,7 @@ class Forwarder:
             route = self._routes[backend.url] = split_url(backend.url)
         return route
 
-    def _finish_try(self, backend: Backend, upstream: UpstreamResponse) -> None:
+    def _finish_try(self, backend: Backend, upstream: Exchange) -> None:
         """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
         upstream.release()
         self.pool.release(backend)
@@ -399,7 +399,7 @@ class Forwarder:
         headers: CIMultiDict[str],
         body: bytes | _LimitedBody | None,
         deadline: float,
-    ) -> tuple[UpstreamResponse, bytes | None]:
+    ) -> tuple[Exchange, bytes | None]:
         """One try. A small answer is read whole here, so a failure while reading it is still a
         failed try (nothing reached the client); a large one comes back unread (None) to stream.
         On success the backend's active count stays raised until the response is finished."""
@@ -452,7 +452,7 @@ class Forwarder:
         self,
         request: web.Request,
         backend: Backend,
-        upstream: UpstreamResponse,
+        upstream: Exchange,
         data: bytes | None,
         request_id: str,
     ) -> web.StreamResponse:
@@ -475,7 +475,7 @@ class Forwarder:
         return response
 
     async def _stream(
-        self, request: web.Request, backend: Backend, upstream: UpstreamResponse, headers: CIMultiDict[str]
+        self, request: web.Request, backend: Backend, upstream: Exchange, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
         """Relay a large or chunked answer. One the backend cuts (closed early, short, stalled past
         `per_try_timeout`) is that backend's failure: counted towards ejection and marked on the

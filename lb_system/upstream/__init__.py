@@ -4,7 +4,9 @@ the proxy drives it, the way an app drives httpcore.
 
 - `transport.py`: one `Endpoint` per backend (its keep-alive pool, dedicated and tunnel
   connections) and `UpstreamPool`, the endpoints by URL;
-- `http11.py`: one connection as an asyncio protocol, the answer parsed by llhttp, the tunnel;
+- `http11.py`: one connection as an asyncio protocol (its state: NEW, ACTIVE, IDLE, CLOSED), an
+  `Exchange` (one request and its answer, parsed by llhttp), the tunnel;
+- `flow.py`: the one flow control, both ways, for the answer's body, a tunnel and an upload;
 - `errors.py`: one exception class per failure, each with the reason users see.
 """
 
@@ -34,7 +36,7 @@ from lb_system.upstream.errors import (
     TooManyInterim,
     UpstreamError,
 )
-from lb_system.upstream.http11 import HeadLimits, Tunnel, UpstreamResponse
+from lb_system.upstream.http11 import ConnectionState, Exchange, HeadLimits, Tunnel
 from lb_system.upstream.transport import Endpoint, TunnelLimitReached, UpstreamPool, split_url
 
 __all__ = [
@@ -53,7 +55,9 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "ConnectionRefused",
+    "ConnectionState",
     "Endpoint",
+    "Exchange",
     "FramingTooLarge",
     "HeadLimits",
     "HeadTooLarge",
@@ -67,6 +71,5 @@ __all__ = [
     "TunnelLimitReached",
     "UpstreamError",
     "UpstreamPool",
-    "UpstreamResponse",
     "split_url",
 ]

@@ -2,13 +2,15 @@
 answer parsed by llhttp (httptools), bodies streamed both ways with flow control.
 
 Shaped like uvicorn's `protocols/http/httptools_impl.py`, seen from the client side: one protocol
-per connection, one exchange at a time, `pause_reading`/`resume_reading` for the answer's body
-and a drain waiter for the request's.
+per connection, one exchange at a time, one FlowControl for both ways. Its state is one field, as
+httpcore's `HTTPConnectionState`: NEW, ACTIVE (carrying an exchange or a tunnel), IDLE (in its
+owner's pool, reusable), CLOSED. An exchange's `state` is what it leaves its connection in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import NoReturn, Protocol
@@ -26,9 +28,8 @@ from lb_system.upstream.errors import (
     TooManyInterim,
     UpstreamError,
 )
+from lb_system.upstream.flow import FlowControl
 
-# Unread answer bytes past this pause reading from the backend; a read that empties the buffer resumes it.
-HIGH_WATER = 256 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 # Header names the head builder looks at; every other header is passed as given.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
@@ -54,12 +55,21 @@ class _Broken(Exception):
     """Raised inside a parser callback to stop llhttp at once; the error is kept on the response."""
 
 
+class ConnectionState(enum.Enum):
+    """A connection's state (httpcore's HTTPConnectionState): the one answer to "may it be reused"."""
+
+    NEW = "new"  # connected, has carried nothing yet
+    ACTIVE = "active"  # carrying an exchange (or a tunnel), or handed to one
+    IDLE = "idle"  # between exchanges, in its owner's pool: reusable
+    CLOSED = "closed"  # closed, or to be closed once its exchange is released
+
+
 class ConnectionOwner(Protocol):
     """Who is told when a connection is done with an exchange or closed (the pool, or a dedicated slot)."""
 
     def connection_reusable(self, connection: UpstreamConnection) -> None: ...
 
-    def connection_closed(self, connection: UpstreamConnection) -> None: ...
+    def connection_closed(self, connection: UpstreamConnection, idle: bool) -> None: ...
 
 
 class RequestHead:
@@ -126,16 +136,18 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(TimeoutError())
 
 
-class UpstreamResponse:
-    """A backend's answer: the head at once, the body read with `read_chunk`/`read` or by iterating.
+class Exchange:
+    """One request and the backend's answer: the head at once, the body read with
+    `read_chunk`/`read` or by iterating.
 
-    Call `release()` when done (or use `async with`): a body read whole on a keep-alive connection
-    sends the connection back to the pool, anything else closes it.
+    Call `release()` when done (or use `async with`). `state` is what the exchange leaves its
+    connection in: ACTIVE while it runs, IDLE once the answer arrived whole and both sides keep
+    the connection alive, CLOSED once anything rules reuse out (a failure, `Connection: close`,
+    an upgrade, bytes out of step, an upload left unsent). Released IDLE, the connection goes back
+    to the pool; otherwise it is closed.
     """
 
-    def __init__(
-        self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None, limits: HeadLimits
-    ) -> None:
+    def __init__(self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None, limits: HeadLimits) -> None:
         self.status = 0
         self.reason = ""
         self.version = "1.1"
@@ -159,15 +171,14 @@ class UpstreamResponse:
         self._unparsed = 0
         self._broken: type[ProtocolError] | None = None
         self._head_waiter: asyncio.Future[None] = connection.loop.create_future()
+        self.state = ConnectionState.ACTIVE
         self._final = False  # the final (non-1xx) head arrived
-        self._complete = False  # the body arrived whole
-        self._keep_alive = False
+        self._complete = False  # the body arrived whole (or the head, for an answer without one)
         self._answered = False
         self._sent = False
         self._error: BaseException | None = None
         self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._paused = False
+        self._flow = connection.flow
         self._waiter: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._upgraded: bytearray | None = None
@@ -206,7 +217,7 @@ class UpstreamResponse:
     def on_headers_complete(self) -> None:
         self._unparsed = 0
         if self._complete:  # a second answer to one request: this connection is out of step
-            self._keep_alive = False
+            self.state = ConnectionState.CLOSED
             return
         status = self._parser.get_status_code()
         if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: not the answer
@@ -226,8 +237,7 @@ class UpstreamResponse:
             if self._request.method == "HEAD":
                 # llhttp cannot be told this answered a HEAD: the exchange ends here, and the
                 # parser (one per exchange) is dropped before it would wait for a body.
-                self._complete = True
-                self._keep_alive = self._parser.should_keep_alive()
+                self._ended()
         else:
             encoding = self.header("Transfer-Encoding")
             if encoding is not None:
@@ -243,13 +253,10 @@ class UpstreamResponse:
     def on_body(self, data: bytes) -> None:
         self._unparsed = 0
         if self._complete:  # bytes after a HEAD answer: this connection is out of step
-            self._keep_alive = False
+            self.state = ConnectionState.CLOSED
             return
         self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered >= HIGH_WATER and not self._paused:
-            self._paused = True
-            self._connection.pause_reading()
+        self._flow.received(len(data))
         self._wake()
 
     def on_chunk_header(self) -> None:
@@ -262,9 +269,15 @@ class UpstreamResponse:
         self._unparsed = 0
         if not self._final or self._complete:
             return
-        self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
+        self._ended()
         self._wake()
+
+    def _ended(self) -> None:
+        """The answer arrived whole: the connection may carry another, unless either side said no."""
+        self._complete = True
+        if self.state is ConnectionState.ACTIVE:
+            keep = self._parser.should_keep_alive() and self._request.keep_alive
+            self.state = ConnectionState.IDLE if keep else ConnectionState.CLOSED
 
     # --- fed by the connection ----------------------------------------------------------------
 
@@ -274,20 +287,21 @@ class UpstreamResponse:
             self._upgraded += data
             return
         if self._complete:  # more than the answer: fine for this one, but no reuse
-            self._keep_alive = False
+            self.state = ConnectionState.CLOSED
             return
         self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded = bytearray(data[upgrade.args[0] :])
-            self._connection.pause_reading()  # until the tunnel is taken
+            self.state = ConnectionState.CLOSED  # it carries a tunnel now, never another exchange
+            self._flow.pause_reading()  # until the tunnel is taken
             return
         except httptools.HttpParserError:
             if self._broken is not None:
                 self._fail(self._broken(sent=True, answered=True))
             elif self._complete:
-                self._keep_alive = False
+                self.state = ConnectionState.CLOSED
             else:
                 self._fail(ProtocolError(sent=True, answered=True))
             return
@@ -306,7 +320,7 @@ class UpstreamResponse:
         if self._final:
             if error is None and self.close_delimited:
                 self._complete = True
-                self._keep_alive = False
+                self.state = ConnectionState.CLOSED
                 self._wake()
                 return
             failure: type[UpstreamError] = BodyIncomplete
@@ -316,6 +330,7 @@ class UpstreamResponse:
 
     def _fail(self, error: BaseException) -> None:
         """The exchange is over and the connection with it; readers get `error`."""
+        self.state = ConnectionState.CLOSED
         if self._error is None:
             self._error = error
             if not self._head_waiter.done():
@@ -362,10 +377,7 @@ class UpstreamResponse:
                 chunks = self._chunks
                 data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
-                self._buffered = 0
-                if self._paused:
-                    self._paused = False
-                    self._connection.resume_reading()
+                self._flow.consumed()
                 return data
             if self._error is not None:
                 raise self._error
@@ -389,7 +401,7 @@ class UpstreamResponse:
         while chunk := await self.read_chunk():
             yield chunk
 
-    async def __aenter__(self) -> UpstreamResponse:
+    async def __aenter__(self) -> Exchange:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -408,21 +420,13 @@ class UpstreamResponse:
             return
         self._released = True
         sender = self._sender
-        unsent = sender is not None and (not sender.done() or sender.cancelled() or sender.exception() is not None)
         if sender is not None and not sender.done():
             sender.cancel()
-        if self._paused:  # a body left unread: the connection must read again to be of any use
-            self._paused = False
-            self._connection.resume_reading()
-        reusable = (
-            self._complete
-            and self._keep_alive
-            and self._request.keep_alive
-            and self._error is None
-            and self._upgraded is None
-            and not unsent
-        )
-        self._connection.exchange_done(reusable)
+            self.state = ConnectionState.CLOSED  # an upload cut short: the backend waits for the rest
+        elif sender is not None and (sender.cancelled() or sender.exception() is not None):
+            self.state = ConnectionState.CLOSED
+        self._flow.consumed()  # a body left unread: the connection must read again to be of any use
+        self._connection.exchange_done(self.state is ConnectionState.IDLE)
         # Nothing feeds this answer any more. The parser holds its bound callbacks: a reference
         # cycle per request that only the garbage collector would free (its young-generation
         # passes took some 5% of the CPU under load); dropping the parser frees it at once.
@@ -435,16 +439,16 @@ class Tunnel:
     def __init__(self, connection: UpstreamConnection, initial: bytes) -> None:
         self._connection = connection
         self._chunks: deque[bytes] = deque([initial] if initial else [])
-        self._buffered = len(initial)
-        self._paused = True  # the connection stopped reading at the 101
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
-        self._flow()
+        # The connection stopped reading at the 101: it reads on unless the first bytes are many.
+        self._flow = flow = connection.flow
+        flow.consumed()
+        flow.received(len(initial))
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
-        self._buffered += len(data)
-        self._flow()
+        self._flow.received(len(data))
         self._wake()
 
     def _lost(self) -> None:
@@ -454,15 +458,6 @@ class Tunnel:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-    def _flow(self) -> None:
-        if self._buffered >= HIGH_WATER:
-            if not self._paused:
-                self._paused = True
-                self._connection.pause_reading()
-        elif self._paused:
-            self._paused = False
-            self._connection.resume_reading()
 
     async def read(self) -> bytes:
         """What the backend sent since the last read; b"" once it closed."""
@@ -476,8 +471,7 @@ class Tunnel:
                 self._waiter = None
         data = b"".join(self._chunks)
         self._chunks.clear()
-        self._buffered = 0
-        self._flow()
+        self._flow.consumed()
         return data
 
     def write(self, data: bytes) -> None:
@@ -486,12 +480,12 @@ class Tunnel:
 
     async def drain(self) -> None:
         """Wait until the backend takes what was written."""
-        await self._connection.drain()
+        await self._flow.drain()
 
     @property
     def writing_paused(self) -> bool:
         """The backend is slow to take what was written: `drain()` would wait."""
-        return self._connection.writing_paused
+        return self._flow.write_paused
 
     @property
     def closed(self) -> bool:
@@ -510,21 +504,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self.limits = limits
         self.transport: asyncio.Transport | None = None
+        self.state = ConnectionState.NEW  # CLOSED once closed by us or by the backend; the owner was told
         self.reused = False  # has carried an exchange before
-        self.in_pool = False  # sitting idle in its owner's pool
         self.idle_since = 0.0
-        self._exchange: UpstreamResponse | None = None
+        self.flow = FlowControl()
+        self._exchange: Exchange | None = None
         self._tunnel: Tunnel | None = None
-        self._gone = False  # closed by us or by the backend; the owner was told
         self._lost = False  # connection_lost ran
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._closed_waiter: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow.connection_made(self.transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         exchange = self._exchange
@@ -544,59 +537,34 @@ class UpstreamConnection(asyncio.Protocol):
             self._exchange._lost(exc)
         if self._tunnel is not None:
             self._tunnel._lost()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.flow.connection_lost()
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
         self._gone_now()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.flow.resume_writing()
 
     # --- used by the pool and the response ----------------------------------------------------
 
     @property
     def closed(self) -> bool:
-        return self._gone
+        return self.state is ConnectionState.CLOSED
 
     @property
     def usable(self) -> bool:
         """Open and idle: checked before a request is written, so a connection the backend closed
         while it sat in the pool costs nothing."""
         transport = self.transport
-        return not self._gone and transport is not None and not transport.is_closing()
-
-    @property
-    def writing_paused(self) -> bool:
-        return self._write_paused and not self._lost
-
-    def pause_reading(self) -> None:
-        if self.usable:
-            self.transport.pause_reading()  # type: ignore[union-attr]
-
-    def resume_reading(self) -> None:
-        if self.usable:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        return self.state is not ConnectionState.CLOSED and transport is not None and not transport.is_closing()
 
     def write(self, data: bytes) -> None:
-        if self._gone or self.transport is None:
+        if self.state is ConnectionState.CLOSED or self.transport is None:
             raise ReadError(sent=True)
         self.transport.write(data)
-
-    async def drain(self) -> None:
-        if self._write_paused and not self._lost:
-            self._drain_waiter = self.loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
 
     async def exchange(
         self,
@@ -606,9 +574,10 @@ class UpstreamConnection(asyncio.Protocol):
         *,
         timeout: float | None,
         read_timeout: float | None,
-    ) -> UpstreamResponse:
+    ) -> Exchange:
         """Write one request and wait for the answer's head (1xx skipped); `timeout` bounds that wait."""
-        response = UpstreamResponse(self, head, read_timeout, self.limits)
+        response = Exchange(self, head, read_timeout, self.limits)
+        self.state = ConnectionState.ACTIVE
         self._exchange = response
         transport = self.transport
         assert transport is not None
@@ -646,7 +615,7 @@ class UpstreamConnection(asyncio.Protocol):
                 raise ValueError(f"request body longer than its Content-Length {length}")
             else:
                 self.transport.write(chunk)  # type: ignore[union-attr]
-            await self.drain()
+            await self.flow.drain()
         if self._lost:
             return
         if length is None:
@@ -689,6 +658,6 @@ class UpstreamConnection(asyncio.Protocol):
         await asyncio.shield(self._closed_waiter)
 
     def _gone_now(self) -> None:
-        if not self._gone:
-            self._gone = True
-            self.owner.connection_closed(self)
+        if self.state is not ConnectionState.CLOSED:
+            idle, self.state = self.state is ConnectionState.IDLE, ConnectionState.CLOSED
+            self.owner.connection_closed(self, idle)

@@ -28,7 +28,15 @@ from lb_system.upstream.errors import (
     Timeout,
     UpstreamError,
 )
-from lb_system.upstream.http11 import HeadLimits, RequestHead, UpstreamConnection, UpstreamResponse, build_head, shorter_wait
+from lb_system.upstream.http11 import (
+    ConnectionState,
+    Exchange,
+    HeadLimits,
+    RequestHead,
+    UpstreamConnection,
+    build_head,
+    shorter_wait,
+)
 
 __all__ = ["Endpoint", "TunnelLimitReached", "UpstreamPool", "split_url"]
 
@@ -72,7 +80,7 @@ class _Dedicated:
     def connection_reusable(self, connection: UpstreamConnection) -> None:
         connection.close()
 
-    def connection_closed(self, connection: UpstreamConnection) -> None:
+    def connection_closed(self, connection: UpstreamConnection, idle: bool) -> None:
         self.open -= 1
         self.endpoint._connections.discard(connection)
 
@@ -117,7 +125,7 @@ class Endpoint:
         read_timeout: float | None = None,
         dedicated: bool = False,
         deadline: float | None = None,
-    ) -> UpstreamResponse:
+    ) -> Exchange:
         """Send one request and return the answer once its head arrived (1xx skipped).
 
         `target` is sent as given (origin-form); `headers` are (name, value) pairs, Host added when
@@ -156,7 +164,7 @@ class Endpoint:
         headers: Iterable[tuple[str, str]] = (),
         *,
         timeout: float | None = None,
-    ) -> UpstreamResponse:
+    ) -> Exchange:
         """Send an upgrade request (WebSocket) on a connection outside the pool. A 101 answer's
         `detach()` gives the Tunnel; any other answer is read and released as usual. Raises
         TunnelLimitReached past `max_tunnels_per_backend`, UpstreamError when the backend fails."""
@@ -210,7 +218,7 @@ class Endpoint:
             idle = self._idle
             while idle and not fresh:
                 connection = idle.pop()
-                connection.in_pool = False
+                connection.state = ConnectionState.ACTIVE  # taken from the pool for an exchange
                 if connection.usable:
                     return connection
                 connection.abort()  # the backend closed it while it sat here: never written to
@@ -320,15 +328,14 @@ class Endpoint:
             return
         loop = self._get_loop()
         connection.idle_since = loop.time()
-        connection.in_pool = True
+        connection.state = ConnectionState.IDLE
         self._idle.append(connection)
         if self._sweeper is None:  # none armed means the pool was empty: this one is the oldest
             self._sweeper = loop.call_at(connection.idle_since + self._pool.idle_timeout, self._sweep)
 
-    def connection_closed(self, connection: UpstreamConnection) -> None:
+    def connection_closed(self, connection: UpstreamConnection, idle: bool) -> None:
         self._connections.discard(connection)
-        if connection.in_pool:
-            connection.in_pool = False
+        if idle:
             self._idle.remove(connection)
         self._slot_free()
 
@@ -339,9 +346,7 @@ class Endpoint:
         loop = self._get_loop()
         expired = loop.time() - timeout
         while idle and idle[0].idle_since <= expired:
-            connection = idle.popleft()
-            connection.in_pool = False
-            connection.close()
+            idle[0].close()  # out of the pool as it closes (connection_closed)
         if idle:
             self._sweeper = loop.call_at(idle[0].idle_since + timeout, self._sweep)
 
