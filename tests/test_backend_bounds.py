@@ -137,6 +137,34 @@ async def test_a_chunk_line_that_never_ends_cuts_the_answer_and_counts_against_t
     await wait_for(lambda: system.balancer.forwarder.upstream.endpoint(bad.url).open_connections == 0)
 
 
+@pytest.mark.parametrize("cast", [endless_chunk_line, endless_chunk_extension])
+async def test_a_backend_whose_chunk_lines_never_end_is_ejected_after_passive_fall(
+    bad_backend, outside_backend, make_config, start_system, http, cast
+) -> None:
+    bad, good = await bad_backend(cast()), await outside_backend("good", misbehaves=False)
+    system = await start_system(
+        make_config(
+            backends=[{"name": "bad", "url": bad.url, "weight": 100}, {"name": "good", "url": good.url}],
+            health={"interval": 60.0, "passive_fall": 3},
+        )
+    )
+    backend = system.pool.get("bad")
+    cuts = 0
+    for _ in range(20):
+        async with http.get(system.balancer_url + "/tasks/1") as r:
+            try:
+                await r.read()
+            except aiohttp.ClientPayloadError:
+                assert r.headers["X-Backend"] == "bad"
+                cuts += 1
+        if backend.ejections:
+            break
+    assert backend.ejections == 1 and cuts == 3
+    assert f"after 3 failed requests: {FRAMING_TOO_LARGE}" in backend.transitions[-1].reason
+    async with http.get(system.balancer_url + "/tasks/1") as r:
+        assert r.status == 200 and r.headers["X-Backend"] == "good"
+
+
 # --- memory stays flat whatever a backend sends -------------------------------------------------
 
 # The scenario lasts 30 s; without the bounds memory grew some 240 MiB a second, so 10 s
