@@ -8,7 +8,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -34,6 +34,17 @@ UPSTREAM_RECORDED = web.ResponseKey("upstream_recorded", bool)
 NOT_AN_ERROR = web.ResponseKey("not_an_error", bool)
 # Set by the proxy when a backend cut an answer already under way: recorded as that backend's 502 with this detail.
 RESPONSE_CUT = web.ResponseKey("response_cut", str)
+
+
+class Routed(NamedTuple):
+    """The pool (None: no route and no default pool) and the route (`-`: none matched) of a request."""
+
+    pool: str | None
+    route: str
+
+
+# Set by the forwarder when requests are sorted into pools: the access line and the error record name both.
+ROUTED = web.RequestKey("routed", Routed)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -175,6 +186,7 @@ def make_problem_middleware(
             route = _route_pattern(request)
             if route is None and answered_by is None and group_own is not None:
                 route = group_own(request.path)
+            routed = request.get(ROUTED)
             tracker.record(
                 status=status,
                 method=request.method,
@@ -183,6 +195,7 @@ def make_problem_middleware(
                 detail=cut or response.get(PROBLEM_DETAIL) or status_title(status),
                 request_id=request_id,
                 route=route,
+                routed=None if routed is None else (routed.pool, routed.route),
             )
         if not response.prepared:
             response.headers.setdefault(REQUEST_ID_HEADER, request_id)

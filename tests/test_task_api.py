@@ -307,4 +307,3 @@ async def test_a_title_is_accepted_exactly_when_the_openapi_schema_says_it_is_va
         assert (await response.json())["title"] == title.strip(" \t\n\r\f\v")
     else:
         await assert_problem(response, 400)
-

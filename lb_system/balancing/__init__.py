@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from lb_system.balancing.events import BALANCER, CheckResult, Observer, Observers, ProxiedRequest, Transition, TryResult
 from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.balancing.pools import Pools
 from lb_system.balancing.retry import RetryBudget, RetryPolicy
+from lb_system.balancing.routes import Route, RouteTable
 from lb_system.balancing.strategies import Strategy, make_strategy
 
 __all__ = [
@@ -15,9 +17,12 @@ __all__ = [
     "CheckResult",
     "Observer",
     "Observers",
+    "Pools",
     "ProxiedRequest",
     "RetryBudget",
     "RetryPolicy",
+    "Route",
+    "RouteTable",
     "Strategy",
     "Transition",
     "TryResult",

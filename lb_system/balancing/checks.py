@@ -21,4 +21,3 @@ def backend_check_settings(settings: HealthConfig, health_path: str | None) -> H
     if health_path is None or health_path == settings.path:
         return settings
     return settings.model_copy(update={"path": health_path})
-

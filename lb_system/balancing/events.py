@@ -50,6 +50,7 @@ class ProxiedRequest(NamedTuple):
     duration_s: float
     tries: tuple[TryResult, ...]
     no_backend: bool = False  # a 503 for want of a healthy backend
+    pool: str | None = None  # the pool the request was routed to; None when it reached none
 
     @property
     def retried_from(self) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from typing import Any
 from lb_system.balancing.checks import backend_check_settings
 from lb_system.balancing.events import Observers, Transition
 from lb_system.balancing.strategies import Strategy, make_strategy
-from lb_system.config import BackendConfig, HealthConfig
+from lb_system.config import DEFAULT_POOL, BackendConfig, HealthConfig, PoolConfig
 from lb_system.timestamps import iso_utc_or_none
 
 ENABLED, DISABLED, DRAINING = "enabled", "disabled", "draining"
@@ -37,6 +37,7 @@ class Backend:
     backup: bool = False
     # Its own check path instead of the set's [health] path; None: the set's.
     health_path: str | None = None
+    pool: str = DEFAULT_POOL  # the name of the pool it is in (set by Pools, its owner)
     healthy: bool = False
     admin_state: str = ENABLED
     checked: bool = False
@@ -137,15 +138,17 @@ def new_backend(config: BackendConfig, url: str) -> Backend:
         weight=config.weight,
         backup=config.backup,
         health_path=config.health_path,
+        pool=config.pool,
         listening=True if config.hosted else None,
     )
 
 
 class BackendPool:
-    """The set of backends, their up/down state machine, and the balancing strategy.
+    """One pool: its backends, their up/down state machine, and its balancing strategy.
 
-    The pool owns its backends: everyone else reports through its methods (a try's start and
-    end, checks, admin actions, membership changes) and only reads their fields."""
+    The pool owns its backends' state: everyone else reports through its methods (a try's start
+    and end, checks, admin actions, membership changes) and only reads their fields. Which
+    backend is in which pool is `Pools`' business."""
 
     def __init__(
         self,
@@ -155,10 +158,15 @@ class BackendPool:
         strategy: str | Strategy = "round_robin",
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
+        name: str = DEFAULT_POOL,
+        hash_on: str | None = None,
     ) -> None:
+        self.name = name
         self.backends: list[Backend] = list(backends)
         self._has_backups = any(b.backup for b in self.backends)
         self.health = health
+        # The consistent-hash key of a request (`[balancer] hash_on`); None with any other strategy.
+        self.hash_on = hash_on
         self.strategy: Strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
         self.strategy.set_backends(self.backends)
         self.logger = logger or logging.getLogger("lb_system.pool")
@@ -197,6 +205,19 @@ class BackendPool:
 
     def set_health(self, health: HealthConfig) -> None:
         self.health = health
+
+    def apply_settings(self, config: PoolConfig) -> None:
+        """The pool's own settings (at start and on a reload): a changed strategy starts afresh."""
+        if config.strategy != self.strategy.name:
+            self.set_strategy(config.strategy)
+        self.hash_on = config.hash_on if config.strategy == "consistent_hash" else None
+        self.set_health(config.health)
+
+    def hand_over(self, backend: Backend, to: BackendPool) -> None:
+        """`backend` moves to another pool (a reload): a drain in progress goes with it."""
+        event = self._drained.pop(backend, None)
+        if event is not None:
+            to._drained[backend] = event
 
     # --- a try on a backend ----------------------------------------------------------
 
@@ -356,9 +377,7 @@ class BackendPool:
 
     # --- what the health checker saw -------------------------------------------------
 
-    def record_check(
-        self, backend: Backend, ok: bool, status: str, duration_ms: float | None, error: str | None = None
-    ) -> None:
+    def record_check(self, backend: Backend, ok: bool, status: str, duration_ms: float | None, error: str | None = None) -> None:
         """One active check: `fall` failures in a row take it down, `rise` successes bring it up.
         The very first check sets the state directly. An ejected backend's good checks count
         only once its ejection time is over. Checks never touch the count of proxied failures.

@@ -8,10 +8,10 @@ from importlib import resources
 
 from aiohttp import web
 
-from lb_system.balancing.pool import BackendPool
+from lb_system.balancing.pools import Pools
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.request_stats import ERROR_RATE_WINDOW_S, LATENCY_SAMPLES, RATE_HISTORY_S, RequestStats
-from lb_system.observability.status import backend_statuses
+from lb_system.observability.status import backend_statuses, pool_statuses
 from lb_system.timestamps import iso_utc
 
 RECENT_ERRORS_SHOWN = 20
@@ -37,27 +37,29 @@ def _no_config_error() -> str | None:
 
 
 def dashboard_snapshot(
-    pool: BackendPool,
+    pools: Pools,
     stats: RequestStats,
     tracker: ErrorTracker,
     config_error: Callable[[], str | None] = _no_config_error,
 ) -> dict[str, object]:
     """Everything the page shows, in one JSON-able document. `config_error` tells the refused
     edit of the config file, if any (the System knows it; observability does not import it)."""
-    now = pool.clock()
+    now = pools.clock()
     errors = tracker.stats(limit=RECENT_ERRORS_SHOWN)
     return {
         "now": iso_utc(now),
         "health": {
-            "status": pool.health_word(),
-            "healthy": pool.healthy_count,
-            "serving": pool.serving_count,
-            "total": len(pool.backends),
+            "status": pools.health_word(),
+            "healthy": pools.healthy_count,
+            "serving": pools.serving_count,
+            "total": len(pools.backends),
         },
         "config_error": config_error(),
-        "backends": backend_statuses(pool, stats),
+        "backends": backend_statuses(pools, stats),
+        # Each pool's health word; the page groups the backends by pool when there is more than one.
+        "pools": pool_statuses(pools),
         # Removed by a reload, finishing their in-flight requests.
-        "retiring": backend_statuses(pool, stats, retiring=True),
+        "retiring": backend_statuses(pools, stats, retiring=True),
         # The windows behind the figures, so the page's captions say what the numbers cover.
         "windows": {
             "latency_samples": LATENCY_SAMPLES,

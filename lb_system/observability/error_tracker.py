@@ -51,9 +51,9 @@ def error_type(status: int) -> str:
     return name if name is not None else f"{status}_UNKNOWN"
 
 
-# (timestamp, status, type, method, path, server, detail, request_id); a plain
-# tuple because building a NamedTuple costs a quarter of record().
-_Record = tuple[float, int, str, str, str, str, str, str]
+# (timestamp, status, type, method, path, server, detail, request_id, (pool, route) or None); a
+# plain tuple because building a NamedTuple costs a quarter of record().
+_Record = tuple[float, int, str, str, str, str, str, str, "tuple[str | None, str] | None"]
 
 
 def _count_bounded(counts: dict[str, int], key: str, max_keys: int, overflow: str) -> None:
@@ -122,13 +122,15 @@ class ErrorTracker:
         detail: str,
         request_id: str,
         route: str | None = None,
+        routed: tuple[str | None, str] | None = None,
     ) -> None:
-        """Record one failed request; ``route`` is its route pattern when known."""
+        """Record one failed request; ``route`` is its route pattern when known, ``routed`` the pool
+        and the [[routes]] entry that sent it there, when requests are sorted into pools."""
         now = self._clock()
         etype = error_type(status)
         if len(detail) > MAX_DETAIL_CHARS:
             detail = detail[:MAX_DETAIL_CHARS]
-        self._records.append((now, status, etype, method, path, server, detail, request_id))
+        self._records.append((now, status, etype, method, path, server, detail, request_id, routed))
         self._total += 1
 
         key = (server, etype)
@@ -176,23 +178,24 @@ class ErrorTracker:
         out: list[dict[str, Any]] = []
         if limit == 0:
             return out
-        for ts, rec_status, etype, method, path, rec_server, detail, request_id in reversed(self._records):
+        for ts, rec_status, etype, method, path, rec_server, detail, request_id, routed in reversed(self._records):
             if server is not None and rec_server != server:
                 continue
             if status is not None and rec_status != status:
                 continue
-            out.append(
-                {
-                    "timestamp": iso_utc(ts),
-                    "status": rec_status,
-                    "type": etype,
-                    "method": method,
-                    "path": path,
-                    "server": rec_server,
-                    "detail": detail,
-                    "request_id": request_id,
-                }
-            )
+            record = {
+                "timestamp": iso_utc(ts),
+                "status": rec_status,
+                "type": etype,
+                "method": method,
+                "path": path,
+                "server": rec_server,
+                "detail": detail,
+                "request_id": request_id,
+            }
+            if routed is not None:
+                record["pool"], record["route"] = routed
+            out.append(record)
             if limit is not None and len(out) >= limit:
                 break
         return out

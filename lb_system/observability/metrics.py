@@ -32,6 +32,7 @@ from prometheus_client.utils import floatToGoString
 
 from lb_system.balancing.events import BALANCER, CheckResult, Observer, ProxiedRequest, Transition
 from lb_system.balancing.pool import ADMIN_STATES, BackendPool
+from lb_system.balancing.pools import Pools
 from lb_system.observability.error_tracker import ErrorTracker, error_type
 
 __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "Metrics"]
@@ -48,8 +49,8 @@ _Counter: TypeAlias = CounterMetricFamily
 class _ScrapeTimeState(Collector):
     """Gauges and error counters computed from the live objects on each scrape."""
 
-    def __init__(self, pool: BackendPool, tracker: ErrorTracker) -> None:
-        self.pool = pool
+    def __init__(self, pools: Pools, tracker: ErrorTracker) -> None:
+        self.pools = pools
         self.tracker = tracker
 
     def _families(self) -> tuple[_Gauge, _Gauge, _Gauge, _Gauge, _Counter, _Counter]:
@@ -81,7 +82,7 @@ class _ScrapeTimeState(Collector):
     def collect(self) -> Iterable[Metric]:
         families = self._families()
         up, serving, admin_state, active, ejections, errors = families
-        for backend in self.pool.backends:
+        for backend in self.pools.backends:
             name = backend.name
             up.add_metric([name], 1.0 if backend.healthy else 0.0)
             serving.add_metric([name], 1.0 if backend.serving else 0.0)
@@ -113,67 +114,104 @@ class _ProxiedSeries(Collector):
     every proxied request and rendered as families at scrape time: prometheus_client's labelled
     children take a lock and check their type on each call, a cost paid per request here."""
 
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}  # (backend, method, status) -> count
-        self.durations: dict[str, _Durations] = {}
+    def __init__(self, pools: Pools) -> None:
+        self.pools = pools
+        # (pool, backend, method, status) -> count; the pool is None while requests are not routed.
+        self.requests: dict[tuple[str | None, str, str, int], int] = {}
+        self.durations: dict[tuple[str | None, str], _Durations] = {}
 
-    def add(self, backend: str, method: str, status: int, seconds: float) -> None:
-        key = (backend, method, status)
+    def add(self, pool: str | None, backend: str, method: str, status: int, seconds: float) -> None:
+        key = (pool, backend, method, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        durations = self.durations.get(backend)
+        durations = self.durations.get((pool, backend))
         if durations is None:
-            durations = self.durations[backend] = _Durations()
+            durations = self.durations[pool, backend] = _Durations()
         durations.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
         durations.total += seconds
 
     def describe(self) -> Iterable[Metric]:
-        return self._families()
+        return self._families(False)
 
-    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+    def _families(self, routed: bool) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        pool = ["pool"] if routed else []
         return (
             CounterMetricFamily(
-                "lb_requests", "Proxied requests by answering backend, method and status.", labels=["backend", "method", "code"]
+                "lb_requests",
+                "Proxied requests by answering backend, method and status (and pool, when requests are routed).",
+                labels=["backend", "method", "code", *pool],
             ),
             HistogramMetricFamily(
                 "lb_request_duration_seconds",
                 "Time from receiving a proxied request to finishing its response.",
-                labels=["backend"],
+                labels=["backend", *pool],
             ),
         )
 
     def collect(self) -> Iterable[Metric]:
-        requests, durations = self._families()
-        for (backend, method, status), count in self.requests.items():
-            requests.add_metric([backend, method, str(status)], float(count))
-        for backend, counted in self.durations.items():
+        routed = self.pools.routed
+        requests, durations = self._families(routed)
+        # Series counted before a reload changed whether requests are routed merge into the labels shown now.
+        counts: dict[tuple[str, ...], int] = {}
+        for (pool, backend, method, status), count in self.requests.items():
+            labels = (backend, method, str(status), *([pool or ""] if routed else []))
+            counts[labels] = counts.get(labels, 0) + count
+        for labels, count in counts.items():
+            requests.add_metric(list(labels), float(count))
+        merged: dict[tuple[str, ...], _Durations] = {}
+        for (pool, backend), counted in self.durations.items():
+            labels = (backend, *([pool or ""] if routed else []))
+            into = merged.get(labels)
+            if into is None:
+                merged[labels] = counted
+                continue
+            sums = _Durations()
+            sums.counts = [a + b for a, b in zip(into.counts, counted.counts, strict=True)]
+            sums.total = into.total + counted.total
+            merged[labels] = sums
+        for labels, counted in merged.items():
             cumulative = map(float, accumulate(counted.counts))
-            durations.add_metric([backend], list(zip(_BOUNDS, cumulative, strict=True)), counted.total)
+            durations.add_metric(list(labels), list(zip(_BOUNDS, cumulative, strict=True)), counted.total)
         return requests, durations
 
 
 class _WithoutCreated(Collector):
     """The registry's metrics minus the `*_created` samples. prometheus_client can only turn
-    those off for the whole process (`disable_created_metrics`); this keeps it per registry."""
+    those off for the whole process (`disable_created_metrics`); this keeps it per registry.
+    While requests are routed, every sample with a `backend` label also gets its `pool`."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, pools: Pools) -> None:
         self.registry = registry
+        self.pools = pools
 
     def collect(self) -> Iterable[Metric]:
+        pools = self.pools
+        pool_of = {b.name: b.pool for b in (*pools.retiring, *pools.backends)} if pools.routed else None
         for metric in self.registry.collect():
             created = metric.name + "_created"
             # Each collect() builds fresh Metric objects, so filtering in place touches nothing shared.
-            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            samples = [sample for sample in metric.samples if sample.name != created]
+            if pool_of is not None:
+                samples = [
+                    s._replace(labels=s.labels | {"pool": pool_of.get(s.labels["backend"], "")})
+                    if "backend" in s.labels and "pool" not in s.labels
+                    else s
+                    for s in samples
+                ]
+            metric.samples = samples
             yield metric
 
 
 class Metrics(Observer):
     """Every `lb_*` metric of one system, and its text exposition for `GET /metrics`."""
 
-    def __init__(self, pool: BackendPool, tracker: ErrorTracker) -> None:
+    def __init__(self, pools: Pools | BackendPool, tracker: ErrorTracker) -> None:
+        if isinstance(pools, BackendPool):
+            pools = Pools.around(pools)
         self.registry = CollectorRegistry()
         r = self.registry
-        self.proxied = _ProxiedSeries()
+        self.pools = pools
+        self.proxied = _ProxiedSeries(pools)
         r.register(self.proxied)
         self.health_checks = Counter("lb_health_checks", "Active health checks.", ["backend", "result"], registry=r)
         self.health_check_duration = Histogram(
@@ -188,14 +226,14 @@ class Metrics(Observer):
         )
         self.retries = Counter("lb_retries", "Retries away from a backend whose try failed.", ["backend"], registry=r)
         self.no_backend = Counter("lb_no_backend", "503 answers for want of a healthy backend.", registry=r)
-        r.register(_ScrapeTimeState(pool, tracker))
+        r.register(_ScrapeTimeState(pools, tracker))
         # The process's CPU, memory, file descriptors, GC and Python version (process_* on Linux only).
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self._exported = _WithoutCreated(r)
+        self._exported = _WithoutCreated(r, pools)
         # Zero series from the start, so rate() and alerts see the first increase.
-        for backend in pool.backends:
+        for backend in pools.backends:
             for result in ("ok", "failed"):
                 self.health_checks.labels(backend.name, result)
             for to in ("up", "down"):
@@ -204,7 +242,8 @@ class Metrics(Observer):
 
     def on_request(self, done: ProxiedRequest) -> None:
         # Bounded as the labels are: config names, standard methods, status codes.
-        self.proxied.add(done.backend, done.method if done.method in _METHODS else "OTHER", done.status, done.duration_s)
+        pool = done.pool if self.pools.routed else None
+        self.proxied.add(pool, done.backend, done.method if done.method in _METHODS else "OTHER", done.status, done.duration_s)
         if len(done.tries) > 1:
             for name in done.retried_from:
                 self.retries.labels(name).inc()
@@ -214,7 +253,7 @@ class Metrics(Observer):
     def count_own_answer(self, method: str, status: int, seconds: float) -> None:
         """An answer of the balancer's own that `lb_requests_total` counts as the balancer's
         (its /health while unavailable), beside those of proxied requests."""
-        self.proxied.add(BALANCER, method if method in _METHODS else "OTHER", status, seconds)
+        self.proxied.add(None, BALANCER, method if method in _METHODS else "OTHER", status, seconds)
 
     def on_check(self, result: CheckResult) -> None:
         self.health_checks.labels(result.backend, "ok" if result.ok else "failed").inc()

@@ -13,7 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from lb_system.balancing.pool import Backend, BackendPool, new_backend
+from lb_system.balancing.pool import Backend, new_backend
+from lb_system.balancing.pools import Pools
+from lb_system.balancing.routes import RouteTable
 from lb_system.config import BackendConfig, Config, ConfigError, check_role, load_config
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS
@@ -58,7 +60,7 @@ class Membership:
         # The last rejected edit of the config file, shown in /status; None when the file is what runs.
         self.config_error: str | None = None
         self.hosted: dict[str, HostedBackend] = {}
-        self.pool: BackendPool | None = None
+        self.pool: Pools | None = None
         self._store = store
         self._balancer: Balancer | None = None
         # Changes (reload, admin stop/start) happen one at a time.
@@ -95,8 +97,8 @@ class Membership:
             raise
         return urls
 
-    def attach(self, pool: BackendPool, balancer: Balancer) -> None:
-        """The pool and the balancer that changes apply to, once the system has made them."""
+    def attach(self, pool: Pools, balancer: Balancer) -> None:
+        """The pools and the balancer that changes apply to, once the system has made them."""
         self.pool, self._balancer = pool, balancer
 
     async def stop_changes(self) -> list[web.AppRunner]:
@@ -135,7 +137,7 @@ class Membership:
     async def _serve(self, name: str, sock: socket.socket) -> web.AppRunner:
         return await serve(self.backend_app(name), sock, shutdown_timeout=self.config.balancer.shutdown_grace)
 
-    def _attached(self) -> tuple[BackendPool, Balancer]:
+    def _attached(self) -> tuple[Pools, Balancer]:
         assert self.pool is not None and self._balancer is not None, "the system has not started"
         return self.pool, self._balancer
 
@@ -221,32 +223,31 @@ class Membership:
         old, new = self.config, plan.config
         current = {b.name: b for b in pool.backends}
         edits: dict[str, BackendEdit] = {e.name: e for e in plan.edited}
-        members: list[Backend] = []
+        members: list[tuple[Backend, str]] = []
         for cfg in new.backends:
             backend = current.get(cfg.name)
             edit = edits.get(cfg.name)
             if backend is None:
                 backend = new_backend(cfg, self._url_of(cfg, started))
             else:
-                # Kept: same object, so health state, counters and history carry over.
-                pool.configure(backend, cfg)
+                # Kept: same object, so health state, counters and history carry over (to another pool too).
+                owner = pool.pool_of(backend)
+                owner.configure(backend, cfg)
                 if edit is not None and edit.moved:
                     previous = self.hosted.pop(cfg.name, None)
                     if previous is not None and previous.runner is not None:
                         self._close_soon(previous.runner)  # in-flight requests to the old port finish
-                    pool.move(backend, self._url_of(cfg, started), hosted=cfg.hosted)
+                    owner.move(backend, self._url_of(cfg, started), hosted=cfg.hosted)
             if cfg.name in started:
                 self.hosted[cfg.name] = started[cfg.name]
             elif cfg.hosted:
                 self.hosted[cfg.name].config = cfg
-            members.append(backend)
+            members.append((backend, cfg.pool))
 
-        pool.set_backends(members)
-        if new.health != old.health:
-            pool.set_health(new.health)
+        removed = [current[name] for name in plan.removed]
+        pool.assign(new.pools, members, routes=RouteTable.from_config(new.routes), removed=removed)
+        if any(new.pools[name].health != old.pools.get(name, new.pools[name]).health for name in new.pools):
             balancer.wake_checks()  # the next round follows the new interval, not the old one
-        if new.balancer.strategy != old.balancer.strategy:
-            pool.set_strategy(new.balancer.strategy)
         if new.errors.recent != old.errors.recent:
             self.tracker.recent = new.errors.recent
         if new.log.level != old.log.level:
@@ -254,9 +255,8 @@ class Membership:
         balancer.apply_config(new)
         self.config = new
 
-        for name in plan.removed:
-            backend = current[name]
-            pool.retire(backend)
+        for backend in removed:
+            name = backend.name
             hosted = self.hosted.pop(name, None)
             runner = hosted.runner if hosted is not None else None
             if runner is not None:
@@ -278,12 +278,12 @@ class Membership:
         then its server, if hosted here, stops listening."""
         pool, balancer = self._attached()
         timeout = self.config.balancer.drain_timeout
-        if not await pool.wait_drained(backend, timeout):
+        if not await pool.pool_of(backend).wait_drained(backend, timeout):
             fields = {"backend": backend.name, "active_requests": backend.active_requests, "timeout": timeout}
             self.logger.warning("backend drain timed out", extra={FIELDS: fields})
         if runner is not None:
             await asyncio.shield(self._close_soon(runner))
-            pool.set_listening(backend, False)
+            pool.pool_of(backend).set_listening(backend, False)
         pool.forget(backend)
         if all(other.url != backend.url for other in (*pool.backends, *pool.retiring)):
             await balancer.forget_upstream(backend.url)  # drained: no request of its own is left on them
@@ -309,7 +309,7 @@ class Membership:
         """enable / disable / drain one backend; False when it already was in that state.
         The pool marks a drained backend when its last request ends."""
         pool, balancer = self._attached()
-        changed = pool.set_admin_state(backend, state)
+        changed = pool.pool_of(backend).set_admin_state(backend, state)
         if changed:
             balancer.wake_checks()
         return changed
@@ -324,7 +324,7 @@ class Membership:
             runner, hosted.runner = hosted.runner, None
             backend = pool.get(name)
             if backend is not None:
-                pool.set_listening(backend, False)
+                pool.pool_of(backend).set_listening(backend, False)
             self.logger.warning("backend stopped", extra={FIELDS: {"backend": name, "port": hosted.port, "by": "admin"}})
             await runner.cleanup()
         balancer.wake_checks()
@@ -345,7 +345,7 @@ class Membership:
             hosted.runner = await self._serve(name, sock)
             backend = pool.get(name)
             if backend is not None:
-                pool.set_listening(backend, True)
+                pool.pool_of(backend).set_listening(backend, True)
             self.logger.info("backend started", extra={FIELDS: {"backend": name, "port": hosted.port, "by": "admin"}})
         balancer.wake_checks()
         return True

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lb_system.balancing.pool import BackendPool
+from lb_system.balancing.pools import Pools
 from lb_system.config import DEFAULT_CONFIG_PATH, Config, check_role
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS, LOGGER_NAME
@@ -76,7 +76,8 @@ class System:
         return self.membership.config_error
 
     @property
-    def pool(self) -> BackendPool | None:
+    def pool(self) -> Pools | None:
+        """Every pool of backends, the routes to them, and the whole-system view of their backends."""
         return self.membership.pool
 
     @property
@@ -140,24 +141,17 @@ class System:
             balancer_sock.close()
             raise
 
-        pool = BackendPool.from_config(
-            config.backends,
-            urls,
-            health=config.health,
-            strategy=config.balancer.strategy,
-            logger=self.logger,
-            clock=self.clock,
-        )
+        pools = Pools.from_config(config, urls, logger=self.logger, clock=self.clock)
         self.balancer = make_balancer_app(
             config,
-            pool=pool,
+            pools=pools,
             tracker=self.tracker,
             logger=self.logger,
             control=self.membership,
             forwarded_api=task_api_document(debug_endpoints=config.api.debug_endpoints),
             hosted_routes=RouteGroups(self.membership.backend_app("routes")),
         )
-        self.membership.attach(pool, self.balancer)
+        self.membership.attach(pools, self.balancer)
         port = balancer_sock.getsockname()[1]
         self.balancer_runner = await serve(
             self.balancer.app,

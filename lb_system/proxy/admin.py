@@ -11,7 +11,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from lb_system.balancing.pool import DISABLED, DRAINING, ENABLED, Backend, BackendPool
+from lb_system.balancing.pool import DISABLED, DRAINING, ENABLED, Backend
+from lb_system.balancing.pools import Pools
 from lb_system.config import DEFAULT_TOKEN_ENV, Config, ConfigError
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS
@@ -36,7 +37,7 @@ class AdminControl(Protocol):
     """What the admin API drives; the System implements it."""
 
     config: Config
-    pool: BackendPool | None
+    pool: Pools | None
     tracker: ErrorTracker
     config_error: str | None
 

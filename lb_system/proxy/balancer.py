@@ -13,6 +13,7 @@ from aiohttp import web
 
 from lb_system.balancing.events import BALANCER
 from lb_system.balancing.pool import BackendPool
+from lb_system.balancing.pools import Pools
 from lb_system.config import Config
 from lb_system.observability.dashboard import dashboard_snapshot, make_page_handler
 from lb_system.observability.error_tracker import ErrorTracker
@@ -39,7 +40,7 @@ from lb_system.proxy.targets import OwnPaths
 from lb_system.upstream import UpstreamPool
 
 # The balancer app's state, set once by make_balancer_app (the checker by its cleanup context).
-BACKEND_POOL = web.AppKey("backend_pool", BackendPool)
+BACKEND_POOLS = web.AppKey("backend_pools", Pools)
 ERROR_TRACKER = web.AppKey("error_tracker", ErrorTracker)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 HEALTH_CHECKER = web.AppKey("health_checker", HealthChecker)
@@ -51,14 +52,11 @@ LIVE_FEED = web.AppKey("live_feed", LiveFeed)
 async def health(request: web.Request) -> web.Response:
     # Probes and outer balancers read the status code: 503 exactly when no request could be served.
     started = time.perf_counter()
-    pool = request.app[BACKEND_POOL]
-    word = pool.health_word()
-    body = {
-        "status": word,
-        "serving_backends": pool.serving_count,
-        "healthy_backends": pool.healthy_count,
-        "total_backends": len(pool.backends),
-    }
+    pools = request.app[BACKEND_POOLS]
+    word = pools.health_word()
+    body: dict[str, object] = _health_counts(pools, word)
+    if pools.routed:
+        body["pools"] = {pool.name: _health_counts(pool, pool.health_word()) for pool in pools}
     if word != "unavailable":
         return json_response(body)
     response = json_response(body, status=503)
@@ -69,11 +67,20 @@ async def health(request: web.Request) -> web.Response:
     return response
 
 
+def _health_counts(pool: Pools | BackendPool, word: str) -> dict[str, object]:
+    return {
+        "status": word,
+        "serving_backends": pool.serving_count,
+        "healthy_backends": pool.healthy_count,
+        "total_backends": len(pool.backends),
+    }
+
+
 async def status(request: web.Request) -> web.Response:
     control = request.app.get(ADMIN_CONTROL)
     return json_response(
         status_document(
-            request.app[BACKEND_POOL],
+            request.app[BACKEND_POOLS],
             request.app[REQUEST_STATS],
             config_error=control.config_error if control is not None else None,
         )
@@ -140,7 +147,7 @@ class Balancer:
 def make_balancer_app(
     config: Config,
     *,
-    pool: BackendPool,
+    pools: Pools,
     tracker: ErrorTracker,
     logger: logging.Logger,
     control: AdminControl | None = None,
@@ -154,7 +161,7 @@ def make_balancer_app(
     hosted backends' routes) groups the balancer's own errors on their paths as theirs are grouped."""
 
     def group_own(path: str) -> str | None:
-        if hosted_routes is None or not any(b.hosted for b in pool.backends):
+        if hosted_routes is None or not any(b.hosted for b in pools.backends):
             return None
         return hosted_routes(path)
 
@@ -164,13 +171,13 @@ def make_balancer_app(
         client_max_size=config.proxy.max_body_bytes or 2**63,
         handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
     )
-    app[BACKEND_POOL] = pool
+    app[BACKEND_POOLS] = pools
     app[ERROR_TRACKER] = tracker
 
-    observers = pool.observers
+    observers = pools.observers
     # One transport to the backends: proxied requests on its pools, checks on its dedicated connections.
     upstream = UpstreamPool.from_config(config.proxy)
-    forwarder = Forwarder(pool, upstream, config, logger=logger, observers=observers)
+    forwarder = Forwarder(pools, upstream, config, logger=logger, observers=observers)
     app[FORWARDER] = forwarder
 
     def record_refusal(refusal: Refusal) -> None:
@@ -180,9 +187,9 @@ def make_balancer_app(
         )
         forwarder.refused(refusal)
 
-    stats = RequestStats(clock=pool.clock)
+    stats = RequestStats(clock=pools.clock)
     app[REQUEST_STATS] = stats
-    observer = Metrics(pool, tracker)
+    observer = Metrics(pools, tracker)
     app[METRICS] = observer
     observers.add(stats)
     observers.add(observer)
@@ -190,7 +197,7 @@ def make_balancer_app(
     def config_error() -> str | None:
         return control.config_error if control is not None else None
 
-    feed = LiveFeed(lambda: dashboard_snapshot(pool, stats, tracker, config_error), logger=logger)
+    feed = LiveFeed(lambda: dashboard_snapshot(pools, stats, tracker, config_error), logger=logger)
     app[LIVE_FEED] = feed
     observers.add(feed)
 
@@ -198,7 +205,7 @@ def make_balancer_app(
         return await forwarder(request)
 
     async def client_and_health(app: web.Application) -> AsyncIterator[None]:
-        checker = HealthChecker(pool, transport_probe(upstream), observers=observers, logger=logger)
+        checker = HealthChecker(pools, transport_probe(upstream), observers=observers, logger=logger)
         app[HEALTH_CHECKER] = checker
         try:
             await checker.check_once()

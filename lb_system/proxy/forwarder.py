@@ -19,7 +19,9 @@ from multidict import CIMultiDict
 
 from lb_system.balancing.events import BALANCER, Observer, Observers, ProxiedRequest, TryResult, render_tries
 from lb_system.balancing.pool import Backend, BackendPool
+from lb_system.balancing.pools import Pools
 from lb_system.balancing.retry import FailureKind, RetryBudget, RetryPolicy
+from lb_system.balancing.routes import UNROUTED
 from lb_system.balancing.strategies import hash_key
 from lb_system.config import Config
 from lb_system.observability.access_log import AccessLog
@@ -30,13 +32,15 @@ from lb_system.problems import (
     REQUEST_ID,
     REQUEST_ID_HEADER,
     RESPONSE_CUT,
+    ROUTED,
     UPSTREAM_RECORDED,
+    Routed,
     problem_response,
 )
 from lb_system.proxy.client_limits import Refusal
 from lb_system.proxy.failures import Failure, classify
 from lb_system.proxy.headers import HeaderPolicy, response_headers, strip_hop_by_hop
-from lb_system.proxy.targets import OwnPaths, upstream_target
+from lb_system.proxy.targets import OwnPaths, resolved_path, upstream_target
 from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
 from lb_system.upstream import Exchange, TunnelLimitReached, UpstreamError, UpstreamPool, split_url
 
@@ -44,6 +48,7 @@ from lb_system.upstream import Exchange, TunnelLimitReached, UpstreamError, Upst
 BUFFER_LIMIT = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 NO_BACKEND = "No healthy backend available"
+NO_ROUTE = "No route for this request"
 OVERLOADED = "Too many requests waiting for a backend connection"
 TOO_MANY_TUNNELS = "Too many open WebSocket tunnels to the backend"
 # The access line's word for a try whose answer started and was then cut (`tries=backend-1:cut`).
@@ -105,22 +110,22 @@ class Forwarder:
 
     def __init__(
         self,
-        pool: BackendPool,
+        pools: Pools,
         upstream: UpstreamPool,
         config: Config,
         *,
         logger: logging.Logger,
-        budget: RetryBudget | None = None,
         observers: Observer | None = None,
     ) -> None:
-        self.pool = pool
+        self.pools = pools
         self.upstream = upstream
         # backend URL -> (its Endpoint's origin, the path put before every target)
         self._routes: dict[str, tuple[str, str]] = {}
         self.logger = logger
         self.access_log = AccessLog(logger)
         self.apply_config(config)
-        self.budget = budget or RetryBudget(config.proxy.retry_budget_percent)
+        # One retry budget per pool: a sick pool's retries never spend another pool's share.
+        self.budgets: dict[str, RetryBudget] = {}
         self.in_flight = 0
         self.observers = observers if observers is not None else Observers(logger)
         # The balancer's own paths (set once its routes exist): never forwarded by another spelling.
@@ -131,7 +136,6 @@ class Forwarder:
         self.config = config
         self.policy = RetryPolicy(retries=proxy.retries, retry_on_status=frozenset(proxy.retry_on_status))
         self.header_policy = HeaderPolicy(proxy.trusted_proxies)
-        self.hash_on = config.balancer.hash_on if config.balancer.strategy == "consistent_hash" else None
         self.upstream.apply_config(proxy)
 
     async def close(self) -> None:
@@ -147,19 +151,24 @@ class Forwarder:
             target, host = upstream_target(request)
             if self.own_paths is not None:
                 self.own_paths.refuse(request, target)
+            pool, target = self._pool_for(request, target, host)
+            if pool is None:  # no route, and no default pool to fall back to: the balancer's own 404
+                self._access_log(request, 404, None, started, request_id, None, reason="no_route")
+                self._notify(request.method, 404, BALANCER, started, [])
+                return problem_response(404, NO_ROUTE, instance=request.path, request_id=request_id)
             if is_websocket_upgrade(request):  # a tunnel holds no pooled connection: it has its own cap, not the pool's
-                return await self._websocket(request, request_id, started, target, host)
+                return await self._websocket(request, pool, request_id, started, target, host)
             # Read before the request counts against any backend: an upload in progress holds no
             # backend connection, so stalled uploads cannot starve other clients.
             body, replayable = await self._request_body(request)
             # Capacity is never below max_pending: the scan over backends only runs near overload.
             if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
                 self._access_log(request, 503, None, started, request_id, "shed")
-                self._notify(request.method, 503, BALANCER, started, [])
+                self._notify(request.method, 503, BALANCER, started, [], pool=pool)
                 return _unavailable(request, request_id, OVERLOADED)
             self.in_flight += 1
             try:
-                return await self._forward(request, request_id, started, (target, host), body, replayable, deadline)
+                return await self._forward(request, pool, request_id, started, (target, host), body, replayable, deadline)
             finally:
                 self.in_flight -= 1
         except web.HTTPMethodNotAllowed:
@@ -189,7 +198,7 @@ class Forwarder:
     def _capacity(self) -> int:
         """Requests past every eligible backend's connection cap wait, up to `max_pending`; more are shed."""
         proxy = self.config.proxy
-        eligible = sum(1 for b in self.pool.backends if b.eligible)
+        eligible = sum(1 for b in self.pools.backends if b.eligible)
         return eligible * proxy.max_connections_per_backend + proxy.max_pending
 
     async def _request_body(self, request: web.Request) -> tuple[bytes | _LimitedBody | None, bool]:
@@ -208,9 +217,29 @@ class Forwarder:
                 raise web.HTTPBadRequest(text=BODY_INCOMPLETE) from None
         return _LimitedBody(request.content, limit), False
 
+    def _pool_for(self, request: web.Request, target: str, host: str | None) -> tuple[BackendPool | None, str]:
+        """The request's pool and the target its backends get (a route may strip its prefix).
+        With routes or several pools, the request remembers them for its access line and error record."""
+        pools = self.pools
+        if not pools.routed:
+            return pools.default, target
+        resolved = resolved_path(target)
+        pool, route = pools.route(host if host is not None else request.host, resolved)
+        request[ROUTED] = Routed(None if pool is None else pool.name, UNROUTED if route is None else route.name)
+        if route is not None:
+            target = route.upstream_target(target, resolved)
+        return pool, target
+
+    def _budget(self, pool: BackendPool) -> RetryBudget:
+        budget = self.budgets.get(pool.name)
+        if budget is None:
+            budget = self.budgets[pool.name] = RetryBudget(self.config.proxy.retry_budget_percent)
+        return budget
+
     async def _forward(
         self,
         request: web.Request,
+        pool: BackendPool,
         request_id: str,
         started: float,
         target: tuple[str, str | None],
@@ -218,12 +247,13 @@ class Forwarder:
         replayable: bool,
         deadline: float,
     ) -> web.StreamResponse:
-        self.budget.on_request()
+        budget = self._budget(pool)
+        budget.on_request()
         headers = self.header_policy.upstream_headers(request, request_id)
         path, host = target
         if host is not None:  # an absolute-form target names the host (RFC 9112 §3.2.2)
             headers["Host"] = host
-        key = self._hash_key(request)
+        key = self._hash_key(request, pool)
 
         tried: list[Backend] = []
         tries: list[TryResult] = []
@@ -231,7 +261,7 @@ class Forwarder:
         holding_budget = False
         unreached = 0  # tries that never reached their backend (refused, connect timeout)
         try:
-            while (backend := self.pool.choose(key, exclude=tried)) is not None:
+            while (backend := pool.choose(key, exclude=tried)) is not None:
                 tried.append(backend)
                 try_started = time.perf_counter()
                 try:
@@ -244,15 +274,17 @@ class Forwarder:
                         # adds no load, so neither the budget nor `retries` holds it back (the
                         # budget's window is empty after an idle spell: a burst would get 502s).
                         unreached += 1
-                        if self.pool.has_candidate(exclude=tried):
+                        if pool.has_candidate(exclude=tried):
                             continue
                         break
-                    if not self._may_try_again(request.method, failure.kind, tried, unreached, replayable, holding_budget):
+                    if not self._may_try_again(
+                        pool, budget, request.method, failure.kind, tried, unreached, replayable, holding_budget
+                    ):
                         break
                     holding_budget = True
                     continue
                 if self.policy.retryable_status(upstream.status) and self._may_try_again(
-                    request.method, FailureKind.STATUS, tried, unreached, replayable, holding_budget
+                    pool, budget, request.method, FailureKind.STATUS, tried, unreached, replayable, holding_budget
                 ):
                     holding_budget = True
                     if data is None:  # a streamed answer's outcome is otherwise recorded when it ends
@@ -269,11 +301,11 @@ class Forwarder:
                     tries.append(TryResult(backend.name, None, duration, CUT))
                 self._access_log(request, response.status, backend.name, started, request_id, render_tries(tries))
                 # A cut answer is the backend's 502 for the observers, whatever its status line said.
-                self._notify(request.method, response.status if cut is None else 502, backend.name, started, tries)
+                self._notify(request.method, response.status if cut is None else 502, backend.name, started, tries, pool=pool)
                 return response
         finally:
             if holding_budget:  # one budget slot covers all the retries of one request
-                self.budget.release()
+                budget.release()
 
         if last_failure is None:
             response = _unavailable(request, request_id)
@@ -284,28 +316,45 @@ class Forwarder:
             detail = reason if last_failure.refused_answer else f"No backend answered: {reason}"
             response = problem_response(502, detail, instance=request.path, request_id=request_id)
         self._access_log(request, response.status, None, started, request_id, render_tries(tries))
-        self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None)
+        self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None, pool=pool)
         return response
 
     def _notify(
-        self, method: str, status: int, backend: str, started: float, tries: list[TryResult], *, no_backend: bool = False
+        self,
+        method: str,
+        status: int,
+        backend: str,
+        started: float,
+        tries: list[TryResult],
+        *,
+        no_backend: bool = False,
+        pool: BackendPool | None = None,
     ) -> None:
         self.observers.on_request(
-            ProxiedRequest(method, status, backend, time.perf_counter() - started, tuple(tries), no_backend)
+            ProxiedRequest(
+                method,
+                status,
+                backend,
+                time.perf_counter() - started,
+                tuple(tries),
+                no_backend,
+                None if pool is None else pool.name,
+            )
         )
 
-    def _hash_key(self, request: web.Request) -> str | None:
-        if self.hash_on is None:
+    @staticmethod
+    def _hash_key(request: web.Request, pool: BackendPool) -> str | None:
+        if pool.hash_on is None:
             return None
-        return hash_key(self.hash_on, client_ip=request.remote or "", path=request.path, headers=request.headers)
+        return hash_key(pool.hash_on, client_ip=request.remote or "", path=request.path, headers=request.headers)
 
     async def _websocket(
-        self, request: web.Request, request_id: str, started: float, path: str, host: str | None
+        self, request: web.Request, pool: BackendPool, request_id: str, started: float, path: str, host: str | None
     ) -> web.StreamResponse:
         """Tunnel a WebSocket to one backend, raw bytes after its 101, until either side closes."""
-        backend = self.pool.choose(self._hash_key(request))
+        backend = pool.choose(self._hash_key(request, pool))
         if backend is None:
-            self._notify(request.method, 503, BALANCER, started, [], no_backend=True)
+            self._notify(request.method, 503, BALANCER, started, [], no_backend=True, pool=pool)
             return _unavailable(request, request_id)
         headers = self.header_policy.upstream_headers(request, request_id)
         if host is not None:
@@ -315,7 +364,7 @@ class Forwarder:
         headers["Upgrade"] = request.headers["Upgrade"]
         origin, prefix = self._route(backend)
         timeout = self.config.proxy.per_try_timeout
-        self.pool.acquire(backend)
+        pool.acquire(backend)
         finished = False
         upstream = None
         try:
@@ -327,16 +376,16 @@ class Forwarder:
                     data = None if upstream.status == 101 else await _small_body(upstream)
             except TunnelLimitReached:
                 self._access_log(request, 503, backend.name, started, request_id, None, reason="tunnels")
-                self._notify(request.method, 503, BALANCER, started, [])
+                self._notify(request.method, 503, BALANCER, started, [], pool=pool)
                 return _unavailable(request, request_id, TOO_MANY_TUNNELS)
             except (UpstreamError, TimeoutError) as error:
                 if upstream is not None:
                     upstream.release()
                 reason = classify(error).reason
-                self.pool.record_passive_failure(backend, reason)
+                self.pools.pool_of(backend).record_passive_failure(backend, reason)
                 failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
                 self._access_log(request, 502, backend.name, started, request_id, render_tries([failed]))
-                self._notify(request.method, 502, BALANCER, started, [failed])
+                self._notify(request.method, 502, BALANCER, started, [failed], pool=pool)
                 return problem_response(
                     502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
                 )
@@ -347,7 +396,7 @@ class Forwarder:
                 response = await self._respond(request, backend, upstream, data, request_id)
                 refused = TryResult(backend.name, upstream.status, time.perf_counter() - started)
                 self._access_log(request, response.status, backend.name, started, request_id, render_tries([refused]))
-                self._notify(request.method, response.status, backend.name, started, [refused])
+                self._notify(request.method, response.status, backend.name, started, [refused], pool=pool)
                 return response
             answer = response_headers(upstream.headers)
             answer["Connection"] = "Upgrade"
@@ -357,13 +406,13 @@ class Forwarder:
             tunnel = upstream.detach()
             # Counted at the handshake: the session that follows may last for hours.
             opened = TryResult(backend.name, 101, time.perf_counter() - started)
-            self._notify(request.method, 101, backend.name, started, [opened])
+            self._notify(request.method, 101, backend.name, started, [opened], pool=pool)
             client = await tunnel_both_ways(request, upstream.status, upstream.reason, answer, tunnel)
             self._access_log(request, 101, backend.name, started, request_id, render_tries([opened]))
             return client
         finally:
             if not finished:  # _respond gave the backend back already
-                self.pool.release(backend)
+                self.pools.pool_of(backend).release(backend)
 
     def _route(self, backend: Backend) -> tuple[str, str]:
         """The backend's Endpoint origin and the path put before every target."""
@@ -375,10 +424,18 @@ class Forwarder:
     def _finish_try(self, backend: Backend, upstream: Exchange) -> None:
         """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
         upstream.release()
-        self.pool.release(backend)
+        self.pools.pool_of(backend).release(backend)
 
     def _may_try_again(
-        self, method: str, kind: FailureKind, tried: list[Backend], unreached: int, replayable: bool, holding_budget: bool
+        self,
+        pool: BackendPool,
+        budget: RetryBudget,
+        method: str,
+        kind: FailureKind,
+        tried: list[Backend],
+        unreached: int,
+        replayable: bool,
+        holding_budget: bool,
     ) -> bool:
         """The one retry question, after a try that reached its backend (failed, or a retryable
         status): the policy allows it (tries that never reached a backend are not counted), a
@@ -387,8 +444,8 @@ class Forwarder:
         attempt = len(tried) - unreached
         return (
             self.policy.should_retry(method=method, failure=kind, attempt=attempt, body_replayable=replayable)
-            and self.pool.has_candidate(exclude=tried)
-            and (holding_budget or self.budget.try_acquire())
+            and pool.has_candidate(exclude=tried)
+            and (holding_budget or budget.try_acquire())
         )
 
     async def _send(
@@ -408,7 +465,7 @@ class Forwarder:
         timeout = min(proxy.per_try_timeout, deadline - loop.time())
         origin, prefix = self._route(backend)
         endpoint = self.upstream.endpoint(origin)
-        self.pool.acquire(backend)
+        self.pools.pool_of(backend).acquire(backend)
         upstream = None
         try:
             if timeout <= 0:
@@ -426,7 +483,7 @@ class Forwarder:
             )
             data = await _small_body(upstream, try_deadline)
         except BaseException as error:
-            self.pool.release(backend)
+            self.pools.pool_of(backend).release(backend)
             if upstream is not None:
                 upstream.release()
             if not isinstance(error, Exception):  # cancelled: the client left or the server stops
@@ -435,7 +492,7 @@ class Forwarder:
                 raise body.client_error from None
             failure = classify(error)
             if failure.blames_backend:
-                self.pool.record_passive_failure(backend, failure.reason)
+                self.pools.pool_of(backend).record_passive_failure(backend, failure.reason)
             raise _TryFailed(failure) from None
         if data is not None:
             self._record_answer(backend, upstream.status)
@@ -443,10 +500,11 @@ class Forwarder:
 
     def _record_answer(self, backend: Backend, status: int) -> None:
         """A whole answer: a proxied success for the pool, unless it is a 5xx and `passive_5xx` counts those."""
-        if status >= 500 and self.pool.health.passive_5xx:
-            self.pool.record_passive_failure(backend, f"status {status}")
+        pool = self.pools.pool_of(backend)
+        if status >= 500 and pool.health.passive_5xx:
+            pool.record_passive_failure(backend, f"status {status}")
         else:
-            self.pool.record_passive_success(backend)
+            pool.record_passive_success(backend)
 
     async def _respond(
         self,
@@ -510,7 +568,7 @@ class Forwarder:
                     }
                 },
             )
-            self.pool.record_passive_failure(backend, reason)
+            self.pools.pool_of(backend).record_passive_failure(backend, reason)
             response[RESPONSE_CUT] = INCOMPLETE if reason == INCOMPLETE else f"{INCOMPLETE}: {reason}"
             response[ERROR_SERVER] = backend.name
             # The status line is gone already: the only honest signal left to the client is a cut connection.
@@ -533,6 +591,7 @@ class Forwarder:
         *,
         reason: str | None = None,
     ) -> None:
+        routed = request.get(ROUTED) if self.pools.routed else None
         self.access_log.write(
             method=request.method,
             path=request.path,
@@ -543,4 +602,6 @@ class Forwarder:
             tries=tries,
             client=(request.remote or "-") if reason else None,
             reason=reason,
+            pool=None if routed is None else routed.pool or UNROUTED,
+            route=None if routed is None else routed.route,
         )

@@ -1,5 +1,5 @@
-"""Active health checks: every backend gets `GET <path>` each `interval` seconds, and passes when
-the answer's status is in `expect_status` and its body (its first 64 KiB) holds `expect_body`.
+"""Active health checks: every backend gets `GET <path>` each `interval` seconds of its pool's, and
+passes when the answer's status is in `expect_status` and its body (its first 64 KiB) holds `expect_body`.
 
 Checks go through the upstream transport, the proxied requests' one code path to the backends,
 but each on a dedicated connection outside the capped pool: a backend busy with slow answers must
@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from lb_system.balancing.checks import check_verdict
 from lb_system.balancing.events import CheckResult, Observer, Observers
-from lb_system.balancing.pool import Backend, BackendPool
-from lb_system.config import CHECK_BODY_LIMIT, HealthConfig
+from lb_system.balancing.pool import Backend
+from lb_system.balancing.pools import Pools
+from lb_system.config import CHECK_BODY_LIMIT
 from lb_system.observability.log import FIELDS
 from lb_system.proxy.failures import classify
 from lb_system.upstream import UpstreamPool, split_url
@@ -58,20 +59,21 @@ def transport_probe(upstream: UpstreamPool) -> Probe:
 
 
 class HealthChecker:
-    """Checks the pool's backends and reports each result to the pool and the observers.
+    """Checks every pool's backends, each pool at its own interval, and reports each result to the
+    backend's pool and the observers.
 
     `start()` runs the periodic checks in a task that is restarted (and logged) if it ever ends
     unexpectedly; `stop()` ends it."""
 
     def __init__(
         self,
-        pool: BackendPool,
+        pools: Pools,
         probe: Probe,
         *,
         observers: Observer | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.pool = pool
+        self.pools = pools
         self.probe = probe
         self.observers = observers if observers is not None else Observers()
         self.logger = logger or logging.getLogger("lb_system.health")
@@ -80,13 +82,10 @@ class HealthChecker:
         self._stopping = False
         self._wakeup = asyncio.Event()
 
-    @property
-    def config(self) -> HealthConfig:
-        # Read through the pool so a reloaded [health] applies to the next round.
-        return self.pool.health
-
     async def check_backend(self, backend: Backend) -> bool:
-        settings = self.pool.check_settings(backend)
+        # Read through the pool at each check, so a reloaded [health] applies to the next round.
+        pool = self.pools.pool_of(backend)
+        settings = pool.check_settings(backend)
         started = time.perf_counter()
         error: str | None = None
         try:
@@ -100,37 +99,51 @@ class HealthChecker:
             ok, status = False, classify(failure).reason
         duration = time.perf_counter() - started
         try:
-            self.pool.record_check(backend, ok, status, duration * 1000, error)
+            pool.record_check(backend, ok, status, duration * 1000, error)
         except Exception:  # a bug in the pool must not stop the checks of the other backends
             self.logger.exception("recording a health check failed", extra={FIELDS: {"backend": backend.name}})
         self.observers.on_check(CheckResult(backend.name, ok, status, duration))
         return ok
 
     async def check_once(self) -> None:
-        """One round over every backend, concurrently."""
-        backends = list(self.pool.backends)
-        if backends:
-            await asyncio.gather(*(self.check_backend(b) for b in backends))
+        """One round over every backend of every pool, concurrently."""
+        await self._check(self.pools.backends)
+
+    async def _check(self, backends: Iterable[Backend]) -> None:
+        checks = [self.check_backend(b) for b in backends]
+        if checks:
+            await asyncio.gather(*checks)
 
     def wake(self) -> None:
         """Start the next round now (after a reload or an admin action)."""
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Check every `interval` seconds (the first round is done by whoever starts the checker)."""
+        """Check each pool every `interval` seconds of its own (the first round is done by whoever
+        starts the checker); a wake-up checks every pool at once."""
         loop = asyncio.get_running_loop()
-        next_round = loop.time() + self.config.interval
+        due: dict[str, float] = {}  # pool name -> when its next round starts
         while True:
+            now = loop.time()
+            pools = list(self.pools)
+            for pool in pools:
+                due.setdefault(pool.name, now + pool.health.interval)
+            for name in due.keys() - {pool.name for pool in pools}:
+                del due[name]  # removed by a reload
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that arrives as the
             # wake-up is set, and stop() then waits for a checker that goes on checking.
             try:
-                async with asyncio.timeout(max(0.0, next_round - loop.time())):
+                async with asyncio.timeout(max(0.0, min(due.values(), default=now + 1.0) - now)):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
+            woken = self._wakeup.is_set()
             self._wakeup.clear()
-            next_round = loop.time() + self.config.interval
-            await self.check_once()
+            now = loop.time()
+            ready = [pool for pool in self.pools if woken or due.get(pool.name, now) <= now]
+            for pool in ready:
+                due[pool.name] = now + pool.health.interval
+            await self._check(b for pool in ready for b in pool.backends)
 
     def start(self) -> None:
         """Run the checks in the background until `stop()`."""

@@ -74,4 +74,3 @@ def make_task_store(database: DatabaseConfig) -> TaskStore:
     return PostgresTaskStore(
         database.url, password_env=database.password_env, pool_min=database.pool_min, pool_max=database.pool_max
     )
-
