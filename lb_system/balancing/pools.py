@@ -42,6 +42,10 @@ class Pools:
         self.backends: list[Backend] = []
         self.routed = False
         self._configured: tuple[str, ...] = ()
+        backends = list(backends)
+        # Made with their first members: a backend there from the start does not slow-start.
+        for name, config in pools.items():
+            self._new_pool(name, config, [b for b in backends if b.pool == name])
         self.assign(pools, [(b, b.pool) for b in backends], routes=self.routes)
 
     @classmethod
@@ -134,12 +138,7 @@ class Pools:
         pool takes its settings, each backend (the same object when it stays, so its state
         carries over) goes to the pool named beside it, in config order; `removed` ones retire."""
         for name, config in pools.items():
-            pool = self._pools.get(name)
-            if pool is None:
-                pool = self._pools[name] = BackendPool(
-                    [], health=config.health, strategy=config.strategy, logger=self.logger, clock=self.clock, name=name
-                )
-                pool.observers = self.observers
+            pool = self._pools.get(name) or self._new_pool(name, config, [])
             pool.apply_settings(config)
         for backend in removed:
             self.pool_of(backend).retire(backend)
@@ -157,6 +156,13 @@ class Pools:
         self.routed = bool(routes) or any(b.pool != DEFAULT_POOL for b in backends)
         self._configured = tuple(pools)
         self._drop_unused()
+
+    def _new_pool(self, name: str, config: PoolConfig, backends: list[Backend]) -> BackendPool:
+        pool = self._pools[name] = BackendPool(
+            backends, health=config.health, strategy=config.strategy, logger=self.logger, clock=self.clock, name=name
+        )
+        pool.observers = self.observers
+        return pool
 
     def retire(self, backend: Backend) -> None:
         """Shown as draining until `forget` (see BackendPool.retire)."""
