@@ -220,6 +220,9 @@ async def test_the_password_never_shows_in_logs_errors_or_status(
     config = postgres_config(tmp_path, database)
     seen: list[str] = [config.summary()]
     system = await start_system(config)
+    (started,) = [line for line in lb_log.messages() if line.startswith("started ")]
+    user = "lb:***" if source == "url" else "lb"
+    assert f" database=postgresql://{user}@127.0.0.1:{postgres.port}/lb " in started
     async with aiohttp.ClientSession() as http:
         async with http.post(system.balancer_url + "/tasks", json={"title": "t"}) as response:
             assert response.status == 201
@@ -291,3 +294,28 @@ def test_database_config_errors_name_the_key(tmp_path: Path, database: dict[str,
     with pytest.raises(ConfigError) as raised:
         postgres_config(tmp_path, database)
     assert str(raised.value) == f"config.toml: {message}"
+
+
+def test_a_url_without_asyncpg_installed_is_a_config_error_naming_the_extra(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "asyncpg" else real(name, *args))
+    with pytest.raises(ConfigError) as raised:
+        postgres_config(tmp_path, {"url": "postgresql://u:pw@h/db"})
+    assert str(raised.value) == (
+        "config.toml: [database] url: PostgreSQL needs asyncpg, which is not installed: pip install -e '.[postgres]'"
+    )
+
+
+def test_check_shows_the_database_url_without_its_password(tmp_path: Path, capsys) -> None:
+    from support.config_files import toml_text
+
+    from lb_system.cli.main import main
+
+    data = {key: value for key, value in BASE_CONFIG.items() if key != "database"}
+    path = tmp_path / "config.toml"
+    path.write_text(toml_text({**data, "database": {"url": f"postgresql://lb:{PASSWORD}@db.example:5432/lb"}}))
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "database postgresql://lb:***@db.example:5432/lb" in out and PASSWORD not in out

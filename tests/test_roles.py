@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import sys
@@ -32,6 +33,8 @@ async def test_backends_role_serves_the_hosted_backends_and_no_balancer(make_con
         assert response.status == 200, "both hosted backends share the task store"
     (started,) = [line for line in lb_log.messages() if line.startswith("started ")]
     assert " role=backends " in started and "balancer=" not in started
+    system.request_reload("SIGHUP")  # a backends-only process has no pool to edit: it says so, changes nothing
+    assert lb_log.messages(logging.WARNING)[-1] == "config reload needs a restart with --role backends origin=SIGHUP"
 
 
 async def test_balancer_role_serves_url_backends_and_opens_no_database(

@@ -184,6 +184,8 @@ class System:
     def _log_started(self, started: dict[str, object], urls: dict[str, str]) -> None:
         if self.config.backends:
             started["backends"] = ",".join(f"{b.name}@{urls[b.name]}" for b in self.config.backends)
+        if self.serves_backends:
+            started["database"] = self.store.where  # the URL without its password
         started["role"] = self.role
         started["loop"] = loop_name()  # "uvloop", or "asyncio" where uvloop is not installed (Windows)
         self.logger.info("started", extra={FIELDS: started})
