@@ -32,6 +32,7 @@ from lb_system.problems import (
     make_problem_middleware,
 )
 from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, guarded, make_admin_app, reset_error_stats
+from lb_system.proxy.aiohttp_hooks import set_match_info
 from lb_system.proxy.client_limits import CLIENT_LIMITS, AppHandler, ClientLimits, Refusal
 from lb_system.proxy.forwarder import Forwarder
 from lb_system.proxy.health import HealthChecker, transport_probe
@@ -253,7 +254,7 @@ def make_balancer_app(
         assert isinstance(request, web.Request)
         if own_paths.routed_elsewhere(request.rel_url.path_safe) or "Expect" in request.headers:
             return await app_handler(request)
-        request._match_info = proxied_match  # what Application._handle sets
+        set_match_info(request, proxied_match)
         return await problems(request, forwarder)
 
     app[CLIENT_LIMITS] = ClientLimits(lambda: forwarder.config.proxy, record_refusal, front=front)

@@ -11,8 +11,11 @@ by `ClientLimitsRunner` (an AppRunner whose `web.Server` makes `ClientConnection
   two reads, `request_timeout` for the whole upload (a 408 raised where the handler reads the
   body). A timer starts only when a head or body did not arrive whole in one read, and one per
   message at most: the usual request costs no timer at all.
-- `_make_error_handler` (aiohttp's `_ErrInfo` path for parser errors: smuggling attempts, bad
-  methods, oversized lines) answers problem+json and reports the refusal to `on_refusal`.
+- `handle_error` (aiohttp's public answer to what its parser refused: smuggling attempts, bad
+  methods, oversized lines; and to the refusals queued here) answers problem+json and reports
+  the refusal to `on_refusal`.
+
+The private names of aiohttp this needs are in proxy/aiohttp_hooks.py, each wrapped once.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, InvalidHeader, LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidHeader, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
 
 from lb_system.balancing.events import BALANCER
 from lb_system.config import ProxyConfig
 from lb_system.problems import ANSWERED_BY_HEADER, REQUEST_ID_HEADER, new_request_id, problem_response
+from lb_system.proxy.aiohttp_hooks import ProtocolRunner, QueuedRefusal, queued_refusal
 from lb_system.proxy.targets import CANNOT_FORWARD, forwardable_form
 
 
@@ -73,7 +77,7 @@ class ClientTimedOut(web.HTTPRequestTimeout):
 
 
 class _Refused(Exception):
-    """A refusal decided here (not by the parser), carried through aiohttp's _ErrInfo path."""
+    """A refusal decided here (not by the parser), queued and answered as the parser's are."""
 
     def __init__(self, status: int, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -166,7 +170,7 @@ class ClientConnection(RequestHandler):
             return
         message, payload = self._messages[-1]
         if not isinstance(message, RawRequestMessage):
-            self._refused = True  # the parser refused it (answered by _make_error_handler): read no more
+            self._refused = True  # the parser refused it (answered by handle_error): read no more
             return
         if message.path[:1] != "/":  # rare: not origin-form
             if not forwardable_form(message.method, message.path):
@@ -229,8 +233,8 @@ class ClientConnection(RequestHandler):
         body.feed_eof()  # no lingering read after the answer
         self.close()  # the connection closes once the 408 is written
 
-    def _err_info(self, status: int, reason: str, detail: str) -> _ErrInfo:
-        return _ErrInfo(status=status, exc=_Refused(status, reason, detail), message=detail)
+    def _err_info(self, status: int, reason: str, detail: str) -> QueuedRefusal:
+        return queued_refusal(status, _Refused(status, reason, detail), detail)
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         """Queue an answer to a request refused while its header section arrives; read no more."""
@@ -244,23 +248,25 @@ class ClientConnection(RequestHandler):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _make_error_handler(self, err_info: _ErrInfo) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-        status, reason, detail = _parser_refusal(err_info.exc)
-
-        async def refuse(request: web.BaseRequest) -> web.StreamResponse:
-            request_id = new_request_id()
-            self._limits.on_refusal(Refusal(status, reason, detail, request.remote or "-", request_id))
-            response = problem_response(
-                status,
-                detail,
-                instance=None,
-                request_id=request_id,
-                headers={ANSWERED_BY_HEADER: BALANCER, REQUEST_ID_HEADER: request_id},
-            )
-            response.force_close()
-            return response
-
-        return refuse
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """A refused request (the parser's 400s, our queued refusals) answered as problem+json and
+        reported; anything else (a handler's 500 or 504) as aiohttp answers it."""
+        if not (isinstance(exc, _Refused) or (status == 400 and isinstance(exc, HttpProcessingError))):
+            return super().handle_error(request, status, exc, message)
+        status, reason, detail = _parser_refusal(exc)
+        request_id = new_request_id()
+        self._limits.on_refusal(Refusal(status, reason, detail, request.remote or "-", request_id))
+        response = problem_response(
+            status,
+            detail,
+            instance=None,
+            request_id=request_id,
+            headers={ANSWERED_BY_HEADER: BALANCER, REQUEST_ID_HEADER: request_id},
+        )
+        response.force_close()
+        return response
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -290,20 +296,28 @@ class ClientConnection(RequestHandler):
 class _Server(web.Server):
     """aiohttp's low-level server, making ClientConnections."""
 
-    def __init__(self, *args: Any, limits: ClientLimits, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.limits = limits
+    def __init__(
+        self,
+        handler: AppHandler,
+        plain: web.Server,
+        limits: ClientLimits,
+        loop: asyncio.AbstractEventLoop,
+        settings: dict[str, Any],
+    ) -> None:
+        super().__init__(
+            handler, request_factory=plain.request_factory, handler_cancellation=plain.handler_cancellation, loop=loop, **settings
+        )
+        self.limits, self.loop, self.settings = limits, loop, settings
 
     def __call__(self) -> RequestHandler:
-        return ClientConnection(self, self.limits, loop=self._loop, **self._kwargs)
+        return ClientConnection(self, self.limits, loop=self.loop, **self.settings)
 
 
-class ClientLimitsRunner(web.AppRunner):
+class ClientLimitsRunner(ProtocolRunner):
     """An AppRunner for the balancer app: its connections are ClientConnections, with the
     limits the app set under CLIENT_LIMITS."""
 
-    async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()
+    def make_server(self, plain: web.Server, settings: dict[str, Any], loop: asyncio.AbstractEventLoop) -> web.Server:
         limits = self.app[CLIENT_LIMITS]
         handler: AppHandler = plain.request_handler
         front = limits.front
@@ -311,11 +325,4 @@ class ClientLimitsRunner(web.AppRunner):
             app_handler = handler
             handler = lambda request: front(request, app_handler)  # noqa: E731 - no coroutine frame of its own
         # The same server aiohttp built (handler, request factory, handler_args), another protocol.
-        return _Server(
-            handler,
-            request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
-            loop=plain._loop,
-            limits=limits,
-            **plain._kwargs,
-        )
+        return _Server(handler, plain, limits, loop, settings)
