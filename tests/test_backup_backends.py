@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import aiohttp
 from support.config_files import FAST_HEALTH
+from support.through import backend_statuses, served
 from support.waiting import wait_for
 
 from lb_system.balancing.pool import DISABLED, Backend, BackendPool
@@ -51,20 +51,6 @@ def test_a_retry_goes_to_another_primary_and_never_to_a_backup_while_one_serves(
     assert pool.choose(exclude=(a, b)) is None and not pool.has_candidate(exclude=(a, b))
 
 
-async def served(http: aiohttp.ClientSession, url: str, count: int) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for _ in range(count):
-        async with http.get(url + "/x") as response:
-            assert response.status == 200
-            seen[response.headers["X-Backend"]] += 1
-    return seen
-
-
-async def status_of(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any]]:
-    async with http.get(url + "/status") as response:
-        return {b["name"]: b for b in (await response.json())["backends"]}
-
-
 async def test_a_backup_takes_over_when_every_primary_is_killed_and_hands_back(
     fake_backends, make_config, start_system, http
 ) -> None:
@@ -73,7 +59,7 @@ async def test_a_backup_takes_over_when_every_primary_is_killed_and_hands_back(
     entries[2]["backup"] = True
     system = await start_system(make_config(backends=entries, health=FAST_HEALTH))
     url = system.balancer_url
-    shown = await status_of(http, url)
+    shown = await backend_statuses(http, url)
     assert [shown[n]["backup"] for n in ("one", "two", "spare")] == [False, False, True]
     assert shown["spare"]["serving"] is True  # up and ready, just not chosen
     assert await served(http, url, 10) == {"one": 5, "two": 5}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import pytest
 from support.backends import FakeBackend
 from support.config_files import FAST_HEALTH
 from support.misbehaving import ScriptedServer, stall
+from support.through import backend_statuses, served
 from support.waiting import wait_for
 
 from lb_system.balancing.checks import check_verdict
@@ -25,20 +25,6 @@ def balancer(make_config, start_system):
         return await start_system(make_config(backends=entries, health={**FAST_HEALTH, **health}))
 
     return start
-
-
-async def statuses(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any]]:
-    async with http.get(url + "/status") as response:
-        return {b["name"]: b for b in (await response.json())["backends"]}
-
-
-async def served_by(http: aiohttp.ClientSession, url: str, count: int) -> set[str]:
-    seen = set()
-    for _ in range(count):
-        async with http.get(url + "/x") as response:
-            assert response.status == 200
-            seen.add(response.headers["X-Backend"])
-    return seen
 
 
 def test_the_verdict_names_the_expected_status_and_the_one_received() -> None:
@@ -63,30 +49,30 @@ def test_the_verdict_on_a_body_without_the_expected_text() -> None:
 async def test_a_backend_answering_200_with_the_wrong_body_is_taken_down(fake_backends, balancer, http) -> None:
     alpha, beta = await fake_backends("alpha", "beta")
     system = await balancer([alpha, beta], expect_body='"server": "alpha"')
-    backend = await statuses(http, system.balancer_url)
+    backend = await backend_statuses(http, system.balancer_url)
     assert backend["alpha"]["healthy"] is True and backend["alpha"]["last_error"] is None
     assert backend["beta"]["healthy"] is False
     assert backend["beta"]["last_check_status"] == "200"
     assert backend["beta"]["last_error"] == 'expected body containing \'"server": "alpha"\', got 200 without it'
     assert backend["beta"]["transitions"][0]["reason"].startswith("health check failed: expected body containing")
-    assert await served_by(http, system.balancer_url, 6) == {"alpha"}
+    assert set(await served(http, system.balancer_url, 6)) == {"alpha"}
 
 
 async def test_a_status_outside_expect_status_fails_the_check_and_says_so(fake_backends, balancer, http) -> None:
     good, moved, redirecting = await fake_backends("good", "moved", "redirecting")
     extra = {"moved": {"health_path": "/code/404"}, "redirecting": {"health_path": "/code/302"}}
     system = await balancer([good, moved, redirecting], extra)
-    backend = await statuses(http, system.balancer_url)
+    backend = await backend_statuses(http, system.balancer_url)
     assert backend["moved"]["healthy"] is False
     assert backend["moved"]["last_error"] == "expected status 200-399, got 404"
     assert backend["redirecting"]["healthy"] is True  # 3xx passes by default
-    assert await served_by(http, system.balancer_url, 6) == {"good", "redirecting"}
+    assert set(await served(http, system.balancer_url, 6)) == {"good", "redirecting"}
 
 
 async def test_expect_status_narrows_what_passes(fake_backends, balancer, http) -> None:
     plain, accepting = await fake_backends("plain", "accepting")
     system = await balancer([plain, accepting], {"accepting": {"health_path": "/code/202"}}, expect_status="202,204")
-    backend = await statuses(http, system.balancer_url)
+    backend = await backend_statuses(http, system.balancer_url)
     assert backend["plain"]["last_error"] == "expected status 202,204, got 200"
     assert backend["accepting"]["healthy"] is True
 
@@ -117,7 +103,7 @@ async def test_a_check_reads_64_kib_of_a_body_and_never_waits_for_the_rest(make_
     try:
         entries = [{"name": "early", "url": early.url}, {"name": "late", "url": late.url}]
         system = await start_system(make_config(backends=entries, health={**FAST_HEALTH, "expect_body": "ready"}))
-        backend = await statuses(http, system.balancer_url)
+        backend = await backend_statuses(http, system.balancer_url)
         assert backend["early"]["healthy"] is True and backend["early"]["last_error"] is None
         assert backend["late"]["last_error"] == "expected body containing 'ready', got 200 without it"
     finally:

@@ -77,6 +77,7 @@ def refused_for(system: System, key: str) -> bool:
 async def test_a_reload_with_a_bad_value_is_refused_and_the_old_config_keeps_serving(
     config_file, start_system, http: aiohttp.ClientSession
 ) -> None:
+    config_file.write(balancer={"sticky_cookie": "lb"}, health={"slow_start": 5, "expect_status": "200"})
     system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=0.05)
     running = system.config
     for sections, backends, key in BAD:
@@ -84,4 +85,16 @@ async def test_a_reload_with_a_bad_value_is_refused_and_the_old_config_keeps_ser
         await wait_for(partial(refused_for, system, key), message=f"{key} refused")
         assert system.config is running
         async with http.get(system.balancer_url + "/tasks") as response:
-            assert response.status == 200
+            # The old settings serve on: the old cookie name is still set (this client keeps none).
+            assert response.status == 200 and response.headers["Set-Cookie"].startswith("lb=")
+    assert system.pool is not None and system.pool.health.expect_status == "200"
+
+
+async def test_sticky_cookie_and_the_check_keys_apply_on_reload(config_file, start_system, http: aiohttp.ClientSession) -> None:
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=0.05)
+    config_file.write(balancer={"sticky_cookie": "pin"}, health={"expect_status": "200-299", "slow_start": 3})
+    await wait_for(lambda: system.config.balancer.sticky_cookie == "pin", message="the edit applied")
+    assert system.config_error is None and system.pool is not None
+    assert (system.pool.health.expect_status, system.pool.health.slow_start) == ("200-299", 3)
+    async with http.get(system.balancer_url + "/tasks") as response:
+        assert response.status == 200 and response.headers["Set-Cookie"].startswith("pin=")

@@ -7,12 +7,11 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 import pytest
 from support.clock import FakeClock
 from support.config_files import FAST_HEALTH
+from support.through import backend_statuses, served
 from support.waiting import wait_for
 
 from lb_system.balancing.pool import DISABLED, ENABLED, Backend, BackendPool
@@ -129,20 +128,6 @@ def test_enabled_again_and_added_backends_ramp_too(clock: FakeClock) -> None:
 # --- over real sockets --------------------------------------------------------------------------
 
 
-async def served(http: aiohttp.ClientSession, url: str, count: int) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for i in range(count):
-        async with http.get(url + "/x", headers={"X-Key": f"k{i}"}) as response:
-            assert response.status == 200
-            seen[response.headers["X-Backend"]] += 1
-    return seen
-
-
-async def status_of(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any]]:
-    async with http.get(url + "/status") as response:
-        return {b["name"]: b for b in (await response.json())["backends"]}
-
-
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 async def test_slow_start_shows_in_the_share_of_requests_over_the_ramp(
     fake_backends, make_config, start_system, http, strategy: str
@@ -158,20 +143,20 @@ async def test_slow_start_shows_in_the_share_of_requests_over_the_ramp(
         clock=clock,
     )
     url = system.balancer_url
-    assert {b["effective_weight"] for b in (await status_of(http, url)).values()} == {2}
+    assert {b["effective_weight"] for b in (await backend_statuses(http, url)).values()} == {2}
 
     await two.stop()
     await wait_for(lambda: not system.pool.get("two").healthy, message="two down")
     await two.start()
     await wait_for(lambda: system.pool.get("two").serving, message="two back")
-    assert (await status_of(http, url))["two"]["effective_weight"] == 0.2
+    assert (await backend_statuses(http, url))["two"]["effective_weight"] == 0.2
 
-    early = (await served(http, url, 220))["two"] / 220
+    early = (await served(http, url, 220, keyed=True))["two"] / 220
     clock.advance(30)
-    assert (await status_of(http, url))["two"]["effective_weight"] == 1.1
-    half = (await served(http, url, 220))["two"] / 220
+    assert (await backend_statuses(http, url))["two"]["effective_weight"] == 1.1
+    half = (await served(http, url, 220, keyed=True))["two"] / 220
     clock.advance(30)
-    assert (await status_of(http, url))["two"]["effective_weight"] == 2
-    full = (await served(http, url, 220))["two"] / 220
+    assert (await backend_statuses(http, url))["two"]["effective_weight"] == 2
+    full = (await served(http, url, 220, keyed=True))["two"] / 220
     # About 0.09, 0.35 and 0.5 (consistent_hash: the ramp's fraction of the keys two owns).
     assert early < 0.2 and early < half < full and 0.35 < full < 0.65, (early, half, full)

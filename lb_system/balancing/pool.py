@@ -17,6 +17,7 @@ from typing import Any
 
 from lb_system.balancing.checks import backend_check_settings
 from lb_system.balancing.events import Observers, Transition
+from lb_system.balancing.sticky import sticky_id
 from lb_system.balancing.strategies import Strategy, make_strategy
 from lb_system.config import DEFAULT_POOL, BackendConfig, HealthConfig, PoolConfig
 from lb_system.timestamps import iso_utc_or_none
@@ -72,6 +73,11 @@ class Backend:
     ramp_seconds: float = 0.0
     # Added to a running pool: its first good check starts a ramp (a backend there from the start does not ramp).
     ramp_on_up: bool = False
+    # What a sticky-session cookie says to name it (never its address).
+    sticky_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sticky_id = sticky_id(self.name)
 
     def effective_weight(self, now: float) -> float:
         """Its weight now: from 10% to 100% of `weight`, linearly over a slow start's ramp; `weight` outside one."""
@@ -160,9 +166,12 @@ class BackendPool:
         clock: Callable[[], float] = time.time,
         name: str = DEFAULT_POOL,
         hash_on: str | None = None,
+        sticky_cookie: str | None = None,
     ) -> None:
         self.name = name
         self.backends: list[Backend] = list(backends)
+        # The cookie that pins a client to a backend (the forwarder reads and sets it); None: no pinning.
+        self.sticky_cookie = sticky_cookie
         self._has_backups = any(b.backup for b in self.backends)
         self.health = health
         # The consistent-hash key of a request (`[balancer] hash_on`); None with any other strategy.
@@ -211,6 +220,7 @@ class BackendPool:
         if config.strategy != self.strategy.name:
             self.set_strategy(config.strategy)
         self.hash_on = config.hash_on if config.strategy == "consistent_hash" else None
+        self.sticky_cookie = config.sticky_cookie
         self.set_health(config.health)
 
     def hand_over(self, backend: Backend, to: BackendPool) -> None:
@@ -340,11 +350,16 @@ class BackendPool:
             return [b for b in (primaries or serving) if b not in exclude]
         return [b for b in self.backends if b.eligible and b not in exclude]
 
-    def choose(self, key: str | None = None, exclude: Sequence[Backend] = ()) -> Backend | None:
-        """The backend for the next try of a request, never one it already tried; None when none is left."""
+    def choose(self, key: str | None = None, exclude: Sequence[Backend] = (), pinned: str | None = None) -> Backend | None:
+        """The backend for the next try of a request, never one it already tried; None when none is left.
+        `pinned` (a sticky cookie's value) picks the backend it names while that one may take the try."""
         candidates = self._candidates(exclude)
         if not candidates:
             return None
+        if pinned is not None:
+            for backend in candidates:
+                if backend.sticky_id == pinned:
+                    return backend
         if self._ramping:
             return self.strategy.choose(candidates, key, self._ramp_weights())
         return self.strategy.choose(candidates, key)

@@ -15,6 +15,7 @@ LIVE_KEYS: frozenset[tuple[str, str]] = frozenset(
         ("balancer", "strategy"),
         ("balancer", "hash_on"),
         ("balancer", "drain_timeout"),
+        ("balancer", "sticky_cookie"),
         ("errors", "recent"),
         ("log", "level"),
         ("admin", "token_env"),

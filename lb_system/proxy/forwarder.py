@@ -94,6 +94,12 @@ async def _small_body(upstream: Exchange, deadline: float | None = None) -> byte
     return None
 
 
+def sticky_cookie(name: str, value: str, *, secure: bool) -> str:
+    """A sticky-session Set-Cookie value: for the whole site, out of scripts' reach, not sent on
+    cross-site subrequests; Secure when the client came over TLS."""
+    return f"{name}={value}; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
+
+
 def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND) -> web.Response:
     """The balancer's 503: no healthy backend, or too many requests waiting; try again in a second."""
     return problem_response(503, detail, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
@@ -254,6 +260,7 @@ class Forwarder:
         if host is not None:  # an absolute-form target names the host (RFC 9112 §3.2.2)
             headers["Host"] = host
         key = self._hash_key(request, pool)
+        pinned = self._pinned(request, pool)
 
         tried: list[Backend] = []
         tries: list[TryResult] = []
@@ -261,7 +268,7 @@ class Forwarder:
         holding_budget = False
         unreached = 0  # tries that never reached their backend (refused, connect timeout)
         try:
-            while (backend := pool.choose(key, exclude=tried)) is not None:
+            while (backend := pool.choose(key, exclude=tried, pinned=pinned)) is not None:
                 tried.append(backend)
                 try_started = time.perf_counter()
                 try:
@@ -352,7 +359,7 @@ class Forwarder:
         self, request: web.Request, pool: BackendPool, request_id: str, started: float, path: str, host: str | None
     ) -> web.StreamResponse:
         """Tunnel a WebSocket to one backend, raw bytes after its 101, until either side closes."""
-        backend = pool.choose(self._hash_key(request, pool))
+        backend = pool.choose(self._hash_key(request, pool), pinned=self._pinned(request, pool))
         if backend is None:
             self._notify(request.method, 503, BALANCER, started, [], no_backend=True, pool=pool)
             return _unavailable(request, request_id)
@@ -402,6 +409,7 @@ class Forwarder:
             answer["Connection"] = "Upgrade"
             answer["Upgrade"] = upstream.header("Upgrade") or "websocket"
             answer[ANSWERED_BY_HEADER] = backend.name
+            self._pin(request, backend, answer)
             answer[REQUEST_ID_HEADER] = request_id
             tunnel = upstream.detach()
             # Counted at the handshake: the session that follows may last for hours.
@@ -413,6 +421,19 @@ class Forwarder:
         finally:
             if not finished:  # _respond gave the backend back already
                 self.pools.pool_of(backend).release(backend)
+
+    @staticmethod
+    def _pinned(request: web.Request, pool: BackendPool) -> str | None:
+        """The sticky cookie's value, when the pool pins clients and the request carries one."""
+        name = pool.sticky_cookie
+        return None if name is None else request.cookies.get(name)
+
+    def _pin(self, request: web.Request, backend: Backend, headers: CIMultiDict[str]) -> None:
+        """Set the sticky cookie on an answer unless the request already names this backend (a first
+        answer, or one re-routed from a backend that went down, drained or was ejected)."""
+        name = self.pools.pool_of(backend).sticky_cookie
+        if name is not None and request.cookies.get(name) != backend.sticky_id:
+            headers.add("Set-Cookie", sticky_cookie(name, backend.sticky_id, secure=request.secure))
 
     def _route(self, backend: Backend) -> tuple[str, str]:
         """The backend's Endpoint origin and the path put before every target."""
@@ -518,6 +539,7 @@ class Forwarder:
             # aiohttp copies them into the response anyway: this copy is edited in place.
             headers = strip_hop_by_hop(CIMultiDict(upstream.headers))
             headers[ANSWERED_BY_HEADER] = backend.name
+            self._pin(request, backend, headers)
             headers[REQUEST_ID_HEADER] = request_id
             if data is None:
                 response = await self._stream(request, backend, upstream, headers)
