@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import ipaddress
+import os
 import re
 import socket
+import ssl
 import sys
 import tomllib
 from pathlib import Path
@@ -112,6 +114,11 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 # The pool of a backend that names none, and of a request no route matches.
 DEFAULT_POOL = "default"
+PemFile = Annotated[str, Field(min_length=1)]
+TlsVersion = Literal["1.2", "1.3"]
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+# An environment variable's name, as a shell would take it.
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class ConfigError(Exception):
@@ -123,7 +130,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class BalancerConfig(_Section):
+class _FieldError(ValueError):
+    """A check across keys of a section, reported under the key named here ("tls_key")."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+class _TlsSection(_Section):
+    """A listener's TLS keys: both files, or neither."""
+
+    tls_cert: PemFile | None = None
+    tls_key: PemFile | None = None
+    tls_min_version: TlsVersion = "1.2"
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> _TlsSection:
+        if self.tls_cert is not None and self.tls_key is None:
+            raise _FieldError("tls_key", "missing: tls_cert needs the private key that goes with it")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise _FieldError("tls_cert", "missing: tls_key needs the certificate that goes with it")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class BalancerConfig(_TlsSection):
     host: str = "127.0.0.1"
     port: Port = 8080
     strategy: str = "round_robin"
@@ -145,6 +180,9 @@ class BalancerConfig(_Section):
         if value and not reuse_port_available():
             raise ValueError(f"SO_REUSEPORT is not available on this platform ({sys.platform}); set reuse_port = false")
         return value
+
+    # A plain-HTTP listener (on `host`) answering every request with a 308 to the HTTPS port.
+    redirect_http_port: Port | None = None
 
     @field_validator("instance_port")
     @classmethod
@@ -176,6 +214,14 @@ def validate_cookie_name(value: str) -> str:
     if not value or len(value) > 64 or not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"must be a cookie name (1-64 letters, digits or !#$%&'*+-.^_`|~), got {value!r}")
     return value
+
+
+class ControlConfig(_TlsSection):
+    """The control listener: the balancer's own endpoints on a port of their own, when `port` is set."""
+
+    host: str = "127.0.0.1"
+    port: Port | None = None
+    read_token_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
 
 
 class HealthConfig(_Section):
@@ -535,6 +581,7 @@ class Config(_Section):
     """The whole configuration; paths are absolute once loaded from a file."""
 
     balancer: BalancerConfig = BalancerConfig()
+    control: ControlConfig = ControlConfig()
     health: HealthConfig = HealthConfig()
     database: DatabaseConfig = DatabaseConfig()
     log: LogConfig = LogConfig()
@@ -583,9 +630,36 @@ class Config(_Section):
         return bool(self.routes) or len({b.pool for b in self.backends}) > 1
 
     @model_validator(mode="after")
+    def _listeners(self) -> Config:
+        balancer, control = self.balancer, self.control
+        if balancer.redirect_http_port is not None and not balancer.tls:
+            raise _SectionError("balancer", "redirect_http_port", "needs tls_cert and tls_key: it redirects to HTTPS")
+        if control.port is None:
+            for key in ("tls_cert", "tls_key", "read_token_env"):
+                if getattr(control, key) is not None:
+                    raise _SectionError("control", key, "needs [control] port: without it there is no control listener")
+        taken: dict[int, str] = {}
+        for key, port in self._listener_ports():
+            if port:  # 0 means "any free port", never a clash
+                section, name = key.split(" ", 1)
+                if port in taken:
+                    raise _SectionError(section, name, f"port {port} is already used by {taken[port]}")
+                taken[port] = f"[{section}] {name}"
+        return self
+
+    def _listener_ports(self) -> list[tuple[str, int | None]]:
+        return [
+            ("balancer port", self.balancer.port),
+            ("control port", self.control.port),
+            ("balancer redirect_http_port", self.balancer.redirect_http_port),
+        ]
+
+    @model_validator(mode="after")
     def _unique_backends(self) -> Config:
         names: dict[str, int] = {}
-        ports: dict[int, int] = {self.balancer.port: -1} if self.balancer.port else {}
+        listeners = {port: f"[{key.replace(' ', '] ', 1)}" for key, port in self._listener_ports() if port}
+        ports: dict[int, int] = dict.fromkeys(listeners, -1)
+        urls: dict[tuple[str, str, int, str], int] = {}
         instance_port = self.balancer.instance_port
         for index, backend in enumerate(self.backends):
             if backend.name in names:
@@ -596,18 +670,65 @@ class Config(_Section):
                     clash = f"port {backend.port} is already used by [balancer] instance_port"
                     raise _ItemError("backends", index, "port", clash)
                 if backend.port in ports:
-                    other = "[balancer] port" if ports[backend.port] < 0 else repr(self.backends[ports[backend.port]].name)
+                    other = listeners[backend.port] if ports[backend.port] < 0 else repr(self.backends[ports[backend.port]].name)
                     raise _ItemError("backends", index, "port", f"port {backend.port} is already used by {other}")
                 ports[backend.port] = index
+            address = self._address_of(backend)
+            if address is None:
+                continue
+            if backend.url is not None:
+                loop = self._own_listener(address)
+                if loop is not None:
+                    raise _ItemError("backends", index, "url", f"{backend.url} is the balancer's own {loop}: requests would loop")
+            if address in urls:
+                other = self.backends[urls[address]].name
+                raise _ItemError("backends", index, "url" if backend.url else "port", f"the same server as backend {other!r}")
+            urls[address] = index
         return self
+
+    def _address_of(self, backend: BackendConfig) -> tuple[str, str, int, str] | None:
+        """(scheme, host, port, path) a backend is reached at; None for a hosted one on a free port."""
+        if backend.url is None:
+            if not backend.port:
+                return None
+            return "http", _local_alias(backend.host or self.balancer.host), backend.port, ""
+        parts = urlsplit(backend.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return parts.scheme, _local_alias(parts.hostname or ""), port, parts.path.rstrip("/")
+
+    def _own_listener(self, address: tuple[str, str, int, str]) -> str | None:
+        """The balancer's listener (as "[balancer] port") a backend address names, or None."""
+        _, host, port, _ = address
+        for key, listener_port in self._listener_ports():
+            section = key.split(" ", 1)[0]
+            bound = self.control.host if section == "control" else self.balancer.host
+            if listener_port and port == listener_port and host in (_local_alias(bound), _local_alias("0.0.0.0")):
+                return f"[{key.replace(' ', '] ', 1)}"
+        return None
 
     def summary(self) -> str:
         hosted = sum(1 for b in self.backends if b.hosted)
+        balancer, control = self.balancer, self.control
+        listeners = f"balancer on {balancer.host}:{balancer.port}" + (" (TLS)" if balancer.tls else "")
+        if balancer.redirect_http_port is not None:
+            listeners += f", redirect from {balancer.host}:{balancer.redirect_http_port}"
+        if control.port is not None:
+            listeners += f", control on {control.host}:{control.port}" + (" (TLS)" if control.tls else "")
         return (
-            f"balancer on {self.balancer.host}:{self.balancer.port} ({self.balancer.strategy}), "
+            f"{listeners} ({balancer.strategy}), "
             f"{len(self.backends)} backends ({hosted} hosted, {len(self.backends) - hosted} outside), "
             f"database {self.database.where}, log {self.log.file}"
         )
+
+
+# Names a local client may use for a server bound on a loopback or on every address.
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""})
+
+
+def _local_alias(host: str) -> str:
+    """One spelling for the loopback names, so two spellings of one local server compare equal."""
+    host = host.lower().strip("[]")
+    return "127.0.0.1" if host in _LOOPBACK else host
 
 
 class _ItemError(ValueError):
@@ -626,6 +747,59 @@ def _item_label(table: str, index: int, data: dict) -> str:
         if isinstance(raw[index].get("name"), str):
             name = f" ({raw[index]['name']})"
     return f"[[{table}]] #{index + 1}{name}"
+
+
+class _SectionError(ValueError):
+    """A check across sections, reported under `[section] key`."""
+
+    def __init__(self, section: str, key: str, message: str) -> None:
+        super().__init__(message)
+        self.section, self.key, self.message = section, key, message
+
+
+def server_tls_context(cert: str, key: str, min_version: str = "1.2") -> ssl.SSLContext:
+    """A server-side SSLContext for a listener: its certificate chain and key, `min_version` at
+    least, ALPN offering http/1.1. Raises _FieldError naming the file at fault."""
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        if not Path(path).is_file():
+            raise _FieldError(name, f"no such file: {path}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _TLS_VERSIONS[min_version]
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError, ValueError) as error:
+        raise _FieldError("tls_cert", f"not a PEM certificate: {cert} ({_ssl_reason(error)})") from None
+    try:
+        # A password-protected key gets an empty password instead of a prompt on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError, ValueError) as error:
+        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise _FieldError("tls_key", f"does not match the certificate in tls_cert: {key}") from None
+        raise _FieldError("tls_key", f"not a PEM private key without a password: {key} ({_ssl_reason(error)})") from None
+    return context
+
+
+def _ssl_reason(error: BaseException) -> str:
+    return getattr(error, "reason", None) or str(error) or type(error).__name__
+
+
+def tls_context_of(section: BalancerConfig | ControlConfig, name: str, source: str) -> ssl.SSLContext | None:
+    """The SSLContext a listener's section asks for, or None without TLS; ConfigError names the key."""
+    if section.tls_cert is None or section.tls_key is None:
+        return None
+    try:
+        return server_tls_context(section.tls_cert, section.tls_key, section.tls_min_version)
+    except _FieldError as error:
+        raise ConfigError(f"{source}: [{name}] {error.key}: {error.message}") from None
+
+
+def missing_read_token(config: Config) -> str | None:
+    """Why the control listener's read token cannot be had (its variable is unset), or None."""
+    name = config.control.read_token_env
+    if name is None or os.environ.get(name, ""):
+        return None
+    return f"[control] read_token_env: the environment variable {name} is not set (it holds the control endpoints' token)"
 
 
 def _key_name(loc: tuple[int | str, ...], data: dict) -> str:
@@ -670,6 +844,11 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
         if isinstance(cause, _ItemError):
             label = _item_label(cause.table, cause.index, data) + (f" {cause.key}" if cause.key else "")
             raise ConfigError(f"{source}: {label}: {cause.message}") from None
+        first = error.errors(include_url=False)[0]
+        if isinstance(cause, _SectionError):
+            raise ConfigError(f"{source}: [{cause.section}] {cause.key}: {cause.message}") from None
+        if isinstance(cause, _FieldError) and first["loc"]:
+            raise ConfigError(f"{source}: [{first['loc'][0]}] {cause.key}: {cause.message}") from None
         raise ConfigError(f"{source}: {_first_error_line(error, data)}") from None
     if base_dir is not None:
         update: dict[str, BaseModel] = {
@@ -684,6 +863,11 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
             update["database"] = config.database.model_copy(update={"path": str(base_dir / config.database.path)})
         if config.proxy.ca_file is not None:
             update["proxy"] = config.proxy.model_copy(update={"ca_file": str(base_dir / config.proxy.ca_file)})
+        for name in ("balancer", "control"):
+            section = getattr(config, name)
+            if section.tls_cert is not None and section.tls_key is not None:
+                files = {"tls_cert": str(base_dir / section.tls_cert), "tls_key": str(base_dir / section.tls_key)}
+                update[name] = section.model_copy(update=files)
         config = config.model_copy(update=update)
     if (
         config.log.access_file is not None
@@ -692,6 +876,8 @@ def parse_config(data: dict, *, source: str = DEFAULT_CONFIG_PATH, base_dir: Pat
         raise ConfigError(f"{source}: [log] access_file: must not be [log] file ({config.log.file}): it has a writer of its own")
     if config.proxy.ca_file is not None and not Path(config.proxy.ca_file).is_file():
         raise ConfigError(f"{source}: [proxy] ca_file: no such file: {config.proxy.ca_file}")
+    for name in ("balancer", "control"):
+        tls_context_of(getattr(config, name), name, source)  # the files load, and the key matches
     return config
 
 

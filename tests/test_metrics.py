@@ -73,6 +73,7 @@ async def test_metrics_agree_with_errors_stats_and_status_after_a_known_sequence
     assert sent == {200: 4, 404: 3, 500: 1, 400: 1}
     async with http.post(url + "/metrics") as response:  # the balancer's own 405, not proxied
         assert response.status == 405
+        sent[405] += 1  # counted in lb_requests_total too, as the balancer's answer
     direct = system.hosted["backend-1"].url
     async with http.get(direct + "/tasks/424242") as response:  # an error that skips the balancer
         assert response.status == 404
@@ -90,7 +91,8 @@ async def test_metrics_agree_with_errors_stats_and_status_after_a_known_sequence
     assert metrics.by("lb_errors_total", "code") == {"404": 4, "500": 1, "400": 1, "405": 1}
     assert metrics.value("lb_errors_total", backend="balancer", code="405", type="405_METHOD_NOT_ALLOWED") == 1
 
-    # lb_requests_total: every proxied request once, by exact code; per backend as /status counts.
+    # lb_requests_total: every proxied request, and the balancer's own error answer, once by exact code;
+    # per backend as /status counts.
     assert metrics.by("lb_requests_total", "code") == {str(code): n for code, n in sent.items()}
     for backend, earlier in zip(status["backends"], before["backends"]):
         name = backend["name"]

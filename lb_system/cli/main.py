@@ -15,7 +15,16 @@ from pathlib import Path
 import lb_system
 from lb_system.cli.demo import Unreachable, run_demo
 from lb_system.cli.failover import run_failover
-from lb_system.config import DEFAULT_CONFIG_PATH, ROLES, Config, ConfigError, check_processes, check_role, load_config
+from lb_system.config import (
+    DEFAULT_CONFIG_PATH,
+    ROLES,
+    Config,
+    ConfigError,
+    check_processes,
+    check_role,
+    load_config,
+    missing_read_token,
+)
 from lb_system.observability.log import LOGGER_NAME, configure_logging
 from lb_system.operations.serving import StartupError, dial_url
 from lb_system.operations.supervisor import PARENT_PID_ENV, Supervisor, parent_watch
@@ -159,7 +168,16 @@ def _banner(system: System) -> str:
         token_env = system.config.admin.token_env
         on = admin_api_on(system.config)
         admin = f"admin API on (token in {token_env})" if on else f"admin API off (set {token_env} to turn it on)"
-        segments = [f"balancer on {system.balancer_url}", f"dashboard at {system.dashboard_url}", hosted, admin]
+        control = f"control on {system.control_url}" if system.control_url else ""
+        redirect = f"redirect to HTTPS from {system.redirect_url}" if system.redirect_url else ""
+        segments = [
+            f"balancer on {system.balancer_url}",
+            control,
+            redirect,
+            f"dashboard at {system.dashboard_url}",
+            hosted,
+            admin,
+        ]
     else:
         segments = [hosted or "no hosted backends"]
     segments += [f"role {system.role}", "Ctrl-C stops"]
@@ -203,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok{role}{processes}: {config.summary()}")
         return 0
 
+    missing = missing_read_token(config) if args.role != "backends" else None
+    if missing is not None:  # the environment, not the file: `check` cannot see it
+        print(f"error: {args.config}: {missing}", file=sys.stderr)
+        return 2
     listener = configure_logging(config.log)
     try:
         if args.processes is not None:

@@ -16,15 +16,16 @@ from aiohttp import web
 from lb_system.balancing.pool import Backend, new_backend
 from lb_system.balancing.pools import Pools
 from lb_system.balancing.routes import RouteTable
-from lb_system.config import BackendConfig, Config, ConfigError, check_role, load_config
+from lb_system.config import BackendConfig, Config, ConfigError, check_role, load_config, missing_read_token
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS
 from lb_system.operations.reload_plan import BackendEdit, ReloadPlan, plan_reload
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve
+from lb_system.operations.tls import ListenerCertificate, NewCertificate
 from lb_system.proxy.admin import ActionRefused
 from lb_system.proxy.balancer import Balancer
 from lb_system.tasks.api import make_backend_app
-from lb_system.tasks.store import TaskStore
+from lb_system.tasks.store import SchemaTooNew, StoreUnavailable, TaskStore
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Membership:
         self.hosted: dict[str, HostedBackend] = {}
         self.pool: Pools | None = None
         self._store = store
+        self._store_open = False  # opened with the first hosted backend
+        # The TLS listeners' certificates by config section ("balancer", "control"): a reload swaps them.
+        self.certificates: dict[str, ListenerCertificate] = {}
         self._balancer: Balancer | None = None
         # Changes (reload, admin stop/start) happen one at a time.
         self._changes = asyncio.Lock()
@@ -118,6 +122,18 @@ class Membership:
         self.hosted.clear()
         self._draining_runners.clear()
 
+    async def open_store(self) -> None:
+        """Open the task database, once: hosted backends serve the task API from it."""
+        if self._store_open:
+            return
+        try:
+            await self._store.open()
+        except SchemaTooNew as error:
+            raise StartupError(str(error)) from None
+        except (StoreUnavailable, OSError) as error:
+            raise StartupError(f"cannot open database {self._store.where}: {error}") from None
+        self._store_open = True
+
     # --- hosted servers -----------------------------------------------------------------------
 
     def _bind(self, backend: BackendConfig) -> socket.socket:
@@ -168,14 +184,20 @@ class Membership:
                 edited = await asyncio.to_thread(load_config, self.config_path)
                 check_role(edited, self.role, source=str(self.config_path))
                 plan = plan_reload(self.config, edited, source=str(self.config_path))
+                missing = missing_read_token(edited)
+                if missing is not None:
+                    raise ConfigError(f"{self.config_path}: {missing}; the edit was not applied")
+                certificates = await asyncio.to_thread(self._new_certificates, edited)
                 started = await self._prepare(plan)
             except ConfigError as error:
                 self.config_error = str(error)
                 self.logger.error("config reload rejected", extra={FIELDS: {"origin": origin, "error": str(error)}})
                 raise
             self._apply(plan, started)
+            for name, new in certificates.items():
+                self.certificates[name].use(new)
         self.config_error = None
-        changes = "; ".join(plan.changes()) or "none"
+        changes = "; ".join(plan.changes() + [f"[{name}] certificate replaced" for name in certificates]) or "none"
         self.logger.info("config reloaded", extra={FIELDS: {"origin": origin, "file": str(self.config_path), "changes": changes}})
         return plan
 
@@ -190,10 +212,26 @@ class Membership:
         """Reload in the background (SIGHUP)."""
         self._spawn(self.reload_quietly(origin))
 
+    def _new_certificates(self, edited: Config) -> dict[str, NewCertificate]:
+        """The TLS listeners' certificates whose files changed, loaded and checked (reads files:
+        called in a thread). ConfigError names the key of one that does not load."""
+        source = str(self.config_path)
+        changed: dict[str, NewCertificate] = {}
+        for name, certificate in self.certificates.items():
+            new = certificate.prepare(getattr(edited, name), source=source)
+            if new is not None:
+                changed[name] = new
+        return changed
+
     async def _prepare(self, plan: ReloadPlan) -> dict[str, HostedBackend]:
         """Open and serve the ports the edit needs before anything is swapped: a busy port refuses
         the whole edit with nothing changed. The new servers are not in the pool yet."""
         wanted = [b for b in plan.added if b.hosted] + [e.new for e in plan.edited if e.moved and e.new.hosted]
+        if wanted:
+            try:
+                await self.open_store()
+            except StartupError as error:
+                raise ConfigError(f"{self.config_path}: [database] path: {error}; the edit was not applied") from None
         sockets: dict[str, socket.socket] = {}
         started: dict[str, HostedBackend] = {}
         try:

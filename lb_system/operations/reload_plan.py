@@ -19,6 +19,12 @@ LIVE_KEYS: frozenset[tuple[str, str]] = frozenset(
         ("errors", "recent"),
         ("log", "level"),
         ("admin", "token_env"),
+        ("control", "read_token_env"),
+        # Other files: the next TLS handshakes get the new certificate (operations/tls.py).
+        ("balancer", "tls_cert"),
+        ("balancer", "tls_key"),
+        ("control", "tls_cert"),
+        ("control", "tls_key"),
         # The forwarder reads these per request (Forwarder.apply_config).
         ("proxy", "retries"),
         ("proxy", "retry_on_status"),
@@ -34,6 +40,7 @@ LIVE_KEYS: frozenset[tuple[str, str]] = frozenset(
     }
 )
 LIVE_SECTIONS: frozenset[str] = frozenset({"health"})
+_TLS_FILES = frozenset({"tls_cert", "tls_key"})
 
 
 class RestartRequired(ConfigError):
@@ -155,6 +162,11 @@ def plan_reload(running: Config, edited: Config, *, source: str) -> ReloadPlan:
         for key in sorted(before.keys() | after.keys()):
             if before.get(key) == after.get(key):
                 continue
+            if key in _TLS_FILES and None in (before.get(key), after.get(key)):
+                raise RestartRequired(
+                    f"{source}: [{section}] {key}: turning TLS on or off needs a restart "
+                    f"({before.get(key)!r} -> {after.get(key)!r}); the edit was not applied"
+                )
             if section not in LIVE_SECTIONS and (section, key) not in LIVE_KEYS:
                 was, now = _shown(section, key, before.get(key)), _shown(section, key, after.get(key))
                 raise RestartRequired(

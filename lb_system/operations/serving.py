@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -62,10 +63,14 @@ def _dial_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def dial_url(host: str, port: int) -> str:
+def dial_url(host: str, port: int, scheme: str = "http") -> str:
     """The URL that reaches a server bound on `host`:`port` (0.0.0.0 is not an address to dial on Windows)."""
     host = _dial_host(host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+# (client address, the error) of a TLS handshake that failed: an ssl.SSLError, or ConnectionAbortedError past its time.
+HandshakeFailed = Callable[[str, OSError], None]
 
 
 class BurstAcceptor:
@@ -73,12 +78,26 @@ class BurstAcceptor:
     backlog), as asyncio's own loops do. uvloop accepts about one per loop iteration: when a
     few hundred clients connected at once to a busy loop, the last waited in the kernel's accept
     queue for up to 0.8 s (benchmarks/run.py's 256-connection p99). What aiohttp's sites need of
-    a server: `sockets` and `close()`."""
+    a server: `sockets` and `close()`.
+
+    With an SSLContext it makes each connection's TLS handshake itself (within
+    `handshake_timeout`), on every loop, so a failed one is reported to `on_handshake_failed`:
+    asyncio's and uvloop's servers only drop it."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], asyncio.Protocol], sock: socket.socket, limit: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        sock: socket.socket,
+        limit: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
+        on_handshake_failed: HandshakeFailed | None = None,
     ) -> None:
         self._loop, self._factory, self._sock, self._limit = loop, protocol_factory, sock, limit
+        self._tls: dict[str, Any] = {"ssl": ssl_context, "ssl_handshake_timeout": handshake_timeout} if ssl_context else {}
+        self._on_handshake_failed = on_handshake_failed
         self.sockets = (sock,)
         self._starting: set[asyncio.Task[Any]] = set()
         self._paused: asyncio.TimerHandle | None = None
@@ -88,7 +107,7 @@ class BurstAcceptor:
     def _accept(self) -> None:
         for _ in range(self._limit):
             try:
-                conn, _ = self._sock.accept()
+                conn, address = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
@@ -100,13 +119,20 @@ class BurstAcceptor:
                 self._paused = self._loop.call_later(ACCEPT_PAUSE_S, self._resume)
                 return
             conn.setblocking(False)
-            task = self._loop.create_task(self._connect(conn))
+            task = self._loop.create_task(self._connect(conn, address))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    async def _connect(self, conn: socket.socket, address: Any) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            # With TLS this returns once the handshake is done (the loop's SSL protocol waits for it).
+            await self._loop.connect_accepted_socket(self._factory, conn, **self._tls)
+        except (ssl.SSLError, ConnectionAbortedError) as error:
+            conn.close()
+            # A reset or an EOF before any hello is a client that left (or a TCP probe), not a failed handshake.
+            if self._tls and self._on_handshake_failed is not None and not isinstance(error, ssl.SSLEOFError):
+                client = address[0] if isinstance(address, tuple) else str(address)
+                self._on_handshake_failed(client, error)
         except OSError:  # the client left before its transport was made
             conn.close()
         except Exception:
@@ -128,18 +154,41 @@ class BurstAcceptor:
 
 
 class _Site(web.SockSite):
-    """aiohttp's SockSite, accepting with a BurstAcceptor on uvloop (asyncio's loops already
-    accept up to the backlog at a time, and Windows' proactor has no add_reader)."""
+    """aiohttp's SockSite, accepting with a BurstAcceptor on uvloop, and for TLS on any loop that
+    has add_reader (asyncio's loops already accept up to the backlog at a time; Windows' proactor
+    has no add_reader: there TLS is asyncio's own, and a failed handshake goes unreported)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
+        on_handshake_failed: HandshakeFailed | None = None,
+    ) -> None:
+        super().__init__(runner, sock, backlog=LISTEN_BACKLOG, ssl_context=ssl_context)
+        self._handshake_timeout = handshake_timeout
+        self._on_handshake_failed = on_handshake_failed
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if not type(loop).__module__.startswith("uvloop"):
+        uvloop = type(loop).__module__.startswith("uvloop")
+        if not (uvloop or (self._ssl_context is not None and isinstance(loop, asyncio.SelectorEventLoop))):
             await super().start()
             return
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
-        self._server = BurstAcceptor(loop, server, self._sock, self._backlog)  # type: ignore[assignment]
+        self._server = BurstAcceptor(  # type: ignore[assignment]
+            loop,
+            server,
+            self._sock,
+            self._backlog,
+            ssl_context=self._ssl_context,
+            handshake_timeout=self._handshake_timeout,
+            on_handshake_failed=self._on_handshake_failed,
+        )
 
 
 async def serve(
@@ -148,13 +197,21 @@ async def serve(
     *,
     shutdown_timeout: float,
     runner_class: type[web.AppRunner] = web.AppRunner,
+    ssl_context: ssl.SSLContext | None = None,
+    handshake_timeout: float = 10.0,
+    on_handshake_failed: HandshakeFailed | None = None,
     **runner_options: Any,
 ) -> web.AppRunner:
-    """Serve `app` on the bound `sock`; `shutdown_timeout` is how long cleanup() lets in-flight requests finish."""
+    """Serve `app` on the bound `sock`; `shutdown_timeout` is how long cleanup() lets in-flight requests finish.
+    With `ssl_context` it is HTTPS: each handshake has `handshake_timeout` seconds, and a failed one
+    goes to `on_handshake_failed`."""
     runner = runner_class(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, **runner_options)
     try:
         await runner.setup()
-        await _Site(runner, sock, backlog=LISTEN_BACKLOG).start()  # it listens again
+        site = _Site(
+            runner, sock, ssl_context=ssl_context, handshake_timeout=handshake_timeout, on_handshake_failed=on_handshake_failed
+        )
+        await site.start()  # it listens again
     except BaseException:
         sock.close()
         await runner.cleanup()
@@ -165,7 +222,7 @@ async def serve(
 async def serve_also(runner: web.AppRunner, sock: socket.socket) -> None:
     """Serve the runner's app on one more bound socket (runner.cleanup() stops it with the others)."""
     try:
-        await _Site(runner, sock, backlog=LISTEN_BACKLOG).start()
+        await _Site(runner, sock).start()
     except BaseException:
         sock.close()
         raise

@@ -5,26 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from lb_system.balancing.pools import Pools
-from lb_system.config import DEFAULT_CONFIG_PATH, Config, check_role
+from lb_system.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_role, missing_read_token
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS, LOGGER_NAME
 from lb_system.observability.status import loop_name
 from lb_system.operations.config_watch import ConfigWatcher
 from lb_system.operations.membership import HostedBackend, Membership
 from lb_system.operations.serving import StartupError, bind_socket, dial_url, serve, serve_also
+from lb_system.operations.tls import ListenerCertificate
 from lb_system.problems import RouteGroups
 from lb_system.proxy.admin import admin_api_on
 from lb_system.proxy.balancer import Balancer, make_balancer_app
 from lb_system.proxy.client_limits import ClientLimitsRunner
+from lb_system.proxy.https_redirect import make_redirect_app
 from lb_system.tasks.openapi import task_api_document
-from lb_system.tasks.store import SchemaTooNew, StoreUnavailable, make_task_store
+from lb_system.tasks.store import make_task_store
 
 
 class System:
@@ -61,6 +65,11 @@ class System:
         # This process's own port ([balancer] instance_port + instance_index), None without one.
         self.instance_index = instance_index
         self.instance_url: str | None = None
+        # The control listener ([control] port) and the HTTP-to-HTTPS one ([balancer] redirect_http_port), when set.
+        self.control_runner: web.AppRunner | None = None
+        self.control_url = ""
+        self.redirect_runner: web.AppRunner | None = None
+        self.redirect_url = ""
         self.watch_interval = watch_interval
         self._watcher: ConfigWatcher | None = None
         self._started = False  # "started" was logged: stop() logs stopping and stopped
@@ -110,8 +119,8 @@ class System:
 
     @property
     def dashboard_url(self) -> str:
-        """The live dashboard: the balancer's root page."""
-        return self.balancer_url + "/"
+        """The live dashboard: the root page of the control listener, or of the balancer without one."""
+        return (self.control_url or self.balancer_url) + "/"
 
     async def start(self) -> None:
         try:
@@ -122,27 +131,44 @@ class System:
 
     async def _start(self) -> None:
         config = self.config
-        if self.serves_backends:
-            try:
-                await self.store.open()
-            except SchemaTooNew as error:
-                raise StartupError(str(error)) from None
-            except (StoreUnavailable, OSError) as error:
-                raise StartupError(f"cannot open database {self.store.where}: {error}") from None
+        # No hosted backend, no task API: no database file either (until a reload hosts one).
+        if self.serves_backends and any(b.hosted for b in config.backends):
+            await self.membership.open_store()
         if not self.serves_balancer:
             urls = await self.membership.start_servers()
             self._log_started({}, urls)
             return
-        # Bind every port before serving anything: a busy port stops start-up with nothing half-open.
-        balancer_sock = bind_socket(config.balancer.host, config.balancer.port, reuse_port=config.balancer.reuse_port)
+        missing = missing_read_token(config)
+        if missing is not None:
+            raise StartupError(missing)
+        source = str(self.config_path or "config")
         try:
+            certificates = {
+                name: ListenerCertificate(name, getattr(config, name), source=source)
+                for name in ("balancer", "control")
+                if getattr(config, name).tls
+            }
+        except ConfigError as error:
+            raise StartupError(str(error)) from None
+        self.membership.certificates = certificates
+        # Bind every port before serving anything: a busy port stops start-up with nothing half-open.
+        listeners: dict[str, tuple[str, int]] = {"balancer": (config.balancer.host, config.balancer.port)}
+        if config.control.port is not None:
+            listeners["control"] = (config.control.host, config.control.port)
+        if config.balancer.redirect_http_port is not None:
+            listeners["redirect"] = (config.balancer.host, config.balancer.redirect_http_port)
+        sockets: dict[str, socket.socket] = {}
+        try:
+            for name, (host, port) in listeners.items():
+                sockets[name] = bind_socket(host, port, reuse_port=config.balancer.reuse_port)
             urls = await self.membership.start_servers()
         except BaseException:
-            balancer_sock.close()
+            for sock in sockets.values():
+                sock.close()
             raise
 
         pools = Pools.from_config(config, urls, logger=self.logger, clock=self.clock)
-        self.balancer = make_balancer_app(
+        self.balancer = balancer = make_balancer_app(
             config,
             pools=pools,
             tracker=self.tracker,
@@ -151,26 +177,56 @@ class System:
             forwarded_api=task_api_document(debug_endpoints=config.api.debug_endpoints),
             hosted_routes=RouteGroups(self.membership.backend_app("routes")),
         )
-        self.membership.attach(pools, self.balancer)
-        port = balancer_sock.getsockname()[1]
-        self.balancer_runner = await serve(
-            self.balancer.app,
-            balancer_sock,
-            shutdown_timeout=config.balancer.shutdown_grace,
-            runner_class=ClientLimitsRunner,
-            keepalive_timeout=config.proxy.idle_timeout,
-        )
-        self.balancer_url = dial_url(config.balancer.host, port)
+        self.membership.attach(pools, balancer)
+        ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
+
+        def tls_options(name: str) -> dict[str, Any]:
+            certificate = certificates.get(name)
+            if certificate is None:
+                return {}
+            return {
+                "ssl_context": certificate.server_context,
+                "handshake_timeout": config.proxy.header_timeout,
+                "on_handshake_failed": balancer.handshake_failed,
+            }
+
+        for name in list(sockets):
+            sock = sockets.pop(name)
+            try:
+                runner = await self._serve_listener(name, sock, ports["balancer"], tls_options(name))
+            except BaseException:
+                for left in sockets.values():
+                    left.close()
+                raise
+            host, _ = listeners[name]
+            url = dial_url(host, ports[name], "https" if name in certificates else "http")
+            if name == "balancer":
+                self.balancer_runner, self.balancer_url = runner, url
+            elif name == "control":
+                self.control_runner, self.control_url = runner, url
+            else:
+                self.redirect_runner, self.redirect_url = runner, url
         if config.balancer.instance_port is not None:
-            await self._serve_instance_port(self.balancer_runner, config)
-        started: dict[str, object] = {
-            "balancer": self.balancer_url,
-            "dashboard": self.dashboard_url,
-            "admin": "on" if admin_api_on(config) else "off",
-            "admin_token_env": config.admin.token_env,
-        }
+            # Where Prometheus scrapes this process alone: its own endpoints, wherever they are served.
+            own_runner = self.control_runner or self.balancer_runner
+            assert own_runner is not None
+            await self._serve_instance_port(own_runner, config)
+        started: dict[str, object] = {"balancer": self.balancer_url}
+        if self.control_url:
+            started["control"] = self.control_url
+        if self.redirect_url:
+            started["redirect"] = self.redirect_url
+        started.update(
+            {
+                "dashboard": self.dashboard_url,
+                "admin": "on" if admin_api_on(config) else "off",
+                "admin_token_env": config.admin.token_env,
+            }
+        )
         if self.instance_url is not None:
             started["instance"] = self.instance_url
+        if config.control.read_token_env is not None:
+            started["read_token_env"] = config.control.read_token_env
         self._log_started(started, urls)
         if self.config_path is not None:
             self._watcher = ConfigWatcher(
@@ -198,6 +254,24 @@ class System:
         await serve_also(runner, sock)
         self.instance_url = dial_url(config.balancer.host, sock.getsockname()[1])
 
+    async def _serve_listener(self, name: str, sock: socket.socket, https_port: int, tls: dict[str, Any]) -> web.AppRunner:
+        """Serve one of the balancer's listeners: traffic, control, or the redirect to HTTPS."""
+        config, balancer = self.config, self.balancer
+        assert balancer is not None
+        grace = config.balancer.shutdown_grace
+        if name == "redirect":
+            return await serve(make_redirect_app(https_port), sock, shutdown_timeout=grace)
+        app = balancer.app if name == "balancer" else balancer.control_app
+        assert app is not None
+        return await serve(
+            app,
+            sock,
+            shutdown_timeout=grace,
+            runner_class=ClientLimitsRunner,
+            keepalive_timeout=config.proxy.idle_timeout,
+            **tls,
+        )
+
     # --- shutdown --------------------------------------------------------------------------
 
     async def stop(self) -> None:
@@ -212,15 +286,18 @@ class System:
             await watcher.stop()
         backend_runners = await self.membership.stop_changes()
         balancer_runner, self.balancer_runner = self.balancer_runner, None
-        for runner in [balancer_runner, *backend_runners]:
+        own_runners = [self.control_runner, self.redirect_runner]
+        self.control_runner = self.redirect_runner = None
+        for runner in [balancer_runner, *own_runners, *backend_runners]:
             if runner is not None:
                 for site in list(runner.sites):
                     await site.stop()  # closes the listening socket; no await inside in practice
         # The balancer first: its in-flight requests still need the backends' open connections.
+        await asyncio.gather(*(runner.cleanup() for runner in own_runners if runner is not None))
         if balancer_runner is not None:
             await balancer_runner.cleanup()
         await asyncio.gather(*(runner.cleanup() for runner in backend_runners), self.membership.wait_closed())
-        await self.store.close()
+        await self.store.close()  # closing one never opened is nothing
         if self._started:
             self._started = False
             self.logger.info("stopped", extra={FIELDS: {"balancer": self.balancer_url}})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,12 @@ from lb_system.problems import (
     RouteGroups,
     json_response,
     make_problem_middleware,
+    new_request_id,
 )
 from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, guarded, make_admin_app, reset_error_stats
 from lb_system.proxy.aiohttp_hooks import set_match_info
 from lb_system.proxy.client_limits import CLIENT_LIMITS, AppHandler, ClientLimits, Refusal
+from lb_system.proxy.control import make_own_endpoint_middleware
 from lb_system.proxy.forwarder import Forwarder
 from lb_system.proxy.health import HealthChecker, transport_probe
 from lb_system.proxy.openapi import balancer_document
@@ -119,13 +122,32 @@ async def error_stats(request: web.Request) -> web.Response:
     return json_response(stats | {"instance": instance_identity()})
 
 
+def handshake_refusal(client: str, error: OSError) -> Refusal:
+    """A failed TLS handshake as the balancer's refusal: plain HTTP sent to the HTTPS port, a
+    hello it cannot take, or none in time. The detail is OpenSSL's name for it, never client bytes."""
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or "unknown"
+        if reason == "HTTP_REQUEST":
+            return Refusal(400, "tls_plain_http", "Plain HTTP sent to the HTTPS port", client, new_request_id())
+        return Refusal(400, "tls_handshake", f"TLS handshake failed: {reason}", client, new_request_id())
+    return Refusal(408, "tls_handshake_timeout", "TLS handshake not finished in time", client, new_request_id())
+
+
 @dataclass(frozen=True)
 class Balancer:
-    """The balancer app and what its owner may do with it: nothing outside reads the app's keys."""
+    """The balancer app and what its owner may do with it: nothing outside reads the app's keys.
+    With `[control] port` set, the balancer's own endpoints are in `control_app`, and `app`
+    forwards every path."""
 
     app: web.Application
     forwarder: Forwarder
     live_feed: LiveFeed
+    control_app: web.Application | None
+    refused: Callable[[Refusal], None]
+
+    def handshake_failed(self, client: str, error: OSError) -> None:
+        """A TLS handshake that failed on one of the balancer's listeners: recorded as its refusal."""
+        self.refused(handshake_refusal(client, error))
 
     @property
     def health_checker(self) -> HealthChecker:
@@ -158,8 +180,10 @@ def make_balancer_app(
     """The balancer. Its cleanup context closes the upstream transport and owns the health checker:
     every backend has had one check before the app is ready to accept a request. With a
     `control` (the system's membership) it also serves the admin API. `forwarded_api` (the
-    backends' OpenAPI document) joins the balancer's own in /openapi.json. `hosted_routes` (the
-    hosted backends' routes) groups the balancer's own errors on their paths as theirs are grouped."""
+    hosted backends' OpenAPI document) joins the balancer's own in /openapi.json while any backend
+    is hosted. `hosted_routes` (the hosted backends' routes) groups the balancer's own errors on
+    their paths as theirs are grouped. With `[control] port` the own endpoints go to a second
+    app (`Balancer.control_app`), served on that port."""
 
     def group_own(path: str) -> str | None:
         if hosted_routes is None or not any(b.hosted for b in pools.backends):
@@ -167,18 +191,22 @@ def make_balancer_app(
         return hosted_routes(path)
 
     problems = make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True, group_own=group_own)
-    app = web.Application(
-        middlewares=[problems],
-        client_max_size=config.proxy.max_body_bytes or 2**63,
-        handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
-    )
-    app[BACKEND_POOLS] = pools
-    app[ERROR_TRACKER] = tracker
-
     observers = pools.observers
     # One transport to the backends: proxied requests on its pools, checks on its dedicated connections.
     upstream = UpstreamPool.from_config(config.proxy)
     forwarder = Forwarder(pools, upstream, config, logger=logger, observers=observers)
+
+    def forwarded(request: web.Request) -> bool:
+        return request.match_info.route is catch_all
+
+    own_endpoint = make_own_endpoint_middleware(lambda: forwarder.config, observers, forwarded=forwarded)
+    app = web.Application(
+        middlewares=[problems, own_endpoint],
+        client_max_size=config.proxy.max_body_bytes or 2**63,
+        handler_args={"max_field_size": config.proxy.max_header_bytes, "max_line_size": config.proxy.max_header_bytes},
+    )
+    # The app with the balancer's own endpoints: a second one, for the control listener, or the same.
+    own = app if config.control.port is None else web.Application(middlewares=[problems, own_endpoint])
     app[FORWARDER] = forwarder
 
     def record_refusal(refusal: Refusal) -> None:
@@ -189,9 +217,7 @@ def make_balancer_app(
         forwarder.refused(refusal)
 
     stats = RequestStats(clock=pools.clock)
-    app[REQUEST_STATS] = stats
     observer = Metrics(pools, tracker)
-    app[METRICS] = observer
     observers.add(stats)
     observers.add(observer)
 
@@ -199,8 +225,13 @@ def make_balancer_app(
         return control.config_error if control is not None else None
 
     feed = LiveFeed(lambda: dashboard_snapshot(pools, stats, tracker, config_error), logger=logger)
-    app[LIVE_FEED] = feed
     observers.add(feed)
+    # What the own endpoints' handlers read.
+    own[BACKEND_POOLS] = pools
+    own[ERROR_TRACKER] = tracker
+    own[REQUEST_STATS] = stats
+    own[METRICS] = observer
+    own[LIVE_FEED] = feed
 
     async def forward(request: web.Request) -> web.StreamResponse:
         return await forwarder(request)
@@ -221,23 +252,28 @@ def make_balancer_app(
         await feed.close()
 
     app.cleanup_ctx.append(client_and_health)
-    app.on_shutdown.append(end_streams)
-    app.router.add_get("/", make_page_handler())
-    app.router.add_get("/events", events, allow_head=False)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/health", health)
-    app.router.add_get("/status", status)
-    app.router.add_get("/errors/stats", error_stats)
-    document = json.dumps(balancer_document(forwarded_api, admin=control is not None)).encode()
+    own.on_shutdown.append(end_streams)
+    own.router.add_get("/", make_page_handler())
+    own.router.add_get("/events", events, allow_head=False)
+    own.router.add_get("/metrics", metrics)
+    own.router.add_get("/health", health)
+    own.router.add_get("/status", status)
+    own.router.add_get("/errors/stats", error_stats)
+    # The task API is listed while a backend hosted here serves it (outside backends' APIs are their own).
+    documents = {
+        hosted: json.dumps(balancer_document(forwarded_api if hosted else None, admin=control is not None)).encode()
+        for hosted in (False, True)
+    }
 
     async def openapi(request: web.Request) -> web.Response:
-        return web.Response(body=document, content_type="application/json")
+        body = documents[any(backend.hosted for backend in pools.backends)]
+        return web.Response(body=body, content_type="application/json")
 
-    app.router.add_get("/openapi.json", openapi)
+    own.router.add_get("/openapi.json", openapi)
     if control is not None:
-        app[ADMIN_CONTROL] = control
-        app.router.add_delete("/errors/stats", guarded(reset_error_stats, logger))
-    app.add_subapp("/admin", make_admin_app(control, logger))
+        own[ADMIN_CONTROL] = control
+        own.router.add_delete("/errors/stats", guarded(reset_error_stats, logger))
+    own.add_subapp("/admin", make_admin_app(control, logger))
     catch_all = app.router.add_route("*", "/" + CATCH_ALL_VARIABLE.replace("}", r":[\s\S]*}"), forward)
     # Read from the router, so a route added above is never forwarded by another spelling.
     own_paths = forwarder.own_paths = OwnPaths(app.router.resources(), skip=CATCH_ALL_VARIABLE)
@@ -258,4 +294,6 @@ def make_balancer_app(
         return await problems(request, forwarder)
 
     app[CLIENT_LIMITS] = ClientLimits(lambda: forwarder.config.proxy, record_refusal, front=front)
-    return Balancer(app, forwarder, feed)
+    if own is not app:
+        own[CLIENT_LIMITS] = ClientLimits(lambda: forwarder.config.proxy, record_refusal)
+    return Balancer(app, forwarder, feed, None if own is app else own, record_refusal)

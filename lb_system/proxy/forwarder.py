@@ -178,7 +178,9 @@ class Forwarder:
             finally:
                 self.in_flight -= 1
         except web.HTTPMethodNotAllowed:
-            raise  # a wrong method on one of the balancer's own endpoints: its own answer, not a proxied request
+            # A wrong method on one of the balancer's own endpoints: its own answer, counted as its own.
+            self._notify(request.method, 405, BALANCER, started, [])
+            raise
         except web.HTTPException as error:
             # The client's fault found on the way (a body too large, too slow or cut): the balancer answers it.
             reason = getattr(error, "refusal_reason", None) or _REASONS.get(error.status, "refused")
