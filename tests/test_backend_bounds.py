@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -46,8 +48,10 @@ async def bad_backend() -> AsyncIterator[Callable[[Behaviour], Awaitable[Scripte
     """Start a backend whose health check passes and that answers every other request as given."""
     servers: list[ScriptedServer] = []
 
-    async def start(behaviour: Behaviour) -> ScriptedServer:
-        server = await ScriptedServer.start(then=on_path("/health", answer(body=b'{"status": "ok"}'), behaviour))
+    async def start(behaviour: Behaviour, *, keep_requests: bool = True) -> ScriptedServer:
+        server = await ScriptedServer.start(
+            then=on_path("/health", answer(body=b'{"status": "ok"}'), behaviour), keep_requests=keep_requests
+        )
         servers.append(server)
         return server
 
@@ -173,6 +177,23 @@ SOAK_SECONDS = float(os.environ.get("LB_SOAK_SECONDS", "10"))
 RSS_GROWTH_LIMIT = 32 << 20
 
 
+async def four_clients(http: aiohttp.ClientSession, balancer_url: str, seconds: float) -> int:
+    """Four clients asking the balancer at once, one request after another, for `seconds`: each
+    gets a 502 (a refused head) or a cut answer (refused framing). How many answers came."""
+    answered = 0
+
+    async def client(until: float) -> None:
+        nonlocal answered
+        while time.monotonic() < until:
+            async with http.get(balancer_url + "/tasks/1") as r:
+                with pytest.raises(aiohttp.ClientPayloadError) if r.status == 200 else contextlib.nullcontext():
+                    await r.read()
+            answered += 1
+
+    await asyncio.gather(*(client(time.monotonic() + seconds) for _ in range(4)))
+    return answered
+
+
 def peak_rss() -> int:
     """This process's peak resident set size so far, in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -185,23 +206,63 @@ def peak_rss() -> int:
 async def test_memory_stays_flat_while_a_backend_streams_a_line_that_never_ends_to_four_clients(
     bad_backend, make_config, start_system, http, cast
 ) -> None:
-    bad = await bad_backend(cast())
+    bad = await bad_backend(cast(), keep_requests=False)  # the test server keeps nothing per request
     system = await start_system(make_config(backends=[{"name": "bad", "url": bad.url}], health={"interval": 60.0}))
-    answered = 0
-
-    async def client(until: float) -> None:
-        nonlocal answered
-        while time.monotonic() < until:
-            async with http.get(system.balancer_url + "/tasks/1") as r:
-                with pytest.raises(aiohttp.ClientPayloadError) if r.status == 200 else contextlib.nullcontext():
-                    await r.read()
-            answered += 1
-
-    await asyncio.gather(*(client(time.monotonic() + 1.0) for _ in range(4)))  # warm up: pools, buffers
+    await four_clients(http, system.balancer_url, 1.0)  # warm up: pools, buffers
     before = peak_rss()
-    await asyncio.gather(*(client(time.monotonic() + SOAK_SECONDS) for _ in range(4)))
+    answered = await four_clients(http, system.balancer_url, SOAK_SECONDS)
     grown = peak_rss() - before
     print(f"{cast.__name__}: {answered} answers in {SOAK_SECONDS:.0f} s, peak RSS grew {grown / 2**20:.1f} MiB")
     assert answered > 4
     assert bad.sent > 0
     assert grown < RSS_GROWTH_LIMIT, f"RSS grew {grown / 2**20:.1f} MiB"
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A field of /proc/<pid>/status in KiB: VmRSS now, VmHWM the peak so far."""
+    found = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    assert found, field
+    return int(found.group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status")
+@pytest.mark.parametrize("cast", [endless_header_lines, endless_chunk_line])
+async def test_the_balancer_process_stays_flat_while_a_backend_streams_a_line_that_never_ends(
+    bad_backend, http, tmp_path: Path, cast
+) -> None:
+    """The issue's scenario against `python run.py` itself: its RSS alone, not the test's."""
+    bad = await bad_backend(cast(), keep_requests=False)
+    config = tmp_path / "config.toml"
+    config.write_text('[balancer]\nport = 0\n[health]\ninterval = 60.0\n[[backends]]\nname = "bad"\nurl = "%s"\n' % bad.url)
+    output = tmp_path / "run.out"
+    with output.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).resolve().parent.parent / "run.py"),
+            "--config",
+            str(config),
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=sink,
+        )
+    try:
+        url = ""
+
+        def serving() -> bool:
+            nonlocal url
+            found = re.search(r"balancer on (http://\S+?);", output.read_text(errors="replace"))
+            url = found.group(1) if found else ""
+            return bool(url)
+
+        await wait_for(serving, timeout=20, message="run.py serving")
+        await four_clients(http, url, 1.0)  # warm up
+        before = _status_kib(process.pid, "VmRSS")
+        answered = await four_clients(http, url, SOAK_SECONDS)
+        grown = (_status_kib(process.pid, "VmHWM") - before) * 1024
+        print(f"run.py, {cast.__name__}: {answered} answers in {SOAK_SECONDS:.0f} s, peak RSS grew {grown / 2**20:.1f} MiB")
+        assert answered > 4
+        assert grown < RSS_GROWTH_LIMIT, f"run.py's RSS grew {grown / 2**20:.1f} MiB"
+    finally:
+        process.terminate()
+        await process.wait()

@@ -248,6 +248,7 @@ class ScriptedServer:
     sent: int = 0
     draining: bool = False
     read_bodies: bool = True  # False: answer as soon as a request's head is in
+    keep_requests: bool = True  # False: `requests` stays empty (a soak test's memory is the balancer's)
     port: int = 0
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
@@ -261,8 +262,9 @@ class ScriptedServer:
         ssl_context: ssl.SSLContext | None = None,
         read_bodies: bool = True,
         then: Behaviour | None = None,
+        keep_requests: bool = True,
     ) -> ScriptedServer:
-        server = cls(deque(script), ssl_context, then or answer(), read_bodies=read_bodies)
+        server = cls(deque(script), ssl_context, then or answer(), read_bodies=read_bodies, keep_requests=keep_requests)
         if sock is not None:
             server._server = await asyncio.start_server(server._serve, sock=sock, ssl=ssl_context)
         else:
@@ -283,7 +285,8 @@ class ScriptedServer:
         self.most_open = max(self.most_open, self.open)
         try:
             while (request := await read_request(reader, body=self.read_bodies)) is not None:
-                self.requests.append(request)
+                if self.keep_requests:
+                    self.requests.append(request)
                 behaviour = self.script.popleft() if self.script else self.then
                 if not await behaviour(self, request, reader, writer):
                     break
