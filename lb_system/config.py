@@ -460,8 +460,7 @@ class PoolConfig(_Section):
 
     strategy: str = "round_robin"
     hash_on: str = "client_ip"
-    # RFC 6265: a cookie name is an HTTP token.
-    sticky_cookie: Annotated[str, Field(max_length=64, pattern=f"^{_HEADER_NAME.pattern}$")] | None = None
+    sticky_cookie: str | None = None
     slow_start: Annotated[float, Field(ge=0, le=3600)] = 0.0
     health: HealthConfig = HealthConfig()
 
@@ -476,6 +475,11 @@ class PoolConfig(_Section):
     def _known_hash_on(cls, value: str) -> str:
         validate_hash_on(value)
         return value
+
+    @field_validator("sticky_cookie")
+    @classmethod
+    def _cookie_name(cls, value: str | None) -> str | None:
+        return None if value is None else validate_cookie_name(value)
 
 
 # The [pools.NAME] keys that fall back to [balancer]'s; slow_start and [pools.NAME.health] fall back to [health].

@@ -109,6 +109,21 @@ async def test_check_of_a_bad_file_exits_2_with_one_line(tmp_path: Path) -> None
     assert err.strip().count("\n") == 0 and "[health] interval" in err and str(path) in err
 
 
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[[backends]]\nname = "a"\nport = 5001\n[[routes]]\npath_prefix = "/api"\npool = "api"\n', "[[routes]] #1 pool"),
+        ("[pools.api.health]\ninterval = 0.001\n", "[pools.api.health] interval"),
+    ],
+)
+async def test_check_of_a_bad_route_or_pool_exits_2_with_one_line(tmp_path: Path, toml: str, key: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(toml)
+    code, _, err = await run("check", "--config", str(path), cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and key in err and str(path) in err
+
+
 async def test_serving_with_a_bad_file_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text('[[backends]]\nname = "x"\n')

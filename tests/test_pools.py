@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import pytest
 from support.backends import FakeBackend
 from support.config_files import FAST_HEALTH
 from support.waiting import wait_for
@@ -183,3 +184,86 @@ async def test_each_pool_balances_with_its_own_strategy(outside_backend, make_co
     assert len(seen) == 1  # one user, one backend of the api pool
     web = [(await get(http, system, "/page"))[1] for _ in range(4)]
     assert web == ["web-1", "web-2", "web-1", "web-2"]  # the default pool round robin
+
+
+async def test_a_reload_applies_routes_and_pools_keeping_each_backends_state(
+    config_file, start_system, outside_backend, http
+) -> None:
+    one, two = await outside_backend("one"), await outside_backend("two")
+    plain = [{"name": "one", "url": one.url}, {"name": "two", "url": two.url}]
+    config_file.write(backends=plain)
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=0.05)
+    pools = system.pool
+    assert pools is not None
+    for _ in range(4):
+        await get(http, system, "/x")
+    moved = pools.get("two")
+    assert moved is not None and moved.requests == 2
+    transitions = len(moved.transitions)
+
+    config_file.write(
+        backends=[plain[0], {**plain[1], "pool": "api"}],
+        pools={"api": {"strategy": "least_connections", "health": {"interval": 0.5}}},
+        routes=[{"path_prefix": "/api", "pool": "api", "strip_prefix": True}],
+    )
+    await wait_for(lambda: pools.routed, message="the routes applied")
+    assert pools.get("two") is moved and moved.pool == "api" and moved.requests == 2 and moved.eligible
+    assert len(moved.transitions) == transitions  # still up: no flap through the move
+    assert pools["api"].strategy.name == "least_connections" and pools["api"].health.interval == 0.5
+    assert [(await get(http, system, "/api/items"))[1:] for _ in range(2)] == [("two", ANY_ECHO), ("two", ANY_ECHO)]
+    assert {(await get(http, system, "/x"))[1] for _ in range(3)} == {"one"}
+    assert (await get(http, system, "/api/items"))[2]["path"] == "/items"
+
+    # Back to one pool and no route: every path reaches both again, and two's counters carry on.
+    config_file.write(backends=plain, routes=[], pools={"api": {}})
+    await wait_for(lambda: not pools.routed, message="back to one pool")
+    assert pools.get("two") is moved and moved.pool == "default" and moved.requests == 5
+    assert {(await get(http, system, "/api/items"))[1] for _ in range(4)} == {"one", "two"}
+
+
+class _AnyEcho:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict)
+
+
+ANY_ECHO = _AnyEcho()
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        ({"routes": [{"path_prefix": "/api", "pool": "nobody"}]}, "[[routes]] #1 pool: pool 'nobody' has no backends"),
+        ({"routes": [{"path_prefix": "/api"}]}, "[[routes]] #1 pool: Field required"),
+        ({"routes": [{"pool": "api", "host": "a:1"}]}, "[[routes]] #1 host"),
+        ({"routes": [{"pool": "api", "path_prefix": "api"}]}, "[[routes]] #1 path_prefix"),
+        ({"routes": [{"pool": "api", "strip_prefix": "yes"}]}, "[[routes]] #1 strip_prefix"),
+        ({"routes": [{"pool": "api", "colour": "red"}]}, "[[routes]] #1 colour: unknown key"),
+        ({"routes": [{"pool": "api"}, {"pool": "api", "path_prefix": "/"}]}, "[[routes]] #2: duplicate of route #1"),
+        ({"pools": {"api": {"strategy": "fastest"}}}, "[pools.api] strategy"),
+        ({"pools": {"api": {"hash_on": "cookie"}}}, "[pools.api] hash_on"),
+        ({"pools": {"api": {"sticky_cookie": "a b"}}}, "[pools.api] sticky_cookie"),
+        ({"pools": {"api": {"slow_start": -1.0}}}, "[pools.api] slow_start"),
+        ({"pools": {"api": {"health": {"interval": 0.001}}}}, "[pools.api.health] interval"),
+        ({"pools": {"api": {"health": {"expect_status": "999"}}}}, "[pools.api.health] expect_status"),
+        ({"pools": {"api": {"colour": 1}}}, "[pools.api] colour: unknown key"),
+        ({"backend_pool": "bad name"}, "[[backends]] #2 (two) pool"),
+    ],
+)
+async def test_a_bad_route_or_pool_edit_is_refused_and_the_old_routes_keep_serving(
+    config_file, start_system, outside_backend, http, edit: dict[str, Any], key: str
+) -> None:
+    one, two = await outside_backend("one"), await outside_backend("two")
+    backends = [{"name": "one", "url": one.url}, {"name": "two", "url": two.url, "pool": "api"}]
+    routes = [{"path_prefix": "/api", "pool": "api", "strip_prefix": True}]
+    config_file.write(backends=backends, routes=routes)
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=0.05)
+    running = system.config
+    pool_name = edit.pop("backend_pool", None)
+    if pool_name is not None:
+        edit["backends"] = [backends[0], {**backends[1], "pool": pool_name}]
+    config_file.write(**edit)
+    await wait_for(lambda: system.config_error is not None, message="the edit refused")
+    assert key in system.config_error and "\n" not in system.config_error and system.config is running
+    status, backend, body = await get(http, system, "/api/items")
+    assert (status, backend, body["path"]) == (200, "two", "/items")
+    assert (await get(http, system, "/x"))[1] == "one"

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.clock import FakeClock
 
 from lb_system import ConfigError, load_config, parse_config
+from lb_system.balancing.pools import Pools
 from lb_system.balancing.routes import Route, RouteTable, request_host
 
 TWO_POOLS = [{"name": "api-1", "port": 5001, "pool": "api"}, {"name": "web-1", "port": 5002}]
@@ -37,6 +39,24 @@ def test_a_pool_takes_every_key_it_does_not_set_from_balancer_and_health() -> No
     assert config.routed  # backends in two pools
 
 
+def test_sticky_cookie_slow_start_and_check_settings_fall_back_per_key() -> None:
+    config = parse_config(
+        {
+            "balancer": {"sticky_cookie": "lb"},
+            "health": {"slow_start": 10.0, "expect_body": "ok", "expect_status": "200-299"},
+            "backends": TWO_POOLS,
+            "pools": {"api": {"sticky_cookie": "api_sid", "slow_start": 30.0, "health": {"expect_status": "200"}}},
+        }
+    )
+    api, default = config.pools["api"], config.pools["default"]
+    assert (default.sticky_cookie, default.slow_start, default.health.slow_start) == ("lb", 10.0, 10.0)
+    assert (api.sticky_cookie, api.slow_start, api.health.slow_start) == ("api_sid", 30.0, 30.0)
+    assert (api.health.expect_status, api.health.expect_body) == ("200", "ok")
+    # slow_start written in the pool's health table counts as the pool's own.
+    config = parse_config({"backends": TWO_POOLS, "pools": {"api": {"health": {"slow_start": 5.0}}}})
+    assert (config.pools["api"].slow_start, config.pools["default"].slow_start) == (5.0, 0.0)
+
+
 def test_a_route_host_and_prefix_are_normalised_and_named() -> None:
     written = {"host": "*.Example.COM.", "path_prefix": "/api/", "pool": "api", "strip_prefix": True}
     config = parse_config({"backends": TWO_POOLS, "routes": [written]})
@@ -56,7 +76,8 @@ def test_a_route_host_and_prefix_are_normalised_and_named() -> None:
         ("pool = 3", "[[backends]] #1 (api-1) pool: Input should be a valid string"),
         ('[pools.api]\nstrategy = "fastest"', "[pools.api] strategy: must be one of"),
         ('[pools.api]\nhash_on = "cookie"', "[pools.api] hash_on: invalid hash_on 'cookie'"),
-        ('[pools.api]\nsticky_cookie = "a b"', "[pools.api] sticky_cookie: String should match pattern"),
+        ('[pools.api]\nsticky_cookie = "a b"', "[pools.api] sticky_cookie: must be a cookie name"),
+        ("[pools.api]\nsticky_cookie = 5", "[pools.api] sticky_cookie: Input should be a valid string"),
         ("[pools.api]\nslow_start = -1.0", "[pools.api] slow_start: Input should be greater than or equal to 0"),
         ('[pools.api]\nslow_start = "5"', "[pools.api] slow_start: Input should be a valid number"),
         ("[pools.api]\ncolour = 1", "[pools.api] colour: unknown key"),
@@ -195,3 +216,51 @@ def test_a_table_is_built_from_the_config() -> None:
     matched = table.match("web.example.com", "/v1/x")
     assert matched is not None and matched.name == "/v1"
     assert table.match("web.example.com", "/v2") is None
+
+
+SIX = [{"name": f"api-{n}", "url": f"http://127.0.0.1:{9000 + n}", "pool": "api"} for n in (1, 2, 3)] + [
+    {"name": f"web-{n}", "url": f"http://127.0.0.1:{9100 + n}"} for n in (1, 2, 3)
+]
+
+
+def _pools(**health: object) -> Pools:
+    config = parse_config({"health": health, "backends": SIX})
+    pools = Pools.from_config(config, {b.name: str(b.url) for b in config.backends}, clock=FakeClock())
+    for backend in pools.backends:
+        pools.pool_of(backend).record_check(backend, True, "200", 1.0)
+    return pools
+
+
+def test_max_ejection_percent_counts_within_the_pool() -> None:
+    pools = _pools(passive_fall=1, max_ejection_percent=50)
+    api = pools["api"]
+    first, second, _ = api.backends
+    api.record_passive_failure(first, "reset")
+    assert not first.healthy
+    # 2 of 6 backends would be within 50% of the whole system; 2 of the api pool's 3 are not.
+    api.record_passive_failure(second, "reset")
+    assert second.healthy and api.choose() is not None
+
+
+def test_a_request_is_routed_to_its_pool_or_to_none() -> None:
+    config = parse_config({"backends": SIX[:3], "routes": [{"path_prefix": "/api", "pool": "api"}]})
+    pools = Pools.from_config(config, {b.name: str(b.url) for b in config.backends})
+    pool, route = pools.route("h", "/api/x")
+    assert pool is pools["api"] and route is not None and route.name == "/api"
+    assert pools.route("h", "/x") == (None, None)  # the default pool has no backends: a 404
+    alone = parse_config({"backends": []})
+    assert Pools.from_config(alone, {}).route("h", "/x")[0] is not None  # no backend anywhere: the usual 503
+
+
+async def test_a_backend_moved_to_another_pool_takes_its_drain_along() -> None:
+    pools = _pools()
+    web_1 = pools.get("web-1")
+    assert web_1 is not None
+    pools.pool_of(web_1).acquire(web_1)
+    pools.pool_of(web_1).set_admin_state(web_1, "draining")
+    members = [(b, "api" if b is web_1 else b.pool) for b in pools.backends]
+    pools.assign(parse_config({"backends": SIX}).pools, members, routes=RouteTable())
+    api = pools.pool_of(web_1)
+    assert api is pools["api"] and web_1 in api.backends and web_1 not in pools["default"].backends
+    api.release(web_1)
+    assert await api.wait_drained(web_1, 1.0) and web_1.drained_at is not None

@@ -45,16 +45,26 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"no TOML for {value!r}")
 
 
+def _table(name: str, values: dict[str, Any], lines: list[str]) -> None:
+    """`[name]` with its scalars, then its sub-tables as `[name.key]` ([pools.api.health])."""
+    lines.append(f"[{name}]")
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _table(f"{name}.{key}", value, lines)
+
+
 def toml_text(data: dict[str, Any]) -> str:
-    """The TOML for a config dict: sections of scalars, and [[backends]]."""
+    """The TOML for a config dict: sections (with sub-tables), then arrays of tables ([[backends]], [[routes]])."""
     lines: list[str] = []
+    arrays = {key: value for key, value in data.items() if isinstance(value, list)}
     for section, values in data.items():
-        if section != "backends":
-            lines.append(f"[{section}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-    for backend in data.get("backends", []):
-        lines.append("[[backends]]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in backend.items()]
+        if section not in arrays:
+            _table(section, values, lines)
+    for name, entries in arrays.items():
+        for entry in entries:
+            lines.append(f"[[{name}]]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
     return "\n".join(lines) + "\n"
 
 
