@@ -176,8 +176,6 @@ class BackendPool:
         self.health = health
         # The consistent-hash key of a request (`[balancer] hash_on`); None with any other strategy.
         self.hash_on = hash_on
-        # The cookie that keeps a client on one backend of this pool; None: no sticky sessions.
-        self.sticky_cookie: str | None = None
         self.strategy: Strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
         self.strategy.set_backends(self.backends)
         self.logger = logger or logging.getLogger("lb_system.pool")
