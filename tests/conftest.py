@@ -18,7 +18,7 @@ from support.backends import FakeBackend, started_backends
 from support.clock import FakeClock
 from support.config_files import BASE_CONFIG, ConfigFile, merge
 from support.logs import LogRecords, LogSetup
-from support.postgres import TemporaryPostgres, unavailable_reason
+from support.postgres import TemporaryPostgres, reset_task_tables, unavailable_reason
 
 from lb_system import Config, SqliteTaskStore, System, TaskStore, parse_config
 
@@ -38,13 +38,6 @@ def postgres_server() -> Iterator[TemporaryPostgres]:
         yield server
 
 
-def reset_postgres(server: TemporaryPostgres) -> None:
-    """An empty database for the next test: the task store's tables dropped."""
-    if not server.running:
-        server.start()  # a test that stopped it failed half-way
-    server.psql("DROP TABLE IF EXISTS tasks, schema_version")
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], TaskStore]]:
     """New (unopened) task stores on one database, SQLite or PostgreSQL: the task API suite runs on both."""
@@ -54,9 +47,9 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
     from lb_system.tasks.postgres_store import PostgresTaskStore
 
     server: TemporaryPostgres = request.getfixturevalue("postgres_server")
-    reset_postgres(server)
+    reset_task_tables(server)
     yield lambda: PostgresTaskStore(server.url(), pool_min=1, pool_max=4)
-    reset_postgres(server)
+    reset_task_tables(server)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from support.config_files import BASE_CONFIG
 from support.logs import LogRecords
-from support.postgres import TemporaryPostgres
+from support.postgres import TemporaryPostgres, reset_task_tables
 from support.waiting import wait_for
 
 from lb_system import Config, ConfigError, StartupError, System, parse_config
@@ -27,11 +27,9 @@ PASSWORD = "lb-test-password"  # TemporaryPostgres's default
 @pytest.fixture
 def postgres(postgres_server: TemporaryPostgres) -> Iterator[TemporaryPostgres]:
     """The session's PostgreSQL, running and empty before and after the test."""
-    from conftest import reset_postgres
-
-    reset_postgres(postgres_server)
+    reset_task_tables(postgres_server)
     yield postgres_server
-    reset_postgres(postgres_server)
+    reset_task_tables(postgres_server)
 
 
 def postgres_config(tmp_path: Path, database: dict[str, Any], **sections: Any) -> Config:

@@ -5,9 +5,10 @@ folder, run as the `postgres` user when the tests run as root (initdb and postgr
         url = server.url()                        # postgresql://lb:<password>@127.0.0.1:<port>/lb
         server.stop(); server.start()             # the same cluster, down and up again
 
-`host` may be any address of this machine (or of a network namespace, with `wrap` as the command
-prefix that enters it: `["ip", "netns", "exec", "pg"]`). Connections over TCP need the password
-(scram-sha-256), so a test that leaves it out fails as it would in production.
+`host` may be any address of this machine, or of a network namespace with `wrap` as the command
+prefix that enters it (`TemporaryPostgres("10.0.0.2", 5432, wrap=["ip", "netns", "exec", "pg"])`).
+Connections over TCP need the password (scram-sha-256), so a test that leaves it out fails as it
+would in production.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class TemporaryPostgres:
         assert bin_dir is not None
         self.bin_dir = bin_dir
         self.host = host
-        self.port = port or free_port(host)
+        # A free port is looked for here; in another namespace (`wrap`), name one (or get 5432).
+        self.port = port or (5432 if wrap else free_port(host))
         self.user, self.password, self.database = user, password, database
         self.wrap = list(wrap)
         # Durability is not what these tests measure: no fsync keeps start-up and writes fast.
@@ -190,3 +192,14 @@ class TemporaryPostgres:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None) -> None:
         self.cleanup()
+
+
+TASK_TABLES = ("tasks", "schema_version")
+
+
+def reset_task_tables(server: TemporaryPostgres) -> None:
+    """An empty database for the next test: lb_system's tables dropped (the server started if a
+    test stopped it and failed half-way)."""
+    if not server.running:
+        server.start()
+    server.psql(f"DROP TABLE IF EXISTS {', '.join(TASK_TABLES)}")
