@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import pytest
 from support.config_files import BASE_CONFIG
 from support.logs import LogRecords
 from support.postgres import TemporaryPostgres, reset_task_tables
+from support.run_py import start_run_py, stop_run_py
 from support.waiting import wait_for
 
 from lb_system import Config, ConfigError, StartupError, System, parse_config
@@ -317,3 +321,49 @@ def test_check_shows_the_database_url_without_its_password(tmp_path: Path, capsy
     assert main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "database postgresql://lb:***@db.example:5432/lb" in out and PASSWORD not in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="signals are POSIX")
+async def test_two_backends_processes_on_one_postgres_behind_a_balancer_process(postgres, tmp_path: Path) -> None:
+    from support.config_files import toml_text
+
+    database = {"url": postgres.url(password=False), "password_env": "LB_DB_PASSWORD", "pool_max": 3}
+    env = {**os.environ, "LB_DB_PASSWORD": PASSWORD}
+    processes: list[asyncio.subprocess.Process] = []
+    urls: list[tuple[str, str]] = []
+    try:
+        for machine in ("a", "b"):
+            folder = tmp_path / machine
+            folder.mkdir()
+            backends = [{"name": f"backend-{machine}", "port": 0}]
+            config = {"database": database, "log": {"file": "lb.log"}, "backends": backends}
+            (folder / "config.toml").write_text(toml_text(config))
+            process, banner = await start_run_py("--role", "backends", cwd=folder, env=env)
+            processes.append(process)
+            urls += re.findall(r"(backend-\w) on (http://[\d.:]+)", banner)
+        front = tmp_path / "front"
+        front.mkdir()
+        outside = [{"name": name, "url": url} for name, url in urls]
+        (front / "config.toml").write_text(toml_text({**BASE_CONFIG, "backends": outside}))
+        balancer, banner = await start_run_py("--role", "balancer", cwd=front)
+        processes.append(balancer)
+        found = re.search(r"balancer on (http://\S+?);", banner)
+        assert found is not None
+        async with aiohttp.ClientSession() as http:
+            created = []
+            for index in range(6):
+                async with http.post(found.group(1) + "/tasks", json={"title": f"t{index}"}) as response:
+                    assert response.status == 201
+                    created.append((response.headers["X-Backend"], (await response.json())["id"]))
+            assert {backend for backend, _ in created} == {"backend-a", "backend-b"}
+            assert [task_id for _, task_id in created] == list(range(1, 7))  # one sequence for both machines
+            for _, url in urls:  # each machine reads what the other wrote
+                async with http.get(url + "/tasks") as response:
+                    assert (await response.json())["total"] == 6
+    finally:
+        codes = [await stop_run_py(process) for process in reversed(processes)]
+    assert codes == [0, 0, 0]
+    for machine in ("a", "b"):
+        log = (tmp_path / machine / "lb.log").read_text()
+        assert f" database=postgresql://lb@127.0.0.1:{postgres.port}/lb " in log and PASSWORD not in log

@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import signal
 import sys
 from pathlib import Path
 
 import pytest
 from support.config_files import BASE_CONFIG, toml_text
+from support.run_py import RUN, start_run_py, stop_run_py
 from support.waiting import wait_for
 
 from lb_system import ConfigError, System
 from lb_system.cli.main import main
-
-REPO = Path(__file__).resolve().parent.parent
-RUN = str(REPO / "run.py")
 
 
 async def test_backends_role_serves_the_hosted_backends_and_no_balancer(make_config, start_system, http, lb_log) -> None:
@@ -77,28 +74,6 @@ def test_check_with_role_balancer_exits_2_with_one_line_naming_the_backend(tmp_p
     assert "ok (role backends)" in capsys.readouterr().out
 
 
-async def _start(*args: str, cwd: Path) -> tuple[asyncio.subprocess.Process, str]:
-    """`python run.py ARGS`, read until its start-up line."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, RUN, *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
-        if not line:
-            raise AssertionError(f"run.py exited with {await process.wait()} before serving")
-        if line.startswith("lb_system: "):
-            return process, line.strip()
-
-
-async def _stop(process: asyncio.subprocess.Process) -> int:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-    await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode is not None
-    return process.returncode
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="signals are POSIX")
 async def test_a_backends_process_behind_a_balancer_process(tmp_path: Path, http) -> None:
@@ -106,7 +81,7 @@ async def test_a_backends_process_behind_a_balancer_process(tmp_path: Path, http
     backends_dir.mkdir()
     balancer_dir.mkdir()
     (backends_dir / "config.toml").write_text(toml_text(BASE_CONFIG))
-    backends, banner = await _start("--role", "backends", cwd=backends_dir)
+    backends, banner = await start_run_py("--role", "backends", cwd=backends_dir)
     processes = [backends]
     try:
         assert "role backends" in banner and "balancer on" not in banner
@@ -114,7 +89,7 @@ async def test_a_backends_process_behind_a_balancer_process(tmp_path: Path, http
         assert [name for name, _ in urls] == ["backend-1", "backend-2"]
         outside = {**BASE_CONFIG, "backends": [{"name": name, "url": url} for name, url in urls]}
         (balancer_dir / "config.toml").write_text(toml_text(outside))
-        balancer, banner = await _start("--role", "balancer", cwd=balancer_dir)
+        balancer, banner = await start_run_py("--role", "balancer", cwd=balancer_dir)
         processes.append(balancer)
         assert "role balancer" in banner
         found = re.search(r"balancer on (http://\S+?);", banner)
@@ -125,7 +100,7 @@ async def test_a_backends_process_behind_a_balancer_process(tmp_path: Path, http
         assert " role=balancer " in (balancer_dir / "balancer.log").read_text()
         assert " role=backends " in (backends_dir / "balancer.log").read_text()
     finally:
-        codes = [await _stop(process) for process in reversed(processes)]
+        codes = [await stop_run_py(process) for process in reversed(processes)]
     assert codes == [0] * len(processes)
 
 
