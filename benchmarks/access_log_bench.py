@@ -1,9 +1,8 @@
-"""Micro-benchmark of one access line: µs per line in the caller (the event loop's cost: build the
-record and queue it for the log thread) for AccessLog.write against the stdlib `logger.info(...,
-extra=)` path, and the log thread's cost to render the line as text and as JSON. The log thread is
-stopped while the caller is timed, so its writing does not take the GIL from the caller.
-Then the same with `[log] access_file`: the caller's cost (the line's fields appended to a buffer)
-and the writer's, CPU time of the whole process per line rendered and written in batches.
+"""Micro-benchmark of one access line, text format: µs per line in the caller (the event loop's
+cost) for the stdlib `logger.info(..., extra=)` and for AccessLog.write, to balancer.log (its time
+and fields queued for the log thread) and with `[log] access_file` (appended to that file's
+buffer); and the writing thread's CPU per line (rendered and written in one batch). The writer is
+held back while the caller is timed, so it does not take the GIL from the caller.
 
 Usage: python benchmarks/access_log_bench.py [--n 20000] [--rounds 5]
 """
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lb_system.config import LogConfig  # noqa: E402
 from lb_system.observability.access_log import AccessLog  # noqa: E402
-from lb_system.observability.log import FIELDS, LOGGER_NAME, JsonFormatter, TextFormatter, configure_logging  # noqa: E402
+from lb_system.observability.log import FIELDS, LOGGER_NAME, configure_logging  # noqa: E402
 
 LINE = {
     "method": "GET",
@@ -62,36 +61,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         listener = configure_logging(LogConfig(file=str(Path(folder) / "balancer.log")), console=False)
         logger = logging.getLogger(LOGGER_NAME)
-        access = AccessLog(logger)
         listener.stop()  # records now wait in its queue: only the caller's side is timed
         empty = functools.partial(drain, listener.queue)
-        fast = best_us(lambda: access.write(**LINE), args.n, args.rounds, empty)  # type: ignore[arg-type]
         stdlib = best_us(lambda: logger.info("access", extra={FIELDS: dict(LINE)}), args.n, args.rounds, empty)
         for handler in listener.handlers:
             handler.close()
-        own_caller, own_writer = access_file_costs(Path(folder), args.n, args.rounds)
-    record = logging.LogRecord(LOGGER_NAME, logging.INFO, "", 0, "access", None, None)
-    record.__dict__[FIELDS] = LINE
-    text, json_ = TextFormatter(), JsonFormatter()
-    print(f"caller, AccessLog.write:                {fast:6.2f} µs/line")
-    print(f"caller, logger.info('access', extra=):  {stdlib:6.2f} µs/line")
-    print(f"log thread, text line:                  {best_us(lambda: text.format(record), args.n, args.rounds):6.2f} µs/line")
-    print(f"log thread, JSON line:                  {best_us(lambda: json_.format(record), args.n, args.rounds):6.2f} µs/line")
-    print(f"access_file, caller (buffer append):    {own_caller:6.2f} µs/line")
-    print(f"access_file, writer (render + write):   {own_writer:6.2f} µs/line (CPU)")
+        shared = costs(Path(folder), "shared", args.n, args.rounds, access_file=False)
+        own = costs(Path(folder), "own", args.n, args.rounds, access_file=True)
+    print(f"caller, logger.info('access', extra=):     {stdlib:6.2f} µs/line")
+    print(f"balancer.log, caller (AccessLog.write):   {shared[0]:6.2f} µs/line")
+    print(f"balancer.log, log thread (render + write): {shared[1]:6.2f} µs/line (CPU)")
+    print(f"access_file, caller (AccessLog.write):    {own[0]:6.2f} µs/line")
+    print(f"access_file, writer (render + write):     {own[1]:6.2f} µs/line (CPU)")
 
 
-def access_file_costs(folder: Path, n: int, rounds: int) -> tuple[float, float]:
-    """(caller µs/line, writer CPU µs/line) with `[log] access_file`: the writer is held back while
-    the caller is timed, then one batch of n lines is written at stop."""
+def costs(folder: Path, name: str, n: int, rounds: int, *, access_file: bool) -> tuple[float, float]:
+    """(caller µs/line, writer CPU µs/line): the writer is held back while the caller is timed,
+    then writes the n lines in one go; best of `rounds`."""
     caller, writer = float("inf"), float("inf")
     for round_ in range(rounds):
-        config = LogConfig(file=str(folder / f"b{round_}.log"), access_file=str(folder / f"a{round_}.log"))
-        # The writer's first wake-up is at stop: it writes everything in one batch then.
+        config = LogConfig(
+            file=str(folder / f"{name}{round_}.log"),
+            access_file=str(folder / f"{name}{round_}-access.log") if access_file else None,
+        )
+        # The access file's writer wakes up first at stop; the queue's listener is stopped at once.
         listener = configure_logging(config, console=False, access_interval=3600)
+        if not access_file:
+            listener.stop()
         access = AccessLog(logging.getLogger(LOGGER_NAME))
         caller = min(caller, best_us(functools.partial(access.write, **LINE), n, 1))  # type: ignore[arg-type]
         started = time.process_time()
+        if not access_file:
+            listener.start()
         listener.stop()
         writer = min(writer, (time.process_time() - started) / n * 1e6)
         for handler in listener.handlers:

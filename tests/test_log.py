@@ -13,7 +13,15 @@ import pytest
 
 from lb_system.config import LogConfig
 from lb_system.observability.access_log import AccessLog
-from lb_system.observability.log import FIELDS, LOGGER_NAME, configure_logging, text_value
+from lb_system.observability.log import (
+    FIELDS,
+    LOGGER_NAME,
+    AccessEntry,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    text_value,
+)
 
 
 @pytest.fixture
@@ -71,6 +79,37 @@ def test_access_log_writes_the_same_line_as_logger_info(configured) -> None:
     # "<time> INFO access ...": identical but for the time stamp.
     assert first.split(" ", 1)[1] == second.split(" ", 1)[1] == expected
     assert second[:4].isdigit() and second[23] == "Z"
+
+
+def test_the_access_line_reaches_balancer_log_without_a_log_record(configured, monkeypatch) -> None:
+    setup, stop = configured
+    logger, path = setup()
+    access = AccessLog(logger)
+
+    def no_record(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a LogRecord was made for an access line")
+
+    monkeypatch.setattr(logging.LogRecord, "__init__", no_record)
+    monkeypatch.setattr(logging.Logger, "makeRecord", no_record)
+    for number in range(3):
+        access.write(**{**ACCESS, "request_id": f"n{number}"})  # type: ignore[arg-type]
+    monkeypatch.undo()
+    logger.warning("after")
+    stop()
+    lines = _lines(path)
+    assert [line.split("request_id=")[1].split()[0] for line in lines[:3]] == ["n0", "n1", "n2"]
+    assert lines[3].endswith("WARNING after")
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
+def test_a_queued_access_line_renders_as_its_record_would(formatter: TextFormatter | JsonFormatter) -> None:
+    """A handler that needs a record gets the one `logger.info("access", extra=...)` makes."""
+    entry = AccessEntry(1764300227.9995, dict(ACCESS), LOGGER_NAME)
+    record = logging.LogRecord(LOGGER_NAME, logging.INFO, "", 0, "access", None, None)
+    record.created, record.msecs, record.__dict__[FIELDS] = entry.created, 999.0, dict(ACCESS)
+    line = formatter.fields_line(entry.created, "INFO", LOGGER_NAME, "access", entry.fields)
+    assert formatter.format(entry.as_record()) == formatter.format(record) == line
+    assert "2025-11-28T03:23:47.999Z" in line
 
 
 def test_access_log_adds_optional_fields_only_when_given(configured) -> None:

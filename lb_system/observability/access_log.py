@@ -1,24 +1,20 @@
-"""The access line: one INFO record per request, built as fields on the hot path.
+"""The access line: one INFO `access` line per request, built as fields on the hot path.
 
-With `[log] access_file` set, the line's time and fields go to that file's buffer instead
-(log.AccessFile): no record is made at all, and its thread writes them in batches.
-
-`AccessLog.write` makes what `logger.info("access", extra={"fields": {...}})` makes, without
-what that call spends per line and a hot path can do without: the caller's frame lookup, the
-record's __init__ and the `extra` merge. Rendering (text or JSON) happens on the log thread.
-Measured by benchmarks/access_log_bench.py (Python 3.11, 2026-11-29, a shared 2-core box under
-load ~7, so noisy): µs per line in the caller, record built and queued for the log thread,
-best run (range over 5 runs):
-    AccessLog.write                        3.9 µs  (3.9-8.7)
-    logger.info("access", extra=fields)    5.8 µs  (5.8-12.7)
-Rendering then costs the log thread, not the event loop, about 5 µs per line, text or JSON.
+`AccessLog.write` writes what `logger.info("access", extra={"fields": {...}})` writes, without a
+LogRecord: when the lb_system logger has only the queue hand-off `configure_logging` installs,
+the line's time and fields go to the log thread (or, with `[log] access_file`, to that file's
+buffer) as they are, and are rendered there. Otherwise (another handler, a filter, a custom
+record factory) it is that `logger.info` call. Measured by benchmarks/access_log_bench.py
+(Python 3.11, 2026-12-07, text, 20,000 lines, best of 5, a shared 2-core VM at load ~2-4),
+µs per line in the caller / CPU µs per line on the writing thread:
+    logger.info("access", extra=fields)     6.2-10.2
+    AccessLog.write to balancer.log         1.7-1.8 / 4.0-4.1  (a LogRecord per line: 2.9 / 5.1-5.4)
+    AccessLog.write with access_file        1.4     / 3.8-4.0
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 
 from lb_system.observability.log import FIELDS, HandOff
@@ -29,8 +25,6 @@ class AccessLog:
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        self._template: dict[str, object] | None = None
-        self._thread: int | None = None
 
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
@@ -71,51 +65,18 @@ class AccessLog:
         for key, value in more.items():
             if value is not None:
                 fields[key] = value
-        handlers = self.logger.handlers
-        if len(handlers) == 1 and type(handlers[0]) is HandOff:
-            access_file = handlers[0].access_file
-            if access_file is not None:  # `[log] access_file`: its writer renders and writes in batches
-                access_file.append(time.time(), fields)
-                return
-        self._emit(fields)
-
-    def _emit(self, fields: dict[str, object]) -> None:
         logger = self.logger
-        if logging.getLogRecordFactory() is not logging.LogRecord:
-            logger.info("access", extra={FIELDS: fields})  # someone customised records: build them their way
-            return
-        thread = threading.get_ident()
-        if self._template is None or self._thread != thread:
-            # A real record made once on this thread: everything but the time and fields is the same.
-            self._template = dict(logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, "access", (), None).__dict__)
-            self._thread = thread
-        template = self._template
-        record = logging.LogRecord.__new__(logging.LogRecord)
-        record.__dict__.update(template)
-        created = time.time()
-        record.created = created
-        record.msecs = int((created - int(created)) * 1000) + 0.0
-        record.relativeCreated = template["relativeCreated"] + (created - template["created"]) * 1000  # type: ignore[operator]
-        record.__dict__[FIELDS] = fields
-        if "taskName" in template:  # Python 3.12+ names the asyncio task, as LogRecord.__init__ does
-            record.__dict__["taskName"] = _task_name()
         handlers = logger.handlers
         if len(handlers) == 1 and not (logger.filters or logger.disabled or logger.propagate):
             handler = handlers[0]
-            # The queue hand-off `configure_logging` installs, alone and unfiltered: what
-            # logger.handle would do in the end (its prepare returns a fields record as it is),
-            # without the filter passes and the handler's lock.
-            if type(handler) is HandOff and not handler.filters and handler.level <= logging.INFO:
-                handler.queue.put_nowait(record)
+            # The queue hand-off `configure_logging` installs, alone and unfiltered, and records
+            # as the stdlib makes them: the line's time and fields go to the log thread as they are.
+            if (
+                type(handler) is HandOff
+                and not handler.filters
+                and handler.level <= logging.INFO
+                and logging.getLogRecordFactory() is logging.LogRecord
+            ):
+                handler.write_access(time.time(), fields, logger.name)
                 return
-        logger.handle(record)
-
-
-def _task_name() -> str | None:
-    if not getattr(logging, "logAsyncioTasks", False):  # Python 3.12+
-        return None
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no running loop on this thread
-        return None
-    return task.get_name() if task is not None else None
+        logger.info("access", extra={FIELDS: fields})

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lb_system.config import LogConfig
 
@@ -165,11 +165,34 @@ class JsonFormatter(_UTCFormatter):
         return document
 
 
+class AccessEntry(NamedTuple):
+    """An INFO `access` line on its way to the log thread: its time and fields, no LogRecord
+    (AccessLog's fast path; the log thread renders it as it would the record)."""
+
+    created: float
+    fields: Mapping[str, object]
+    logger: str
+
+    def as_record(self) -> logging.LogRecord:
+        """The record `logger.info("access", extra={"fields": ...})` would have made, for a handler that needs one."""
+        record = logging.makeLogRecord({"name": self.logger, "msg": "access", "levelno": logging.INFO, "levelname": "INFO"})
+        record.created, record.msecs = self.created, int((self.created - int(self.created)) * 1000) + 0.0
+        record.__dict__[FIELDS] = self.fields
+        return record
+
+
 class HandOff(logging.handlers.QueueHandler):
     """Renders the message and traceback in the caller, leaves the layout to the file's formatter.
-    `access_file`, when set, is where AccessLog sends the access lines instead of the queue."""
+    `access_file`, when set, is where the access lines go instead of the queue."""
 
     access_file: AccessFile | None = None
+
+    def write_access(self, created: float, fields: Mapping[str, object], logger: str) -> None:
+        """An access line without a LogRecord: to the access file, or queued for balancer.log."""
+        if self.access_file is not None:
+            self.access_file.append(created, fields)
+        else:
+            self.queue.put_nowait(AccessEntry(created, fields, logger))
 
     def emit(self, record: logging.LogRecord) -> None:
         access_file = self.access_file
@@ -200,16 +223,25 @@ class _BatchStreamHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         self.handle_batch([record], filtered=True)
 
-    def handle_batch(self, records: list[logging.LogRecord], *, filtered: bool = False) -> None:
+    def handle_batch(self, records: list[logging.LogRecord | AccessEntry], *, filtered: bool = False) -> None:
         lines = []
+        formatter = self.formatter
         for record in records:
+            if type(record) is AccessEntry:
+                if isinstance(formatter, _UTCFormatter) and not self.filters:
+                    line = formatter.fields_line(record.created, "INFO", record.logger, "access", record.fields)
+                    lines.append(line + self.terminator)
+                    continue
+                record = record.as_record()
+            assert isinstance(record, logging.LogRecord)
             if filtered or self.filter(record):
                 try:
                     lines.append(self.format(record) + self.terminator)
                 except Exception:
                     self.handleError(record)
         if lines:
-            self.write_batch(lines, records[-1])
+            last = records[-1]
+            self.write_batch(lines, last if isinstance(last, logging.LogRecord) else last.as_record())
 
     def write_batch(self, lines: list[str], record: logging.LogRecord | None = None) -> None:
         """Write whole lines (each ending in the terminator) with one write and one flush."""
@@ -320,7 +352,7 @@ class AccessFile:
 class _BatchListener(logging.handlers.QueueListener):
     """Takes everything waiting in the queue at each wake-up and hands it over as one batch."""
 
-    queue: queue.SimpleQueue[logging.LogRecord | None]
+    queue: queue.SimpleQueue[logging.LogRecord | AccessEntry | None]
     _sentinel: None
     access_file: AccessFile | None = None
 
@@ -345,14 +377,14 @@ class _BatchListener(logging.handlers.QueueListener):
             if stop:
                 return
 
-    def _handle_batch(self, records: list[logging.LogRecord]) -> None:
-        records = [self.prepare(record) for record in records]
+    def _handle_batch(self, entries: list[logging.LogRecord | AccessEntry]) -> None:
         for handler in self.handlers:
-            chosen = records if not self.respect_handler_level else [r for r in records if r.levelno >= handler.level]
-            if isinstance(handler, _BatchStreamHandler):
-                handler.handle_batch(chosen)
-            else:
-                for record in chosen:
+            if isinstance(handler, _BatchStreamHandler) and not self.respect_handler_level:
+                handler.handle_batch(entries)
+                continue
+            records = [entry if isinstance(entry, logging.LogRecord) else entry.as_record() for entry in entries]
+            for record in records:
+                if not self.respect_handler_level or record.levelno >= handler.level:
                     handler.handle(record)
 
 
@@ -373,7 +405,7 @@ def configure_logging(config: LogConfig, *, console: bool = True, access_interva
         console_handler.setFormatter(formatter)
         handlers.append(console_handler)
 
-    log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    log_queue: queue.SimpleQueue[logging.LogRecord | AccessEntry] = queue.SimpleQueue()
     listener = _BatchListener(log_queue, *handlers, respect_handler_level=False)
     hand_off = HandOff(log_queue)
     access_file = config.access_file_for(os.getpid())
