@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Coroutine
@@ -188,6 +189,9 @@ class Membership:
                 if missing is not None:
                     raise ConfigError(f"{self.config_path}: {missing}; the edit was not applied")
                 certificates = await asyncio.to_thread(self._new_certificates, edited)
+                if certificates:
+                    replaced = tuple(f"[{name}] certificate replaced" for name in certificates)
+                    plan = dataclasses.replace(plan, settings=plan.settings + replaced)
                 started = await self._prepare(plan)
             except ConfigError as error:
                 self.config_error = str(error)
@@ -197,7 +201,7 @@ class Membership:
             for name, new in certificates.items():
                 self.certificates[name].use(new)
         self.config_error = None
-        changes = "; ".join(plan.changes() + [f"[{name}] certificate replaced" for name in certificates]) or "none"
+        changes = "; ".join(plan.changes()) or "none"
         self.logger.info("config reloaded", extra={FIELDS: {"origin": origin, "file": str(self.config_path), "changes": changes}})
         return plan
 

@@ -20,14 +20,10 @@ def https_location(request: web.BaseRequest, https_port: int) -> URL:
     name = URL(f"//{host}").raw_host if host else None
     if not name or not _HOST.fullmatch(name):
         raise ValueError("no host")
-    return URL.build(
-        scheme="https",
-        host=name,
-        port=None if https_port == 443 else https_port,
-        path=request.rel_url.raw_path,
-        query_string=request.rel_url.raw_query_string,
-        encoded=True,
-    )
+    authority = URL.build(scheme="https", host=name, port=None if https_port == 443 else https_port)
+    # The target as the client wrote it: its path and query unchanged, byte for byte.
+    target = request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs
+    return URL(str(authority) + target, encoded=True)
 
 
 def make_redirect_app(https_port: int) -> web.Application:
