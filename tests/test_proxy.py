@@ -306,6 +306,20 @@ async def test_an_ejected_backend_returns_through_active_checks_after_its_ejecti
     assert ejected.healthy
 
 
+async def test_the_end_of_an_ejection_wakes_the_checker(backends, balancer, http) -> None:
+    sick, good = await backends("sick", "good")
+    system = await balancer(
+        [sick, good], health={"interval": 60.0, "passive_fall": 1, "rise": 1, "passive_5xx": True, "ejection_time": 0.3}
+    )
+    async with http.get(system.balancer_url + "/code/500") as r:
+        ejected = system.pool.get(r.headers["X-Backend"])
+    assert not ejected.healthy and ejected.ejected_until is not None
+    checks = ejected.checks_ok
+    # Back within a second or so of its 0.3 s ejection, not at the next round 60 s away.
+    await wait_for(lambda: ejected.healthy, timeout=5.0, message="checked as soon as the ejection ended")
+    assert ejected.checks_ok == checks + 1 and ejected.ejected_until is None
+
+
 # --- streaming and bodies ------------------------------------------------------------------
 
 

@@ -358,6 +358,25 @@ async def test_head_with_a_length_reads_no_body(serve: Serve, make_pool: MakePoo
     assert server.accepted == 1
 
 
+@pytest.mark.parametrize(
+    ("head", "kept"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n", True),
+        (b"HTTP/1.0 200 OK\r\n\r\n", False),
+    ],
+)
+async def test_head_without_a_length_keeps_its_connection(serve: Serve, make_pool: MakePool, head: bytes, kept: bool) -> None:
+    # llhttp would wait for a body ended by a close: the Connection header and the version decide.
+    server = await serve(raw(head, keep=kept))
+    endpoint = make_pool().endpoint(server.url)
+    assert await fetch(endpoint, "HEAD", read_timeout=5) == (200, b"")
+    assert endpoint.idle_connections == (1 if kept else 0)
+    assert await fetch(endpoint) == (200, b"ok")
+    assert server.accepted == (1 if kept else 2)
+
+
 async def test_not_modified_has_no_body(serve: Serve, make_pool: MakePool) -> None:
     server = await serve(raw(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 50\r\n\r\n', keep=True))
     endpoint = make_pool().endpoint(server.url)

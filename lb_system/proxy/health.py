@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from lb_system.balancing.checks import check_verdict
-from lb_system.balancing.events import CheckResult, Observer, Observers
+from lb_system.balancing.events import CheckResult, Observer, Observers, Transition
 from lb_system.balancing.pool import Backend
 from lb_system.balancing.pools import Pools
 from lb_system.config import CHECK_BODY_LIMIT
@@ -58,12 +58,13 @@ def transport_probe(upstream: UpstreamPool) -> Probe:
     return probe
 
 
-class HealthChecker:
+class HealthChecker(Observer):
     """Checks every pool's backends, each pool at its own interval, and reports each result to the
     backend's pool and the observers.
 
     `start()` runs the periodic checks in a task that is restarted (and logged) if it ever ends
-    unexpectedly; `stop()` ends it."""
+    unexpectedly; `stop()` ends it. While it runs it hears the pool's transitions: a backend's
+    passive ejection is checked again as soon as its ejection time is over, not at the next round."""
 
     def __init__(
         self,
@@ -80,11 +81,17 @@ class HealthChecker:
         self.restarts = 0
         self.task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # set: something changed, look again at when to check what
+        self._round_now = False  # set with _wakeup by wake(): a whole round at once
+        self._listening = False  # among the pool's observers (while started)
+        self._after_ejection: dict[str, float] = {}  # backend -> the ejection end it was checked after
 
     async def check_backend(self, backend: Backend) -> bool:
         # Read through the pool at each check, so a reloaded [health] applies to the next round.
         pool = self.pools.pool_of(backend)
+        until = backend.ejected_until
+        if until is not None and until <= self.pools.clock():
+            self._after_ejection[backend.name] = until
         settings = pool.check_settings(backend)
         started = time.perf_counter()
         error: str | None = None
@@ -116,11 +123,34 @@ class HealthChecker:
 
     def wake(self) -> None:
         """Start the next round now (after a reload or an admin action)."""
+        self._round_now = True
         self._wakeup.set()
+
+    def on_transition(self, backend: str, transition: Transition) -> None:
+        # A backend went down, perhaps ejected: its ejection's end may come before the next round.
+        if transition.to == "down":
+            self._wakeup.set()
+
+    def _ejections_to_check(self) -> tuple[float | None, list[Backend]]:
+        """The earliest end (pool clock) of an ejection not yet checked after, and the backends
+        whose ejection is over and who have had no check since."""
+        now, checked = self.pools.clock(), self._after_ejection
+        earliest: float | None = None
+        over = []
+        for backend in self.pools.backends:
+            until = backend.ejected_until
+            if until is None or checked.get(backend.name) == until:
+                continue
+            if until <= now:
+                over.append(backend)
+            elif earliest is None or until < earliest:
+                earliest = until
+        return earliest, over
 
     async def run(self) -> None:
         """Check each pool every `interval` seconds of its own (the first round is done by whoever
-        starts the checker); a wake-up checks every pool at once."""
+        starts the checker), and a backend at once when its ejection is over; a wake-up checks
+        every pool at once."""
         loop = asyncio.get_running_loop()
         due: dict[str, float] = {}  # pool name -> when its next round starts
         while True:
@@ -130,16 +160,23 @@ class HealthChecker:
                 due.setdefault(pool.name, now + pool.health.interval)
             for name in due.keys() - {pool.name for pool in pools}:
                 del due[name]  # removed by a reload
+            earliest, over = self._ejections_to_check()
+            if over:
+                await self._check(over)
+                continue
+            wake_at = min(due.values(), default=now + 1.0)
+            if earliest is not None:
+                wake_at = min(wake_at, now + earliest - self.pools.clock())
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that arrives as the
             # wake-up is set, and stop() then waits for a checker that goes on checking.
             try:
-                async with asyncio.timeout(max(0.0, min(due.values(), default=now + 1.0) - now)):
+                async with asyncio.timeout(max(0.0, wake_at - now)):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
-            woken = self._wakeup.is_set()
             self._wakeup.clear()
             now = loop.time()
+            woken, self._round_now = self._round_now, False
             ready = [pool for pool in self.pools if woken or due.get(pool.name, now) <= now]
             for pool in ready:
                 due[pool.name] = now + pool.health.interval
@@ -148,6 +185,9 @@ class HealthChecker:
     def start(self) -> None:
         """Run the checks in the background until `stop()`."""
         self._stopping = False
+        if not self._listening:
+            self._listening = True
+            self.pools.observers.add(self)
         self.task = asyncio.create_task(self.run(), name="health-checker")
         self.task.add_done_callback(self._ended)
 
@@ -168,6 +208,9 @@ class HealthChecker:
     async def stop(self) -> None:
         """End the background checks and wait for them to finish."""
         self._stopping = True
+        if self._listening:
+            self._listening = False
+            self.pools.observers.remove(self)
         task, self.task = self.task, None
         if task is not None:
             task.cancel()

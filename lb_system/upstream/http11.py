@@ -192,6 +192,11 @@ class Exchange:
                 return value
         return default
 
+    def _connection_header_keeps_alive(self) -> bool:
+        """RFC 9112 §9.3: HTTP/1.1 persists unless `Connection: close`; HTTP/1.0 only with `keep-alive`."""
+        tokens = {token.strip().lower() for token in (self.header("Connection") or "").split(",")}
+        return "keep-alive" in tokens if self.version == "1.0" else "close" not in tokens
+
     @property
     def close_delimited(self) -> bool:
         """The body ends when the backend closes the connection."""
@@ -236,8 +241,10 @@ class Exchange:
         if status == 101 or status in _NO_BODY_STATUS or self._request.method == "HEAD":
             if self._request.method == "HEAD":
                 # llhttp cannot be told this answered a HEAD: the exchange ends here, and the
-                # parser (one per exchange) is dropped before it would wait for a body.
-                self._ended()
+                # parser (one per exchange) is dropped before it would wait for a body. Nor can
+                # it tell whether the connection lives on when the head has no length (it would
+                # wait for a body ended by a close): the Connection header and version say.
+                self._ended(self._connection_header_keeps_alive())
         else:
             encoding = self.header("Transfer-Encoding")
             if encoding is not None:
@@ -272,11 +279,11 @@ class Exchange:
         self._ended()
         self._wake()
 
-    def _ended(self) -> None:
+    def _ended(self, keep_alive: bool | None = None) -> None:
         """The answer arrived whole: the connection may carry another, unless either side said no."""
         self._complete = True
         if self.state is ConnectionState.ACTIVE:
-            keep = self._parser.should_keep_alive() and self._request.keep_alive
+            keep = (self._parser.should_keep_alive() if keep_alive is None else keep_alive) and self._request.keep_alive
             self.state = ConnectionState.IDLE if keep else ConnectionState.CLOSED
 
     # --- fed by the connection ----------------------------------------------------------------
