@@ -12,6 +12,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -315,8 +316,23 @@ def refused_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def accept_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """A listening socket's accept queue as the kernel sees it, (queued, backlog), on Linux
+    (TCP_INFO of a listener: tcpi_unacked is the queue's length, tcpi_sacked its cap); None elsewhere."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None or not sys.platform.startswith("linux"):
+        return None
+    values = struct.unpack_from("8B6I", sock.getsockopt(socket.IPPROTO_TCP, option, 104))
+    return values[12], values[13]
+
+
 class FullBacklog:
-    """A listening socket that never accepts, its backlog filled: connecting hangs (a connect timeout)."""
+    """A listening socket that never accepts, its backlog filled: connecting hangs (a connect timeout).
+
+    The kernel drops a SYN while the accept queue is full (Linux: ListenOverflows), and every
+    retry of it too, for as long as nobody accepts: a connect times out whatever the timing of the
+    SYN retries. The queue is known to be full from the kernel itself, not from a connect that
+    seemed slow (which, on a loaded machine, can just be slow)."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
@@ -327,6 +343,30 @@ class FullBacklog:
         self.fillers: list[socket.socket] = []
 
     async def fill(self) -> None:
+        if accept_queue(self.sock) is None:
+            await self._fill_until_a_connect_hangs()
+            return
+        loop = asyncio.get_running_loop()
+        for _ in range(16):
+            queued, backlog = accept_queue(self.sock)  # type: ignore[misc]
+            if queued > backlog:
+                return
+            filler = socket.socket()
+            filler.setblocking(False)
+            self.fillers.append(filler)
+            async with asyncio.timeout(5.0):  # the queue had room: this connect completes
+                await loop.sock_connect(filler, ("127.0.0.1", self.port))
+            # Its handshake's last ACK may still be on its way: wait until the queue counts it, or
+            # is full (a handshake the kernel finished with a SYN cookie is dropped when full).
+            count = len(self.fillers)
+            deadline = loop.time() + 5.0
+            while (queue := accept_queue(self.sock)) is not None and queue[0] < count and queue[0] <= queue[1]:
+                if loop.time() > deadline:
+                    raise AssertionError(f"the accept queue never counted connection {count}: {queue}")
+                await asyncio.sleep(0.005)
+        raise AssertionError("the backlog never filled")
+
+    async def _fill_until_a_connect_hangs(self) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(16):
             filler = socket.socket()
