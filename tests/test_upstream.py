@@ -312,6 +312,30 @@ async def test_the_bounds_are_the_pools_to_set(serve: Serve, make_pool: MakePool
     assert await fetch(endpoint) == (200, b"ok")
 
 
+async def test_a_read_beyond_the_heads_room_is_parsed_in_pieces(serve: Serve, make_pool: MakePool) -> None:
+    # The parser is fed no more than the bound leaves room for while a head is unfinished: what
+    # follows a head within the room (an interim answer, the body, a tunnel's bytes) is not lost.
+    field = b"X-Near: " + b"n" * 1500 + b"\r\n"
+    body = bytes(range(256)) * 40
+    server = await serve(
+        raw(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\n" + field + b"Content-Length: %d\r\n\r\n" % len(body) + body,
+            keep=True,
+        ),
+        raw(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n" + body),
+    )
+    endpoint = make_pool(head_limits=HeadLimits(max_bytes=2048)).endpoint(server.url)
+    assert await fetch(endpoint) == (200, body)
+    response = await endpoint.open_tunnel("GET", "/ws", [("Upgrade", "x"), ("Connection", "Upgrade")])
+    tunnel = response.detach()
+    received = b""
+    while chunk := await tunnel.read():
+        received += chunk
+    tunnel.close()
+    assert received == body
+
+
 @pytest.mark.parametrize("cast", [endless_chunk_line, endless_chunk_extension, many_trailers])
 async def test_chunk_framing_past_the_bound_fails_the_body(
     serve: Serve, make_pool: MakePool, cast: Callable[[], Behaviour]

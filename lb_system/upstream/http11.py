@@ -296,6 +296,31 @@ class Exchange:
         if self._complete:  # more than the answer: fine for this one, but no reuse
             self.state = ConnectionState.CLOSED
             return
+        # While the head is unfinished llhttp and httptools keep a line whole, however long: the
+        # parser is fed no more than the bound leaves room for, so nothing past it is ever held.
+        while not self._final and len(data) > (room := max(self._limits.max_bytes - self._section - self._unparsed, 0)):
+            interim = self._interim
+            parsed = self._parse(data[:room])
+            data = data[room:]
+            if self._upgraded is not None:  # a 101 within the room: the rest is the tunnel's
+                self._upgraded += data
+                return
+            if not parsed:
+                return
+            if not self._final and self._interim == interim:  # no head ended within the room
+                self._fail(HeadTooLarge(sent=True, answered=True))
+                return
+        if self._complete:
+            if data:  # more than the answer: fine for this one, but no reuse
+                self.state = ConnectionState.CLOSED
+            return
+        if self._parse(data) and self._unparsed + self._section > self._limits.max_bytes and not self._complete:
+            # A line still unfinished past the bound, read by read: a chunk-size line (llhttp
+            # parses it in place) or a trailer (httptools keeps its value).
+            self._fail((FramingTooLarge if self._final else HeadTooLarge)(sent=True, answered=True))
+
+    def _parse(self, data: bytes) -> bool:
+        """Feed the parser; False when the exchange ended in error or became a tunnel."""
         self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
@@ -303,7 +328,7 @@ class Exchange:
             self._upgraded = bytearray(data[upgrade.args[0] :])
             self.state = ConnectionState.CLOSED  # it carries a tunnel now, never another exchange
             self._flow.pause_reading()  # until the tunnel is taken
-            return
+            return False
         except httptools.HttpParserError:
             if self._broken is not None:
                 self._fail(self._broken(sent=True, answered=True))
@@ -311,11 +336,8 @@ class Exchange:
                 self.state = ConnectionState.CLOSED
             else:
                 self._fail(ProtocolError(sent=True, answered=True))
-            return
-        # A line still unfinished (a header, a chunk-size line, a trailer): llhttp and httptools
-        # would keep it whole, however long, so it is refused once it passes the bound.
-        if self._unparsed + self._section > self._limits.max_bytes and not self._complete:
-            self._fail((FramingTooLarge if self._final else HeadTooLarge)(sent=True, answered=True))
+            return False
+        return True
 
     def _break(self, error: type[ProtocolError]) -> NoReturn:
         self._broken = error
