@@ -295,3 +295,28 @@ async def test_page_fits_a_360_px_window_and_every_figure_says_its_window(make_c
     await expect(page.locator("#errors-since")).to_contain_text("since")
     await expect(page.locator("#recent-caption")).to_contain_text("the last 20")
     assert errors == []
+
+
+async def test_with_two_pools_the_cards_are_grouped_by_pool_with_each_pools_health(
+    make_config, start_system, outside_backend, browser
+) -> None:
+    api, web = await outside_backend("api-1"), await outside_backend("web-1")
+    config = make_config(
+        backends=[{"name": "api-1", "url": api.url, "pool": "api"}, {"name": "web-1", "url": web.url}],
+        routes=[{"path_prefix": "/api", "pool": "api"}],
+        pools={"api": {"strategy": "least_connections"}},
+    )
+    system = await start_system(config)
+    page, errors = await open_dashboard(browser, system.balancer_url)
+    api_group, default_group = page.locator('section[data-pool="api"]'), page.locator('section[data-pool="default"]')
+    await expect(api_group.locator('[data-backend="api-1"]')).to_have_attribute("data-state", "up")
+    await expect(default_group.locator('[data-backend="web-1"]')).to_have_attribute("data-state", "up")
+    await expect(api_group.locator(".pool-status")).to_have_text("ok")
+    await expect(api_group.locator("h3")).to_contain_text("1 of 1 serving, least_connections")
+
+    await api.stop()
+    await expect(api_group).to_have_attribute("data-status", "unavailable", timeout=5000)
+    await expect(api_group.locator(".pool-status")).to_have_text("unavailable")
+    await expect(default_group.locator(".pool-status")).to_have_text("ok")
+    await expect(page.locator("#health")).to_have_text("degraded")
+    assert errors == []
