@@ -367,3 +367,21 @@ async def test_two_backends_processes_on_one_postgres_behind_a_balancer_process(
     for machine in ("a", "b"):
         log = (tmp_path / machine / "lb.log").read_text()
         assert f" database=postgresql://lb@127.0.0.1:{postgres.port}/lb " in log and PASSWORD not in log
+
+
+async def test_the_pool_keeps_pool_min_connections_and_never_opens_more_than_pool_max(postgres) -> None:
+    from lb_system.tasks.postgres_store import PostgresTaskStore
+
+    def connections() -> int:
+        return int(postgres.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'lb' AND pid <> pg_backend_pid()"))
+
+    store = PostgresTaskStore(postgres.url(), pool_min=2, pool_max=3)
+    await store.open()
+    try:
+        assert connections() == 2
+        created = await asyncio.gather(*(store.create(f"t{i}") for i in range(30)))
+        assert len({task["id"] for task in created}) == 30
+        assert connections() == 3
+    finally:
+        await store.close()
+    await wait_for(lambda: connections() == 0, message="every connection closed")  # a server process ends a moment later
