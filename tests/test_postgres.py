@@ -267,7 +267,7 @@ async def test_a_missing_password_env_stops_start_up_naming_the_key(postgres, tm
         await System(config, logger=logging.getLogger("lb_system")).start()
 
 
-async def test_the_store_answers_unavailable_not_a_crash_when_the_database_is_gone(postgres) -> None:
+async def test_the_store_answers_unavailable_not_a_crash_when_the_database_is_gone(postgres, lb_log: LogRecords) -> None:
     from lb_system.tasks.postgres_store import PostgresTaskStore
 
     store = PostgresTaskStore(postgres.url(), pool_min=1, pool_max=2)
@@ -277,6 +277,11 @@ async def test_the_store_answers_unavailable_not_a_crash_when_the_database_is_go
         assert not await store.ping()
         with pytest.raises(StoreUnavailable):
             await store.create("x")
+        # The driver's pool retries its connections: one line each in our log, no traceback, no password.
+        await wait_for(lambda: any(m.startswith("database driver ") for m in lb_log.messages()), message="a driver line")
+        line = next(m for m in lb_log.messages() if m.startswith("database driver "))
+        assert "database=postgresql://lb:***@" in line and "reason=" in line and PASSWORD not in line
+        assert not any(record.exc_info for record in lb_log.records)
         postgres.start()
         await wait_for(store.ping, message="the pool reconnects")
         assert (await store.create("y"))["title"] == "y"

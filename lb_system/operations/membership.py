@@ -235,7 +235,8 @@ class Membership:
             try:
                 await self.open_store()
             except StartupError as error:
-                raise ConfigError(f"{self.config_path}: [database] path: {error}; the edit was not applied") from None
+                key = "url" if self.config.database.postgres else "path"
+                raise ConfigError(f"{self.config_path}: [database] {key}: {error}; the edit was not applied") from None
         sockets: dict[str, socket.socket] = {}
         started: dict[str, HostedBackend] = {}
         try:

@@ -54,7 +54,7 @@ class System:
         self.clock = clock
         self.logger = logger or logging.getLogger(LOGGER_NAME)
         self.tracker = ErrorTracker(config.errors.recent)
-        self.store = make_task_store(config.database)
+        self.store = make_task_store(config.database, self.logger)
         self.config_path = Path(config_path) if config_path is not None else None
         self.membership = Membership(
             config, store=self.store, tracker=self.tracker, logger=self.logger, config_path=self.config_path, role=role
@@ -240,7 +240,7 @@ class System:
     def _log_started(self, started: dict[str, object], urls: dict[str, str]) -> None:
         if self.config.backends:
             started["backends"] = ",".join(f"{b.name}@{urls[b.name]}" for b in self.config.backends)
-        if self.serves_backends:
+        if self.hosted:
             started["database"] = self.store.where  # the URL without its password
         started["role"] = self.role
         started["loop"] = loop_name()  # "uvloop", or "asyncio" where uvloop is not installed (Windows)

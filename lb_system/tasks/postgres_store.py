@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from lb_system.config import redact_url
+from lb_system.observability.log import FIELDS, LOGGER_NAME
 from lb_system.tasks.store import SCHEMA_VERSION, SchemaTooNew, StoreUnavailable, Task, check_fields
 from lb_system.timestamps import iso_datetime, utc_now_ms
 
@@ -53,6 +55,21 @@ ACQUIRE_TIMEOUT = 5.0  # seconds to wait for a pooled connection (opening one in
 COMMAND_TIMEOUT = 10.0  # seconds one statement may take
 
 
+class _DriverLog(logging.Handler):
+    """asyncpg's own warnings (its pool retrying connections while the database is down), as one
+    line each in our log, the password scrubbed, without the traceback Python would print."""
+
+    def __init__(self, store: PostgresTaskStore, logger: logging.Logger) -> None:
+        super().__init__(logging.WARNING)
+        self.store, self.logger = store, logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, object] = {"database": self.store.where, "message": record.getMessage()}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["reason"] = self.store.scrubbed(record.exc_info[1])
+        self.logger.log(record.levelno, "database driver", extra={FIELDS: fields})
+
+
 def _row_to_task(row: asyncpg.Record) -> Task:
     return {
         "id": row["id"],
@@ -73,8 +90,17 @@ class PostgresTaskStore:
     `password_env`) is kept out of every message.
     """
 
-    def __init__(self, url: str, *, password_env: str | None = None, pool_min: int = 1, pool_max: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        password_env: str | None = None,
+        pool_min: int = 1,
+        pool_max: int = 10,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self.url = url
+        self._driver_log = _DriverLog(self, logger or logging.getLogger(LOGGER_NAME))
         self.password_env = password_env
         self.pool_min, self.pool_max = pool_min, pool_max
         self._pool: asyncpg.Pool | None = None
@@ -84,7 +110,7 @@ class PostgresTaskStore:
     def where(self) -> str:
         return redact_url(self.url)
 
-    def _scrubbed(self, error: BaseException) -> str:
+    def scrubbed(self, error: BaseException) -> str:
         """An error's text with every form of the password replaced by ***."""
         text = str(error) or type(error).__name__
         text = text.replace(self.url, self.where)
@@ -103,6 +129,7 @@ class PostgresTaskStore:
                 raise StoreUnavailable(f"[database] password_env: {self.password_env} is not set")
             self._secrets.append(password)
         self._secrets.sort(key=len, reverse=True)  # a longer secret first, in case one contains another
+        logging.getLogger("asyncpg").addHandler(self._driver_log)
         try:
             pool = await asyncpg.create_pool(
                 dsn=self.url,
@@ -113,7 +140,7 @@ class PostgresTaskStore:
                 command_timeout=COMMAND_TIMEOUT,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as error:
-            raise StoreUnavailable(self._scrubbed(error)) from None
+            raise StoreUnavailable(self.scrubbed(error)) from None
         try:
             await self._migrate(pool)
         except BaseException:
@@ -136,9 +163,10 @@ class PostgresTaskStore:
                         "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)", SCHEMA_VERSION, utc_now_ms()
                     )
         except _UNAVAILABLE as error:
-            raise StoreUnavailable(self._scrubbed(error)) from None
+            raise StoreUnavailable(self.scrubbed(error)) from None
 
     async def close(self) -> None:
+        logging.getLogger("asyncpg").removeHandler(self._driver_log)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -154,7 +182,7 @@ class PostgresTaskStore:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as connection:
                 yield connection
         except _UNAVAILABLE as error:
-            raise StoreUnavailable(f"database {self.where}: {self._scrubbed(error)}") from None
+            raise StoreUnavailable(f"database {self.where}: {self.scrubbed(error)}") from None
 
     async def ping(self, timeout: float = 1.0) -> bool:
         try:

@@ -3,6 +3,7 @@ PostgreSQL (`[database] url`) answer the same, down to ids, timestamps and order
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from lb_system.config import DatabaseConfig
@@ -62,7 +63,7 @@ def check_fields(changes: dict[str, Any]) -> None:
         raise ValueError(f"unknown task fields: {sorted(changes.keys() - set(FIELDS))}")
 
 
-def make_task_store(database: DatabaseConfig) -> TaskStore:
+def make_task_store(database: DatabaseConfig, logger: logging.Logger | None = None) -> TaskStore:
     """The store `[database]` names; nothing is opened yet."""
     if database.url is None:
         from lb_system.tasks.sqlite_store import SqliteTaskStore
@@ -72,5 +73,5 @@ def make_task_store(database: DatabaseConfig) -> TaskStore:
     from lb_system.tasks.postgres_store import PostgresTaskStore
 
     return PostgresTaskStore(
-        database.url, password_env=database.password_env, pool_min=database.pool_min, pool_max=database.pool_max
+        database.url, password_env=database.password_env, pool_min=database.pool_min, pool_max=database.pool_max, logger=logger
     )
