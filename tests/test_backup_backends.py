@@ -11,7 +11,7 @@ from support.through import backend_statuses, served
 from support.waiting import wait_for
 
 from lb_system.balancing.pool import DISABLED, Backend, BackendPool
-from lb_system.config import HealthConfig
+from lb_system.config import BackendConfig, HealthConfig
 
 
 def pool_of(*specs: tuple[str, bool]) -> BackendPool:
@@ -75,3 +75,12 @@ async def test_a_backup_takes_over_when_every_primary_is_killed_and_hands_back(
     await one.start()  # the same port again
     await wait_for(lambda: system.pool.get("one").serving, message="one back")
     assert await served(http, url, 6) == {"one": 6}
+
+
+def test_a_reload_can_make_a_backend_a_backup_and_back() -> None:
+    pool = pool_of(("a", False), ("b", False))
+    b = named(pool, "b")
+    pool.configure(b, BackendConfig(name="b", url="http://b", backup=True))
+    assert picks(pool, 4) == {"a": 4}
+    pool.configure(b, BackendConfig(name="b", url="http://b"))
+    assert picks(pool, 4) == {"a": 2, "b": 2}

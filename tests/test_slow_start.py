@@ -160,3 +160,14 @@ async def test_slow_start_shows_in_the_share_of_requests_over_the_ramp(
     full = (await served(http, url, 220, keyed=True))["two"] / 220
     # About 0.09, 0.35 and 0.5 (consistent_hash: the ramp's fraction of the keys two owns).
     assert early < 0.2 and early < half < full and 0.35 < full < 0.65, (early, half, full)
+
+
+def test_an_ejected_backend_ramps_when_its_checks_bring_it_back(clock: FakeClock) -> None:
+    pool = pool_with(clock, slow_start=20, names=("a", "b", "c"))
+    b = named(pool, "b")
+    pool.set_health(pool.health.model_copy(update={"passive_fall": 1, "max_ejection_percent": 50, "ejection_time": 5.0}))
+    pool.record_passive_failure(b, "connection reset")
+    assert not b.healthy
+    clock.advance(6)  # past its ejection
+    pool.record_check(b, True, "200", 1.0)
+    assert b.serving and b.effective_weight(clock()) == pytest.approx(0.4)

@@ -353,7 +353,10 @@ class BackendPool:
     def choose(self, key: str | None = None, exclude: Sequence[Backend] = (), pinned: str | None = None) -> Backend | None:
         """The backend for the next try of a request, never one it already tried; None when none is left.
         `pinned` (a sticky cookie's value) picks the backend it names while that one may take the try."""
-        candidates = self._candidates(exclude)
+        if self._has_backups:
+            candidates = self._candidates(exclude)
+        else:  # the usual case, inline: this runs for every try
+            candidates = [b for b in self.backends if b.eligible and b not in exclude]
         if not candidates:
             return None
         if pinned is not None:
