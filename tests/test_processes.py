@@ -21,6 +21,7 @@ from support.waiting import wait_for
 
 from lb_system.cli import main
 from lb_system.config import reuse_port_available
+from lb_system.operations.supervisor import BackOff
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = str(REPO / "run.py")
@@ -251,3 +252,8 @@ def test_check_accepts_a_config_several_processes_can_run(tmp_path: Path, capsys
     )
     assert main(["check", "--config", str(path), "--role", "balancer", "--processes", "2"]) == 0
     assert "ok (role balancer), 2 processes:" in capsys.readouterr().out
+
+
+def test_the_restart_back_off_doubles_up_to_its_cap() -> None:
+    back_off = BackOff(first=0.5, longest=30.0)
+    assert [back_off.delay(deaths) for deaths in (1, 2, 3, 4, 7, 8, 50)] == [0.5, 1.0, 2.0, 4.0, 30.0, 30.0, 30.0]
