@@ -13,6 +13,7 @@ import time
 import aiohttp
 import pytest
 from support.config_files import FAST_HEALTH
+from support.misbehaving import ScriptedServer
 from support.waiting import refused, wait_for
 
 from lb_system.balancing.pool import DRAINING
@@ -150,6 +151,24 @@ async def test_removed_hosted_backend_stops_listening(config_file, start_system)
     await wait_for(lambda: "backend-2" not in system.hosted and not system.pool.retiring)
     await wait_for(lambda: refused(url), message="backend-2's port closed")
     await wait_for(lambda: not upstream.has_endpoint(url), message="its upstream connections forgotten")
+
+
+async def test_a_moved_backends_old_address_is_closed_once_idle(config_file, start_system, http) -> None:
+    old, new = await ScriptedServer.start(), await ScriptedServer.start()
+    try:
+        config_file.write(backends=[{"name": "remote", "url": old.url}])
+        system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=WATCH)
+        async with http.get(system.balancer_url + "/x") as response:
+            assert response.headers["X-Backend"] == "remote"
+        upstream = system.balancer.forwarder.upstream
+        assert upstream.endpoint(old.url).idle_connections == 1
+        config_file.write(backends=[{"name": "remote", "url": new.url}])
+        await wait_for(lambda: system.pool.get("remote").url == new.url, message="remote moved")
+        await wait_for(lambda: old.open == 0, message="the old address's idle connection closed")
+        assert not upstream.has_endpoint(old.url)
+    finally:
+        await old.close()
+        await new.close()
 
 
 async def test_drain_timeout_bounds_a_removed_backend_with_a_stuck_request(

@@ -504,6 +504,25 @@ async def test_a_deadline_before_the_connect_timeout_is_the_callers_timeout(make
         backlog.close()
 
 
+async def test_a_retired_endpoint_closes_its_connections_once_idle(serve: Serve, make_pool: MakePool) -> None:
+    # A moved backend's old address: nothing new goes there, and nothing lingers once idle.
+    gate = asyncio.Event()
+    server = await serve(gated(gate), answer())
+    pool = make_pool()
+    endpoint = pool.endpoint(server.url)
+    busy = asyncio.create_task(fetch(endpoint))
+    await wait_for(lambda: len(server.requests) == 1)
+    assert await fetch(endpoint) == (200, b"ok")  # a second connection, now idle
+    assert (server.open, endpoint.idle_connections) == (2, 1)
+    pool.retire(server.url)
+    assert not pool.has_endpoint(server.url)
+    await wait_for(lambda: server.open == 1, message="the idle connection closed at once")
+    gate.set()
+    assert await busy == (200, b"ok")  # the busy one finishes its exchange...
+    await wait_for(lambda: server.open == 0, message="...and closes instead of going back to a pool")
+    assert endpoint.connections == 0
+
+
 async def test_idle_connections_close_after_the_idle_timeout(serve: Serve, make_pool: MakePool) -> None:
     server = await serve()
     endpoint = make_pool(idle_timeout=0.05).endpoint(server.url)

@@ -267,6 +267,7 @@ class Membership:
         current = {b.name: b for b in pool.backends}
         edits: dict[str, BackendEdit] = {e.name: e for e in plan.edited}
         members: list[tuple[Backend, str]] = []
+        moved_from: list[str] = []  # the old addresses of moved backends
         for cfg in new.backends:
             backend = current.get(cfg.name)
             edit = edits.get(cfg.name)
@@ -280,6 +281,7 @@ class Membership:
                     previous = self.hosted.pop(cfg.name, None)
                     if previous is not None and previous.runner is not None:
                         self._close_soon(previous.runner)  # in-flight requests to the old port finish
+                    moved_from.append(backend.url)
                     owner.move(backend, self._url_of(cfg, started), hosted=cfg.hosted)
             if cfg.name in started:
                 self.hosted[cfg.name] = started[cfg.name]
@@ -289,6 +291,9 @@ class Membership:
 
         removed = [current[name] for name in plan.removed]
         pool.assign(new.pools, members, routes=RouteTable.from_config(new.routes), removed=removed)
+        for url in moved_from:
+            if self._unused(url):
+                balancer.retire_upstream(url)  # closed as its connections come idle
         if any(new.pools[name].health != old.pools.get(name, new.pools[name]).health for name in new.pools):
             balancer.wake_checks()  # the next round follows the new interval, not the old one
         if new.errors.recent != old.errors.recent:
@@ -309,6 +314,11 @@ class Membership:
         if plan.added or any(e.moved for e in plan.edited):
             balancer.wake_checks()
 
+    def _unused(self, url: str) -> bool:
+        """No backend, serving or draining, has this address."""
+        pool, _ = self._attached()
+        return all(other.url != url for other in (*pool.backends, *pool.retiring))
+
     @staticmethod
     def _url_of(cfg: BackendConfig, started: dict[str, HostedBackend]) -> str:
         if cfg.hosted:
@@ -328,7 +338,7 @@ class Membership:
             await asyncio.shield(self._close_soon(runner))
             pool.pool_of(backend).set_listening(backend, False)
         pool.forget(backend)
-        if all(other.url != backend.url for other in (*pool.backends, *pool.retiring)):
+        if self._unused(backend.url):
             await balancer.forget_upstream(backend.url)  # drained: no request of its own is left on them
         self.logger.info("backend removed", extra={FIELDS: {"backend": backend.name}})
         if runner is not None and self._reload_after_drain:

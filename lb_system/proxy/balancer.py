@@ -166,6 +166,10 @@ class Balancer:
         """Close the connections to an address no backend uses any more."""
         await self.forwarder.upstream.discard(url)
 
+    def retire_upstream(self, url: str) -> None:
+        """A moved backend's old address: its connections close as soon as they are idle."""
+        self.forwarder.upstream.retire(url)
+
 
 def make_balancer_app(
     config: Config,

@@ -109,6 +109,7 @@ class Endpoint:
         self._dedicated = _Dedicated(self, tunnels=False)
         self._tunnels = _Dedicated(self, tunnels=True)
         self._closed = False
+        self._retired = False  # no backend has this address any more: connections close once idle
 
     # --- what callers use -----------------------------------------------------------------------
 
@@ -192,6 +193,18 @@ class Endpoint:
     @property
     def open_tunnels(self) -> int:
         return self._tunnels.open
+
+    @property
+    def connections(self) -> int:
+        """Every open connection: pooled, dedicated and tunnels."""
+        return len(self._connections)
+
+    def retire(self) -> None:
+        """No backend has this address any more (a moved one's old address): idle connections close
+        now, busy ones as their exchange ends; a tunnel lasts as long as its session."""
+        self._retired = True
+        while self._idle:
+            self._idle[0].close()  # out of the pool as it closes (connection_closed)
 
     async def close(self) -> None:
         """Close every connection, busy ones too; later requests fail with "cannot connect"."""
@@ -326,6 +339,9 @@ class Endpoint:
             return
         if self._hand_to_waiter(connection):
             return
+        if self._retired:
+            connection.close()
+            return
         loop = self._get_loop()
         connection.idle_since = loop.time()
         connection.state = ConnectionState.IDLE
@@ -372,6 +388,7 @@ class UpstreamPool:
         self.ca_file = ca_file
         self._ssl: ssl.SSLContext | None = None
         self._endpoints: dict[str, Endpoint] = {}
+        self._retired: list[Endpoint] = []  # retired endpoints that may still have busy connections
         if ca_file:
             self.ssl_context()  # a CA file that cannot be read fails at start-up, not on the first request
 
@@ -412,6 +429,15 @@ class UpstreamPool:
         """Whether connections to `url` are kept (its backend is, or was until it drained)."""
         return url in self._endpoints
 
+    def retire(self, url: str) -> None:
+        """A moved backend's old address: forgotten at once (a request to it gets a new Endpoint),
+        its connections closed as they come idle, and at the latest by `close()`."""
+        endpoint = self._endpoints.pop(url, None)
+        if endpoint is not None:
+            self._retired = [e for e in self._retired if e.connections]
+            self._retired.append(endpoint)
+            endpoint.retire()
+
     async def discard(self, url: str) -> None:
         """Forget a removed backend, closing its connections."""
         endpoint = self._endpoints.pop(url, None)
@@ -420,6 +446,7 @@ class UpstreamPool:
 
     async def close(self) -> None:
         """Close every connection to every backend."""
-        endpoints = list(self._endpoints.values())
+        endpoints = [*self._endpoints.values(), *self._retired]
         self._endpoints.clear()
+        self._retired.clear()
         await asyncio.gather(*(endpoint.close() for endpoint in endpoints))
