@@ -53,11 +53,16 @@ def drain(q: Any) -> None:
         q.get_nowait()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def sizes(doc: str) -> argparse.Namespace:
+    """--n calls a round, --rounds rounds (the best one counts)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = sizes(__doc__)
     with tempfile.TemporaryDirectory() as folder:
         listener = configure_logging(LogConfig(file=str(Path(folder) / "balancer.log")), console=False)
         logger = logging.getLogger(LOGGER_NAME)
