@@ -121,6 +121,22 @@ async def test_such_a_backend_is_retried_around_and_ejected_after_passive_fall(
     assert proxied(bad) == 3
 
 
+async def test_a_post_whose_answer_is_refused_is_not_replayed_elsewhere(
+    bad_backend, outside_backend, make_config, start_system, http
+) -> None:
+    bad, good = await bad_backend(many_fields()), await outside_backend("good", misbehaves=False)
+    system = await start_system(
+        make_config(
+            backends=[{"name": "bad", "url": bad.url, "weight": 100}, {"name": "good", "url": good.url}],
+            health={"interval": 60.0},
+        )
+    )
+    async with http.post(system.balancer_url + "/tasks", json={"title": "x"}) as r:
+        assert (r.status, r.headers["X-Backend"]) == (502, "balancer"), "the backend may have acted on it"
+        assert (await r.json(content_type=None))["detail"] == HEAD_TOO_LARGE
+    assert proxied(bad) == 1 and good.hits == 0
+
+
 @pytest.mark.parametrize("cast", [endless_chunk_line, endless_chunk_extension])
 async def test_a_chunk_line_that_never_ends_cuts_the_answer_and_counts_against_the_backend(
     bad_backend, make_config, start_system, http, cast
