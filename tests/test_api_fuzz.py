@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis.core.transport import Response
 from support.config_files import FAST_HEALTH
+from support.postgres import TemporaryPostgres, reset_task_tables
 
 from lb_system import System, parse_config
 from lb_system.proxy.openapi import balancer_document
@@ -84,9 +85,15 @@ class LiveSystem:
         return response
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSystem]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSystem]:
+    """The system under fuzzing, once on each task store: both must answer as the document says."""
     home = tmp_path_factory.mktemp("fuzz")
+    database: dict[str, object] = {"path": "tasks.db"}
+    if request.param == "postgres":
+        server: TemporaryPostgres = request.getfixturevalue("postgres_server")
+        reset_task_tables(server)
+        database = {"url": server.url()}
     # A token nobody sends: the admin API is on, and every fuzzed admin call must be a 401.
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LB_ADMIN_TOKEN", secrets.token_hex(16))
@@ -95,7 +102,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSystem]:
             {
                 "balancer": {"port": 0},
                 "health": dict(FAST_HEALTH),
-                "database": {"path": "tasks.db"},
+                "database": database,
                 "log": {"file": "balancer.log"},
                 "backends": [{"name": "backend-1", "port": 0}, {"name": "backend-2", "port": 0}],
             },
