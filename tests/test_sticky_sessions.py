@@ -112,3 +112,16 @@ async def test_without_sticky_cookie_no_cookie_is_set(fake_backends, make_config
     system = await start_system(make_config(backends=[{"name": "one", "url": server.url}], health=FAST_HEALTH))
     async with http.get(system.balancer_url + "/x") as response:
         assert response.status == 200 and "Set-Cookie" not in response.headers
+
+
+async def test_a_websocket_upgrade_sets_and_follows_the_sticky_cookie(fake_backends, make_config, start_system, browser) -> None:
+    servers = await fake_backends("one", "two", "three")  # misbehaving ones serve /ws
+    entries: list[dict[str, Any]] = [{"name": s.name, "url": s.url} for s in servers]
+    system = await start_system(make_config(backends=entries, health=FAST_HEALTH, balancer={"sticky_cookie": COOKIE}))
+    seen = []
+    for _ in range(4):
+        async with browser.ws_connect(system.balancer_url + "/ws") as ws:
+            await ws.send_str("hi")
+            seen.append((await ws.receive_str()).split(":")[0])
+    value = browser.cookie_jar.filter_cookies(URL(system.balancer_url))[COOKIE].value
+    assert len(set(seen)) == 1 and value == sticky_id(seen[0])
