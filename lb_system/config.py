@@ -907,6 +907,8 @@ def check_role(config: Config, role: str, *, source: str = DEFAULT_CONFIG_PATH) 
 def check_processes(config: Config, processes: int, *, source: str = DEFAULT_CONFIG_PATH) -> None:
     """Raise ConfigError, one line naming the key, when `config` cannot run as `processes`
     balancer processes on one port (`--processes`)."""
+    if not reuse_port_available():
+        raise ConfigError(f"--processes is not available on this platform ({sys.platform}): it needs SO_REUSEPORT, POSIX signals")
     if processes < 2:
         return
     needs = f"--processes {processes} needs"

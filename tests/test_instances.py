@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb_system import ConfigError, parse_config
-from lb_system.config import reuse_port_available
+from lb_system.config import check_processes, reuse_port_available
 from lb_system.operations.serving import StartupError
 from lb_system.operations.system import System
 
@@ -82,6 +82,12 @@ def test_reuse_port_is_a_config_error_where_the_platform_lacks_it(monkeypatch: p
     with pytest.raises(ConfigError, match=r"^lb.toml: \[balancer\] reuse_port: SO_REUSEPORT is not available"):
         parse_config({"balancer": {"reuse_port": True}}, source="lb.toml")
     assert parse_config({"balancer": {"reuse_port": False}}).balancer.reuse_port is False
+
+
+def test_processes_are_refused_where_the_platform_lacks_reuse_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(socket, "SO_REUSEPORT", raising=False)  # as on Windows, where POSIX signals are missing too
+    with pytest.raises(ConfigError, match=r"^--processes is not available on this platform"):
+        check_processes(parse_config({}), 1)
 
 
 @pytest.mark.parametrize("name", ["balancer-{PID}.log", "balancer-{host}.log", "balancer-{pid.log"])

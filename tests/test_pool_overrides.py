@@ -50,7 +50,7 @@ async def test_a_pool_checks_with_its_own_expectations_and_the_others_with_the_g
     )
     system = await start_system(config)
     shown = await backend_statuses(http, system.balancer_url)
-    assert shown["api-2"]["last_error"] == "expected body containing '\"server\": \"api-1\"', got 200 without it"
+    assert shown["api-2"]["last_error"] == 'expected body containing \'"server": "api-1"\', got 200 without it'
     assert shown["api-1"]["healthy"] and shown["web-1"]["healthy"]  # web-1's pool expects no body
     assert set(await served(http, system.balancer_url, 4, path="/api/x")) == {"api-1"}
     # The pool keeps the global check keys it does not set itself.
