@@ -114,9 +114,12 @@ async def test_check_of_a_bad_file_exits_2_with_one_line(tmp_path: Path) -> None
     [
         ('[[backends]]\nname = "a"\nport = 5001\n[[routes]]\npath_prefix = "/api"\npool = "api"\n', "[[routes]] #1 pool"),
         ("[pools.api.health]\ninterval = 0.001\n", "[pools.api.health] interval"),
+        ('[log]\naccess_file = "balancer.log"\n', "[log] access_file"),
+        ("[log]\naccess_max_bytes = -1\n", "[log] access_max_bytes"),
+        ("[log]\naccess_backups = 101\n", "[log] access_backups"),
     ],
 )
-async def test_check_of_a_bad_route_or_pool_exits_2_with_one_line(tmp_path: Path, toml: str, key: str) -> None:
+async def test_check_of_a_bad_route_pool_or_access_log_key_exits_2_with_one_line(tmp_path: Path, toml: str, key: str) -> None:
     path = tmp_path / "config.toml"
     path.write_text(toml)
     code, _, err = await run("check", "--config", str(path), cwd=tmp_path)
