@@ -162,9 +162,9 @@ async def test_enable_brings_a_backend_back_after_a_good_check(
     system = await start_system(make_config(backends=[{"name": "remote", "url": remote.url}, {"name": "backend-1", "port": 0}]))
     backend = system.pool.get("remote")
     await post(http, system.balancer_url + "/admin/backends/remote/disable")
+    checks = backend.checks_ok  # read before: the check the enable wakes may end before its answer is read
     status, body = await post(http, system.balancer_url + "/admin/backends/remote/enable")
     assert status == 200 and body["changed"] is True and body["status"]["admin_state"] == "enabled"
-    checks = backend.checks_ok
     await wait_for(lambda: backend.eligible, message="remote back in rotation")
     assert backend.checks_ok > checks
     assert (await backend_status(http, system, "remote"))["serving"] is True

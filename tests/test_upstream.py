@@ -640,7 +640,20 @@ async def test_a_dedicated_request_does_not_wait_for_the_pool(serve: Serve, make
     assert endpoint.open_connections == 1
     gate.set()
     assert await holder == (200, b"ok")
-    await wait_for(lambda: server.open == 1, message="the dedicated connection closed after use")
+    assert (server.open, endpoint.open_connections, endpoint.idle_connections) == (2, 1, 1)
+
+
+async def test_health_checks_keep_one_connection_alive_between_checks(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(answer(), answer(), answer(), close_when_idle)
+    endpoint = make_pool().endpoint(server.url)
+    for _ in range(3):
+        assert await fetch(endpoint, "GET", "/health", dedicated=True) == (200, b"ok")
+    assert (server.accepted, server.open) == (1, 1), "one connection, kept from check to check"
+    assert endpoint.open_connections == 0, "outside the pool"
+    assert await fetch(endpoint, "GET", "/health", dedicated=True) == (200, b"ok")
+    await wait_for(lambda: server.open == 0, message="the backend closed it while idle")
+    assert await fetch(endpoint, "GET", "/health", dedicated=True) == (200, b"ok")  # a new one, no failed check
+    assert server.accepted == 2
 
 
 async def test_a_tunnel_carries_raw_bytes_outside_the_pool(serve: Serve, make_pool: MakePool) -> None:

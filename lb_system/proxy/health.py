@@ -38,8 +38,8 @@ Probe = Callable[[str, float, str | None], Awaitable[ProbeAnswer]]
 
 
 def transport_probe(upstream: UpstreamPool) -> Probe:
-    """A probe over the upstream transport: a fresh connection per check, never one of the pool's
-    (one connect per backend per interval); redirects are not followed. At most CHECK_BODY_LIMIT
+    """A probe over the upstream transport, on a connection of its own outside the pool, kept
+    alive from one check to the next (one per backend); redirects are not followed. At most CHECK_BODY_LIMIT
     bytes of the body are read: a longer one ends the check's connection there."""
 
     async def probe(url: str, timeout: float, host: str | None) -> ProbeAnswer:

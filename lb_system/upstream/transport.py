@@ -71,17 +71,43 @@ def _expire_wait(waiter: asyncio.Future[UpstreamConnection | None]) -> None:
 
 
 class _Dedicated:
-    """Owner of an endpoint's connections outside the pool: used once, then closed."""
+    """Owner of an endpoint's connections outside the pool, uncapped by it: tunnels (never reused),
+    or health checks, which keep one connection alive from one check to the next (`keep`)."""
 
-    def __init__(self, endpoint: Endpoint, *, tunnels: bool) -> None:
-        self.endpoint, self.tunnels = endpoint, tunnels
+    def __init__(self, endpoint: Endpoint, *, keep: bool) -> None:
+        self.endpoint, self.keep = endpoint, keep
         self.open = 0
+        self.idle: UpstreamConnection | None = None
+
+    def take(self) -> UpstreamConnection | None:
+        """The kept connection, unless it is gone or was idle past `upstream_idle_timeout`."""
+        connection, self.idle = self.idle, None
+        if connection is None:
+            return None
+        connection.state = ConnectionState.ACTIVE
+        if connection.usable and connection.loop.time() - connection.idle_since < self.endpoint._pool.idle_timeout:
+            return connection
+        connection.close()
+        return None
+
+    def drop(self) -> None:
+        """Close the kept connection (its endpoint is retired)."""
+        if self.idle is not None:
+            self.idle.close()
 
     def connection_reusable(self, connection: UpstreamConnection) -> None:
-        connection.close()
+        endpoint = self.endpoint
+        if not self.keep or self.idle is not None or endpoint._closed or endpoint._retired:
+            connection.close()
+            return
+        connection.state = ConnectionState.IDLE
+        connection.idle_since = connection.loop.time()
+        self.idle = connection
 
     def connection_closed(self, connection: UpstreamConnection, idle: bool) -> None:
         self.open -= 1
+        if self.idle is connection:
+            self.idle = None
         self.endpoint._connections.discard(connection)
 
 
@@ -106,8 +132,8 @@ class Endpoint:
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: set[UpstreamConnection] = set()
-        self._dedicated = _Dedicated(self, tunnels=False)
-        self._tunnels = _Dedicated(self, tunnels=True)
+        self._dedicated = _Dedicated(self, keep=True)
+        self._tunnels = _Dedicated(self, keep=False)
         self._closed = False
         self._retired = False  # no backend has this address any more: connections close once idle
 
@@ -140,15 +166,18 @@ class Endpoint:
         length = len(body) if isinstance(body, bytes) else body_length
         head = build_head(method, target, headers, self.host_header, body_length=length, streamed=streamed)
         if dedicated:
-            connection = await self._connect_dedicated(self._dedicated, deadline)
-            return await connection.exchange(head, body, length, timeout=self._left(timeout, deadline), read_timeout=read_timeout)
-        connection = await self._acquire(self._left(wait_timeout, deadline), deadline=deadline)
+            connection = self._dedicated.take() or await self._connect_dedicated(self._dedicated, deadline)
+        else:
+            connection = await self._acquire(self._left(wait_timeout, deadline), deadline=deadline)
         try:
             return await connection.exchange(head, body, length, timeout=self._left(timeout, deadline), read_timeout=read_timeout)
         except UpstreamError as error:
             if not _should_retry(head, error, connection.reused, replayable=not streamed):
                 raise
-        connection = await self._acquire(self._left(wait_timeout, deadline), fresh=True, deadline=deadline)
+        if dedicated:
+            connection = await self._connect_dedicated(self._dedicated, deadline)
+        else:
+            connection = await self._acquire(self._left(wait_timeout, deadline), fresh=True, deadline=deadline)
         return await connection.exchange(head, body, length, timeout=self._left(timeout, deadline), read_timeout=read_timeout)
 
     def _left(self, timeout: float | None, deadline: float | None) -> float | None:
@@ -203,6 +232,7 @@ class Endpoint:
         """No backend has this address any more (a moved one's old address): idle connections close
         now, busy ones as their exchange ends; a tunnel lasts as long as its session."""
         self._retired = True
+        self._dedicated.drop()
         while self._idle:
             self._idle[0].close()  # out of the pool as it closes (connection_closed)
 
