@@ -894,6 +894,8 @@ def check_role(config: Config, role: str, *, source: str = DEFAULT_CONFIG_PATH) 
     """Raise ConfigError, one line naming the backend, when `config` cannot run in `role`."""
     if role not in ROLES:
         raise ConfigError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+    if role == "backends" and not any(backend.hosted for backend in config.backends):
+        raise ConfigError(f"{source}: [[backends]]: --role backends needs a hosted backend (one with a port) to serve")
     if role != "balancer":
         return
     for index, backend in enumerate(config.backends):

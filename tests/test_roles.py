@@ -52,6 +52,11 @@ def test_balancer_role_refuses_a_hosted_backend_naming_it(make_config) -> None:
         System(config, role="balancer")
 
 
+def test_backends_role_with_nothing_to_host_is_a_config_error(make_config) -> None:
+    with pytest.raises(ConfigError, match=r"\[\[backends\]\]: --role backends needs a hosted backend"):
+        System(make_config(backends=[{"name": "remote-1", "url": "http://127.0.0.1:9"}]), role="backends")
+
+
 async def test_a_reload_that_adds_a_hosted_backend_to_a_balancer_is_refused(
     config_file, start_system, outside_backend, http
 ) -> None:
