@@ -4,12 +4,14 @@ does not. Over real sockets, with a client that keeps cookies as a browser does.
 
 from __future__ import annotations
 
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from support.config_files import FAST_HEALTH
 from support.through import served
 from support.waiting import wait_for
@@ -125,3 +127,19 @@ async def test_a_websocket_upgrade_sets_and_follows_the_sticky_cookie(fake_backe
             seen.append((await ws.receive_str()).split(":")[0])
     value = browser.cookie_jar.filter_cookies(URL(system.balancer_url))[COOKIE].value
     assert len(set(seen)) == 1 and value == sticky_id(seen[0])
+
+
+async def test_the_cookie_is_secure_over_tls(fake_backends, make_config, start_system, tmp_path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    (server,) = await fake_backends("one", misbehaves=False)
+    balancer = {"tls_cert": "cert.pem", "tls_key": "key.pem", "sticky_cookie": COOKIE}
+    system = await start_system(make_config(backends=[{"name": "one", "url": server.url}], health=FAST_HEALTH, balancer=balancer))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as client:
+        async with client.get(system.balancer_url + "/x") as response:
+            assert response.status == 200
+            assert response.headers["Set-Cookie"] == f"{COOKIE}={sticky_id('one')}; Path=/; HttpOnly; SameSite=Lax; Secure"
