@@ -83,3 +83,21 @@ async def test_with_hosted_backends_the_task_api_is_listed(make_config, start_sy
     async with http.get(system.balancer_url + "/openapi.json") as response:
         assert "/tasks" in (await response.json())["paths"]
     assert (tmp_path / "tasks.db").exists()
+
+
+async def test_request_and_response_bytes_are_counted_by_backend(make_config, start_system, outside_backend, http) -> None:
+    store = await outside_backend("store")
+    system = await start_system(make_config(backends=[{"name": "store", "url": store.url}]))
+    url = system.balancer_url
+    small_upload, large_upload, large_download = 1000, 300 * 1024, 700 * 1024  # below and above the 256 KiB buffer
+    answers = 0
+    for size in (small_upload, large_upload):
+        async with http.post(url + "/upload", data=b"u" * size) as response:
+            assert (await response.json())["received"] == size
+            answers += int(response.headers["Content-Length"])
+    async with http.get(url + f"/download?bytes={large_download}&chunked=1") as response:
+        assert len(await response.read()) == large_download
+    async with http.get(url + "/metrics") as response:
+        text = await response.text()
+    assert f'lb_request_bytes_total{{backend="store"}} {float(small_upload + large_upload)}' in text
+    assert f'lb_response_bytes_total{{backend="store"}} {float(answers + large_download)}' in text

@@ -51,6 +51,8 @@ class ProxiedRequest(NamedTuple):
     tries: tuple[TryResult, ...]
     no_backend: bool = False  # a 503 for want of a healthy backend
     pool: str | None = None  # the pool the request was routed to; None when it reached none
+    request_bytes: int = 0  # the request body sent to the backend that answered
+    response_bytes: int = 0  # the answer's body passed to the client
 
     @property
     def retried_from(self) -> tuple[str, ...]:

@@ -175,6 +175,41 @@ class _ProxiedSeries(Collector):
         return requests, durations
 
 
+class _ByteCounts(Collector):
+    """`lb_request_bytes_total` and `lb_response_bytes_total` by backend, counted in a plain dict
+    per proxied request and rendered at scrape time, as `lb_requests_total` is."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}  # backend -> [request bytes, response bytes]
+
+    def add(self, backend: str, request_bytes: int, response_bytes: int) -> None:
+        counts = self.counts.get(backend)
+        if counts is None:
+            counts = self.counts[backend] = [0, 0]
+        counts[0] += request_bytes
+        counts[1] += response_bytes
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "lb_request_bytes", "Request body bytes sent to backends, by the backend that answered.", labels=["backend"]
+            ),
+            CounterMetricFamily(
+                "lb_response_bytes", "Answer body bytes passed from backends to clients, by backend.", labels=["backend"]
+            ),
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        sent, received = self._families()
+        for backend, (request_bytes, response_bytes) in self.counts.items():
+            sent.add_metric([backend], float(request_bytes))
+            received.add_metric([backend], float(response_bytes))
+        return sent, received
+
+
 class _WithoutCreated(Collector):
     """The registry's metrics minus the `*_created` samples. prometheus_client can only turn
     those off for the whole process (`disable_created_metrics`); this keeps it per registry.
@@ -213,6 +248,8 @@ class Metrics(Observer):
         self.pools = pools
         self.proxied = _ProxiedSeries(pools)
         r.register(self.proxied)
+        self.bytes = _ByteCounts()
+        r.register(self.bytes)
         self.health_checks = Counter("lb_health_checks", "Active health checks.", ["backend", "result"], registry=r)
         self.health_check_duration = Histogram(
             "lb_health_check_duration_seconds",
@@ -244,6 +281,8 @@ class Metrics(Observer):
         # Bounded as the labels are: config names, standard methods, status codes.
         pool = done.pool if self.pools.routed else None
         self.proxied.add(pool, done.backend, done.method if done.method in _METHODS else "OTHER", done.status, done.duration_s)
+        if done.request_bytes or done.response_bytes:
+            self.bytes.add(done.backend, done.request_bytes, done.response_bytes)
         if len(done.tries) > 1:
             for name in done.retried_from:
                 self.retries.labels(name).inc()

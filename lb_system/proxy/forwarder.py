@@ -57,6 +57,8 @@ INCOMPLETE = "response body incomplete"
 
 
 BODY_INCOMPLETE = "Request body incomplete or malformed"
+# The body bytes a streamed answer passed to the client (a small one's are len(data)).
+_STREAMED_BYTES = web.ResponseKey("streamed_bytes", int)
 _REASONS = {400: "bad_request", 405: "method_not_allowed", 408: "timeout", 413: "body_too_large"}
 
 
@@ -68,14 +70,14 @@ class _LimitedBody:
     def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
         self.content, self.limit = content, limit
         self.client_error: web.HTTPException | None = None
+        self.seen = 0  # bytes read from the client so far
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        seen = 0
         try:
             async for chunk in self.content.iter_chunked(STREAM_CHUNK):
-                seen += len(chunk)
-                if self.limit and seen > self.limit:
-                    raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=seen)
+                self.seen += len(chunk)
+                if self.limit and self.seen > self.limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=self.seen)
                 yield chunk
         except web.HTTPException as error:
             self.client_error = error
@@ -309,8 +311,11 @@ class Forwarder:
                 else:
                     tries.append(TryResult(backend.name, None, duration, CUT))
                 self._access_log(request, response.status, backend.name, started, request_id, render_tries(tries))
+                sent = len(body) if isinstance(body, bytes) else (body.seen if body is not None else 0)
+                received = len(data) if data is not None else response.get(_STREAMED_BYTES, 0)
                 # A cut answer is the backend's 502 for the observers, whatever its status line said.
-                self._notify(request.method, response.status if cut is None else 502, backend.name, started, tries, pool=pool)
+                status = response.status if cut is None else 502
+                self._notify(request.method, status, backend.name, started, tries, pool=pool, sizes=(sent, received))
                 return response
         finally:
             if holding_budget:  # one budget slot covers all the retries of one request
@@ -338,6 +343,7 @@ class Forwarder:
         *,
         no_backend: bool = False,
         pool: BackendPool | None = None,
+        sizes: tuple[int, int] = (0, 0),
     ) -> None:
         self.observers.on_request(
             ProxiedRequest(
@@ -348,6 +354,7 @@ class Forwarder:
                 tuple(tries),
                 no_backend,
                 None if pool is None else pool.name,
+                *sizes,
             )
         )
 
@@ -569,6 +576,7 @@ class Forwarder:
         else:
             response.enable_chunked_encoding()
         await response.prepare(request)
+        relayed = 0
         try:
             # Each read waits at most `per_try_timeout` (the response's read_timeout) for a backend that
             # stops sending mid-body; the transport stops reading from the backend while the client is
@@ -578,6 +586,8 @@ class Forwarder:
                     await response.write(chunk)
                 except ConnectionResetError:
                     return response  # the client left: nothing to tell anyone
+                relayed += len(chunk)
+                response[_STREAMED_BYTES] = relayed
         except UpstreamError as error:
             reason = classify(error).reason
             self.logger.warning(
