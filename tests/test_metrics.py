@@ -122,6 +122,8 @@ async def test_metric_names_types_buckets_and_labels_follow_the_contract(make_co
     assert types == {
         "lb_requests": "counter",
         "lb_request_duration_seconds": "histogram",
+        "lb_request_bytes": "counter",
+        "lb_response_bytes": "counter",
         "lb_backend_up": "gauge",
         "lb_backend_serving": "gauge",
         "lb_backend_admin_state": "gauge",
