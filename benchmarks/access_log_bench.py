@@ -2,7 +2,8 @@
 cost) for the stdlib `logger.info(..., extra=)` and for AccessLog.write, to balancer.log (its time
 and fields queued for the log thread) and with `[log] access_file` (appended to that file's
 buffer); and the writing thread's CPU per line (rendered and written in one batch). The writer is
-held back while the caller is timed, so it does not take the GIL from the caller.
+held back while the caller is timed, so it does not take the GIL from the caller. With the
+console too (`python run.py`'s setup), run it with `2>/dev/null`.
 
 Usage: python benchmarks/access_log_bench.py [--n 20000] [--rounds 5]
 """
@@ -73,14 +74,16 @@ def main() -> None:
             handler.close()
         shared = costs(Path(folder), "shared", args.n, args.rounds, access_file=False)
         own = costs(Path(folder), "own", args.n, args.rounds, access_file=True)
+        both = costs(Path(folder), "both", args.n, args.rounds, access_file=False, console=True)
     print(f"caller, logger.info('access', extra=):     {stdlib:6.2f} µs/line")
     print(f"balancer.log, caller (AccessLog.write):   {shared[0]:6.2f} µs/line")
     print(f"balancer.log, log thread (render + write): {shared[1]:6.2f} µs/line (CPU)")
+    print(f"... and the console, log thread:           {both[1]:6.2f} µs/line (CPU)")
     print(f"access_file, caller (AccessLog.write):    {own[0]:6.2f} µs/line")
     print(f"access_file, writer (render + write):     {own[1]:6.2f} µs/line (CPU)")
 
 
-def costs(folder: Path, name: str, n: int, rounds: int, *, access_file: bool) -> tuple[float, float]:
+def costs(folder: Path, name: str, n: int, rounds: int, *, access_file: bool, console: bool = False) -> tuple[float, float]:
     """(caller µs/line, writer CPU µs/line): the writer is held back while the caller is timed,
     then writes the n lines in one go; best of `rounds`."""
     caller, writer = float("inf"), float("inf")
@@ -90,7 +93,7 @@ def costs(folder: Path, name: str, n: int, rounds: int, *, access_file: bool) ->
             access_file=str(folder / f"{name}{round_}-access.log") if access_file else None,
         )
         # The access file's writer wakes up first at stop; the queue's listener is stopped at once.
-        listener = configure_logging(config, console=False, access_interval=3600)
+        listener = configure_logging(config, console=console, access_interval=3600)
         if not access_file:
             listener.stop()
         access = AccessLog(logging.getLogger(LOGGER_NAME))

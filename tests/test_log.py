@@ -222,3 +222,27 @@ def test_rotation_keeps_every_file_under_max_bytes_and_loses_no_recent_line(conf
     numbers = [int(line.split("request_id=n")[1][:4]) for line in kept]
     assert numbers == list(range(numbers[0], 120))  # the newest lines, in order, none missing
     assert not path.with_name(f"{path.name}.4").exists()
+
+
+def test_each_line_is_rendered_once_for_the_file_and_the_console(configured, monkeypatch, capsys, tmp_path: Path) -> None:
+    _, stop = configured  # restores the logger afterwards
+    rendered: list[str] = []
+    for name in ("format", "fields_line"):
+        original = getattr(TextFormatter, name)
+
+        def counted(self: TextFormatter, *args: Any, _original: Any = original, **kwargs: Any) -> str:
+            line = _original(self, *args, **kwargs)
+            rendered.append(line)
+            return line
+
+        monkeypatch.setattr(TextFormatter, name, counted)
+    path = tmp_path / "both.log"
+    listener = configure_logging(LogConfig(file=str(path)), console=True)
+    logger = logging.getLogger(LOGGER_NAME)
+    AccessLog(logger).write(**ACCESS)  # type: ignore[arg-type]
+    logger.warning("backend down", extra={FIELDS: {"backend": "b"}})
+    listener.stop()
+    for handler in listener.handlers:
+        handler.close()
+    assert len(rendered) == 2  # not 4: the console writes the file's lines
+    assert _lines(path) == rendered == capsys.readouterr().err.splitlines()

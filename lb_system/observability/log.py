@@ -224,6 +224,12 @@ class _BatchStreamHandler(logging.StreamHandler):
         self.handle_batch([record], filtered=True)
 
     def handle_batch(self, records: list[logging.LogRecord | AccessEntry], *, filtered: bool = False) -> None:
+        lines = self.render(records, filtered=filtered)
+        if lines:
+            self.write_rendered(lines, records)
+
+    def render(self, records: list[logging.LogRecord | AccessEntry], *, filtered: bool = False) -> list[str]:
+        """Each record (that passes this handler's filters) as its line, terminator included."""
         lines = []
         formatter = self.formatter
         for record in records:
@@ -239,9 +245,12 @@ class _BatchStreamHandler(logging.StreamHandler):
                     lines.append(self.format(record) + self.terminator)
                 except Exception:
                     self.handleError(record)
-        if lines:
-            last = records[-1]
-            self.write_batch(lines, last if isinstance(last, logging.LogRecord) else last.as_record())
+        return lines
+
+    def write_rendered(self, lines: list[str], records: list[logging.LogRecord | AccessEntry]) -> None:
+        """Write `render`'s lines for `records`."""
+        last = records[-1]
+        self.write_batch(lines, last if isinstance(last, logging.LogRecord) else last.as_record())
 
     def write_batch(self, lines: list[str], record: logging.LogRecord | None = None) -> None:
         """Write whole lines (each ending in the terminator) with one write and one flush."""
@@ -378,9 +387,20 @@ class _BatchListener(logging.handlers.QueueListener):
                 return
 
     def _handle_batch(self, entries: list[logging.LogRecord | AccessEntry]) -> None:
+        # The file and the console share one formatter (configure_logging): each line is
+        # rendered once for both, not once per handler.
+        rendered: dict[tuple[int, str], list[str]] = {}
         for handler in self.handlers:
             if isinstance(handler, _BatchStreamHandler) and not self.respect_handler_level:
-                handler.handle_batch(entries)
+                if handler.filters:
+                    handler.handle_batch(entries)
+                    continue
+                key = (id(handler.formatter), handler.terminator)
+                lines = rendered.get(key)
+                if lines is None:
+                    lines = rendered[key] = handler.render(entries, filtered=True)
+                if lines:
+                    handler.write_rendered(lines, entries)
                 continue
             records = [entry if isinstance(entry, logging.LogRecord) else entry.as_record() for entry in entries]
             for record in records:
