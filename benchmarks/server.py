@@ -31,7 +31,7 @@ from lb_system import System, load_config  # noqa: E402
 from lb_system.cli.main import new_event_loop_factory, tune_gc  # noqa: E402
 from lb_system.config import ProxyConfig  # noqa: E402
 from lb_system.observability.log import configure_logging  # noqa: E402
-from lb_system.upstream import UpstreamPool  # noqa: E402
+from lb_system.upstream import Transport  # noqa: E402
 
 SEED_TASK = {"title": "benchmark task", "description": "the task every benchmark request reads", "done": False}
 
@@ -89,7 +89,7 @@ def make_floor_forwarder(backend_urls: list[str], session: aiohttp.ClientSession
     return web.Server(forward, access_log=None)
 
 
-def make_transport_forwarder(backend_urls: list[str], pool: UpstreamPool) -> web.Server:
+def make_transport_forwarder(backend_urls: list[str], pool: Transport) -> web.Server:
     """The floor's shape on lb_system's own upstream transport (keep-alive pool, llhttp parser):
     aiohttp's low-level server in front, round robin, no features. The balancer's features are
     measured against this."""
@@ -174,7 +174,7 @@ async def serve(config_path: str, bare_port: int, watch_stdin: bool) -> None:
         floor_session = make_floor_session(config.proxy)
         floor = make_floor_forwarder([h.url for h in system.hosted.values()], floor_session)
         floor_server = await loop.create_server(floor, config.balancer.host, 0)
-        upstream_pool = UpstreamPool.from_config(config.proxy)
+        upstream_pool = Transport.from_config(config.proxy)
         transport = make_transport_forwarder([h.url for h in system.hosted.values()], upstream_pool)
         transport_server = await loop.create_server(transport, config.balancer.host, 0)
         front_endpoints = itertools.cycle([upstream_pool.endpoint(h.url) for h in system.hosted.values()])

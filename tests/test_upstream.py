@@ -60,13 +60,13 @@ from lb_system.upstream import (
     ReadError,
     Timeout,
     TooManyInterim,
+    Transport,
     TunnelLimitReached,
     UpstreamError,
-    UpstreamPool,
 )
 
 Serve = Callable[..., Awaitable[ScriptedServer]]
-MakePool = Callable[..., UpstreamPool]
+MakeTransport = Callable[..., Transport]
 
 
 @contextlib.asynccontextmanager
@@ -87,21 +87,21 @@ async def scripted_servers() -> AsyncIterator[Serve]:
 
 
 @contextlib.asynccontextmanager
-async def upstream_pools() -> AsyncIterator[MakePool]:
-    """Make UpstreamPools at will; all closed on the way out."""
-    pools: list[UpstreamPool] = []
+async def transports() -> AsyncIterator[MakeTransport]:
+    """Make Transports at will; all closed on the way out."""
+    made: list[Transport] = []
 
-    def make(**options: Any) -> UpstreamPool:
+    def make(**options: Any) -> Transport:
         options.setdefault("connect_timeout", 2.0)
-        pool = UpstreamPool(**options)
-        pools.append(pool)
-        return pool
+        transport = Transport(**options)
+        made.append(transport)
+        return transport
 
     try:
         yield make
     finally:
-        for pool in pools:
-            await pool.close()
+        for transport in made:
+            await transport.close()
 
 
 @pytest.fixture
@@ -111,8 +111,8 @@ async def serve() -> AsyncIterator[Serve]:
 
 
 @pytest.fixture
-async def make_pool() -> AsyncIterator[MakePool]:
-    async with upstream_pools() as make:
+async def make_transport() -> AsyncIterator[MakeTransport]:
+    async with transports() as make:
         yield make
 
 
@@ -130,9 +130,9 @@ async def fails(request: Awaitable[Any]) -> UpstreamError:
     return caught.value
 
 
-async def test_keep_alive_reuses_one_connection(serve: Serve, make_pool: MakePool) -> None:
+async def test_keep_alive_reuses_one_connection(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve()
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     exchange = await endpoint.request("GET", "/")
     assert await exchange.read() == b"ok"
     assert exchange.state is ConnectionState.IDLE  # arrived whole, both sides keep alive: reusable
@@ -143,11 +143,11 @@ async def test_keep_alive_reuses_one_connection(serve: Serve, make_pool: MakePoo
     assert endpoint.idle_connections == 1
 
 
-async def test_a_released_answer_is_freed_without_the_garbage_collector(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_released_answer_is_freed_without_the_garbage_collector(serve: Serve, make_transport: MakeTransport) -> None:
     # A reference cycle per request (the parser holding the answer's callbacks) would leave every
     # answer to the collector's passes, which under load cost CPU and latency.
     server = await serve()
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     gc.disable()
     try:
         response = await endpoint.request("GET", "/")
@@ -161,9 +161,9 @@ async def test_a_released_answer_is_freed_without_the_garbage_collector(serve: S
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_refused_connection_says_so_and_the_next_one_works(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_refused_connection_says_so_and_the_next_one_works(serve: Serve, make_transport: MakeTransport) -> None:
     port = refused_port()
-    endpoint = make_pool().endpoint(f"http://127.0.0.1:{port}")
+    endpoint = make_transport().endpoint(f"http://127.0.0.1:{port}")
     error = await fails(fetch(endpoint))
     assert (error.reason, error.connecting, error.sent) == ("connection refused", True, False)
     assert isinstance(error, ConnectionRefused)
@@ -172,9 +172,9 @@ async def test_a_refused_connection_says_so_and_the_next_one_works(serve: Serve,
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_reset_after_the_request_is_connection_reset(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_reset_after_the_request_is_connection_reset(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(reset)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     error = await fails(fetch(endpoint))
     assert (error.reason, error.connecting, error.sent) == ("connection reset", False, True)
     assert isinstance(error, ReadError)
@@ -182,11 +182,11 @@ async def test_a_reset_after_the_request_is_connection_reset(serve: Serve, make_
     assert server.accepted == 2  # a fresh connection that failed is not retried
 
 
-async def test_a_full_backlog_is_a_connect_timeout(make_pool: MakePool) -> None:
+async def test_a_full_backlog_is_a_connect_timeout(make_transport: MakeTransport) -> None:
     backlog = FullBacklog()
     try:
         await backlog.fill()
-        endpoint = make_pool(connect_timeout=0.2).endpoint(f"http://127.0.0.1:{backlog.port}")
+        endpoint = make_transport(connect_timeout=0.2).endpoint(f"http://127.0.0.1:{backlog.port}")
         error = await fails(fetch(endpoint, timeout=5.0))  # a connect that went through fails as "timeout"
         assert (error.reason, error.connecting) == ("connect timeout", True)
         assert isinstance(error, ConnectTimeout)
@@ -200,9 +200,9 @@ async def test_a_full_backlog_is_a_connect_timeout(make_pool: MakePool) -> None:
         backlog.close()
 
 
-async def test_headers_then_a_stall_is_a_timeout(serve: Serve, make_pool: MakePool) -> None:
+async def test_headers_then_a_stall_is_a_timeout(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("GET", "/", read_timeout=0.1)
     assert (response.status, response.content_length) == (200, 10)
     assert await response.read_chunk() == b"abc"
@@ -213,27 +213,27 @@ async def test_headers_then_a_stall_is_a_timeout(serve: Serve, make_pool: MakePo
     assert server.accepted == 2
 
 
-async def test_no_answer_at_all_is_a_timeout(serve: Serve, make_pool: MakePool) -> None:
+async def test_no_answer_at_all_is_a_timeout(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(stall())
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     error = await fails(fetch(endpoint, timeout=0.1))
     assert (error.reason, error.sent, error.answered) == ("timeout", True, False)
     assert endpoint.open_connections == 0
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_garbage_is_a_bad_response(serve: Serve, make_pool: MakePool) -> None:
+async def test_garbage_is_a_bad_response(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b"SSH-2.0-OpenSSH_9.6\r\n", keep=True))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     error = await fails(fetch(endpoint))
     assert (error.reason, type(error)) == ("bad response", ProtocolError)
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 2
 
 
-async def test_a_body_shorter_than_its_length_is_incomplete(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_body_shorter_than_its_length_is_incomplete(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten.."))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("GET", "/")
     assert response.content_length == 100
     assert (await fails(response.read())).reason == "response body incomplete"
@@ -241,9 +241,9 @@ async def test_a_body_shorter_than_its_length_is_incomplete(serve: Serve, make_p
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_close_mid_chunk_is_incomplete(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_close_mid_chunk_is_incomplete(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\na\r\n12345"))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("GET", "/")
     assert response.chunked and response.has_body
     assert (await fails(response.read())).reason == "response body incomplete"
@@ -251,7 +251,7 @@ async def test_a_close_mid_chunk_is_incomplete(serve: Serve, make_pool: MakePool
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_informational_answers_are_skipped(serve: Serve, make_pool: MakePool) -> None:
+async def test_informational_answers_are_skipped(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(
         raw(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n"
@@ -259,7 +259,7 @@ async def test_informational_answers_are_skipped(serve: Serve, make_pool: MakePo
             keep=True,
         )
     )
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("POST", "/tasks", body=b"{}")
     assert (response.status, response.reason) == (201, "Created")
     assert response.headers == [("Content-Length", "4"), ("X-Final", "yes")]
@@ -283,10 +283,10 @@ async def test_informational_answers_are_skipped(serve: Serve, make_pool: MakePo
     ],
 )
 async def test_a_head_past_a_bound_is_refused_and_its_connection_closed(
-    serve: Serve, make_pool: MakePool, cast: Callable[[], Behaviour], expected: tuple[type[UpstreamError], str]
+    serve: Serve, make_transport: MakeTransport, cast: Callable[[], Behaviour], expected: tuple[type[UpstreamError], str]
 ) -> None:
     server = await serve(cast())
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     error = await fails(fetch(endpoint, timeout=5.0))
     assert (type(error), error.reason) == expected
     assert (error.sent, error.answered) == (True, True)
@@ -296,23 +296,23 @@ async def test_a_head_past_a_bound_is_refused_and_its_connection_closed(
     assert server.accepted == 2
 
 
-async def test_a_head_within_its_bounds_is_taken_whole(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_head_within_its_bounds_is_taken_whole(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(huge_field(60 * 1024), many_fields(99), interim_answers(10), many_trailers(99))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     for _ in range(4):
         assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 1
 
 
-async def test_the_bounds_are_the_pools_to_set(serve: Serve, make_pool: MakePool) -> None:
+async def test_the_bounds_are_the_pools_to_set(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(many_fields(10), huge_field(2100), many_fields(9))
-    endpoint = make_pool(head_limits=HeadLimits(max_bytes=2048, max_fields=10)).endpoint(server.url)
+    endpoint = make_transport(head_limits=HeadLimits(max_bytes=2048, max_fields=10)).endpoint(server.url)
     assert isinstance(await fails(fetch(endpoint)), HeadTooLarge), "10 fields and Content-Length: 11"
     assert isinstance(await fails(fetch(endpoint)), HeadTooLarge), "a head of 2,100 bytes and more"
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_read_beyond_the_heads_room_is_parsed_in_pieces(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_read_beyond_the_heads_room_is_parsed_in_pieces(serve: Serve, make_transport: MakeTransport) -> None:
     # The parser is fed no more than the bound leaves room for while a head is unfinished: what
     # follows a head within the room (an interim answer, the body, a tunnel's bytes) is not lost.
     field = b"X-Near: " + b"n" * 1500 + b"\r\n"
@@ -325,7 +325,7 @@ async def test_a_read_beyond_the_heads_room_is_parsed_in_pieces(serve: Serve, ma
         ),
         raw(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n" + body),
     )
-    endpoint = make_pool(head_limits=HeadLimits(max_bytes=2048)).endpoint(server.url)
+    endpoint = make_transport(head_limits=HeadLimits(max_bytes=2048)).endpoint(server.url)
     assert await fetch(endpoint) == (200, body)
     response = await endpoint.open_tunnel("GET", "/ws", [("Upgrade", "x"), ("Connection", "Upgrade")])
     tunnel = response.detach()
@@ -338,10 +338,10 @@ async def test_a_read_beyond_the_heads_room_is_parsed_in_pieces(serve: Serve, ma
 
 @pytest.mark.parametrize("cast", [endless_chunk_line, endless_chunk_extension, many_trailers])
 async def test_chunk_framing_past_the_bound_fails_the_body(
-    serve: Serve, make_pool: MakePool, cast: Callable[[], Behaviour]
+    serve: Serve, make_transport: MakeTransport, cast: Callable[[], Behaviour]
 ) -> None:
     server = await serve(cast())
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     # The head may be read before the framing breaks, or with it (then the request itself fails).
     error = await fails(fetch(endpoint))
     assert (type(error), error.reason, error.answered) == (FramingTooLarge, "upstream chunk line or trailers too large", True)
@@ -350,9 +350,9 @@ async def test_chunk_framing_past_the_bound_fails_the_body(
     assert server.accepted == 2
 
 
-async def test_a_connection_closed_while_idle_costs_nothing(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_connection_closed_while_idle_costs_nothing(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(close_when_idle)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     assert await fetch(endpoint) == (200, b"ok")
     await wait_for(lambda: endpoint.idle_connections == 0, message="the pool seeing the backend close an idle connection")
     # A POST is never retried: it only succeeds if the dead connection was skipped before writing.
@@ -360,9 +360,9 @@ async def test_a_connection_closed_while_idle_costs_nothing(serve: Serve, make_p
     assert server.accepted == 2 and len(server.requests) == 2
 
 
-async def test_a_body_ended_by_close(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_body_ended_by_close(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("GET", "/")
     assert response.close_delimited and response.content_length is None and not response.chunked
     assert await response.read() == b"until the end"
@@ -371,9 +371,9 @@ async def test_a_body_ended_by_close(serve: Serve, make_pool: MakePool) -> None:
     assert server.accepted == 2
 
 
-async def test_head_with_a_length_reads_no_body(serve: Serve, make_pool: MakePool) -> None:
+async def test_head_with_a_length_reads_no_body(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", keep=True))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("HEAD", "/", read_timeout=5)
     assert (response.status, response.has_body, response.header("content-length")) == (200, False, "1000")
     assert await response.read() == b""
@@ -391,19 +391,21 @@ async def test_head_with_a_length_reads_no_body(serve: Serve, make_pool: MakePoo
         (b"HTTP/1.0 200 OK\r\n\r\n", False),
     ],
 )
-async def test_head_without_a_length_keeps_its_connection(serve: Serve, make_pool: MakePool, head: bytes, kept: bool) -> None:
+async def test_head_without_a_length_keeps_its_connection(
+    serve: Serve, make_transport: MakeTransport, head: bytes, kept: bool
+) -> None:
     # llhttp would wait for a body ended by a close: the Connection header and the version decide.
     server = await serve(raw(head, keep=kept))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     assert await fetch(endpoint, "HEAD", read_timeout=5) == (200, b"")
     assert endpoint.idle_connections == (1 if kept else 0)
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == (1 if kept else 2)
 
 
-async def test_not_modified_has_no_body(serve: Serve, make_pool: MakePool) -> None:
+async def test_not_modified_has_no_body(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 50\r\n\r\n', keep=True))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("GET", "/", headers=[("If-None-Match", '"v1"')])
     assert (response.status, response.has_body, await response.read()) == (304, False, b"")
     response.release()
@@ -411,18 +413,18 @@ async def test_not_modified_has_no_body(serve: Serve, make_pool: MakePool) -> No
     assert server.accepted == 1
 
 
-async def test_no_content_has_no_body(serve: Serve, make_pool: MakePool) -> None:
+async def test_no_content_has_no_body(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(answer(204, b"", reason="No Content"))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     assert await fetch(endpoint, "DELETE", "/tasks/1") == (204, b"")
     assert await fetch(endpoint) == (200, b"ok")
     assert server.accepted == 1
 
 
 @pytest.mark.parametrize("side", ["backend", "balancer"])
-async def test_connection_close_from_either_side_is_not_reused(serve: Serve, make_pool: MakePool, side: str) -> None:
+async def test_connection_close_from_either_side_is_not_reused(serve: Serve, make_transport: MakeTransport, side: str) -> None:
     server = await serve(answer(headers=(("Connection", "close"),)) if side == "backend" else answer())
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     headers = [("Connection", "close")] if side == "balancer" else []
     exchange = await endpoint.request("GET", "/", headers)
     assert (await exchange.read(), exchange.state) == (b"ok", ConnectionState.CLOSED)
@@ -432,10 +434,10 @@ async def test_connection_close_from_either_side_is_not_reused(serve: Serve, mak
     assert server.accepted == 2
 
 
-async def test_the_cap_holds_and_waiters_go_in_turn(serve: Serve, make_pool: MakePool) -> None:
+async def test_the_cap_holds_and_waiters_go_in_turn(serve: Serve, make_transport: MakeTransport) -> None:
     gate = asyncio.Event()
     server = await serve(*[gated(gate)] * 5)
-    endpoint = make_pool(max_connections_per_backend=2).endpoint(server.url)
+    endpoint = make_transport(max_connections_per_backend=2).endpoint(server.url)
     requests = [asyncio.create_task(fetch(endpoint)) for _ in range(5)]
     await wait_for(lambda: len(server.requests) == 2 and endpoint.waiting == 3)
     gate.set()
@@ -443,10 +445,10 @@ async def test_the_cap_holds_and_waiters_go_in_turn(serve: Serve, make_pool: Mak
     assert (server.accepted, server.most_open) == (2, 2)
 
 
-async def test_the_wait_for_a_connection_is_bounded(serve: Serve, make_pool: MakePool) -> None:
+async def test_the_wait_for_a_connection_is_bounded(serve: Serve, make_transport: MakeTransport) -> None:
     gate = asyncio.Event()
     server = await serve(gated(gate))
-    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    endpoint = make_transport(max_connections_per_backend=1).endpoint(server.url)
     holder = asyncio.create_task(fetch(endpoint))
     await wait_for(lambda: len(server.requests) == 1)
     with pytest.raises(PoolTimeout) as caught:
@@ -459,11 +461,11 @@ async def test_the_wait_for_a_connection_is_bounded(serve: Serve, make_pool: Mak
     assert server.accepted == 1
 
 
-async def test_a_deadline_bounds_the_wait_for_a_connection_and_for_the_head(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_deadline_bounds_the_wait_for_a_connection_and_for_the_head(serve: Serve, make_transport: MakeTransport) -> None:
     # One deadline per try, kept by the transport's own timers: no timeout scope around the call.
     gate = asyncio.Event()
     server = await serve(gated(gate), stall())
-    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    endpoint = make_transport(max_connections_per_backend=1).endpoint(server.url)
     loop = asyncio.get_running_loop()
     holder = asyncio.create_task(fetch(endpoint))
     await wait_for(lambda: len(server.requests) == 1)
@@ -481,9 +483,9 @@ async def test_a_deadline_bounds_the_wait_for_a_connection_and_for_the_head(serv
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_deadline_bounds_the_body_read_whole(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_deadline_bounds_the_body_read_whole(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     loop = asyncio.get_running_loop()
     response = await endpoint.request("GET", "/", read_timeout=30)
     error = await fails(response.read(deadline=loop.time() + 0.05))
@@ -492,11 +494,11 @@ async def test_a_deadline_bounds_the_body_read_whole(serve: Serve, make_pool: Ma
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_deadline_before_the_connect_timeout_is_the_callers_timeout(make_pool: MakePool) -> None:
+async def test_a_deadline_before_the_connect_timeout_is_the_callers_timeout(make_transport: MakeTransport) -> None:
     backlog = FullBacklog()
     try:
         await backlog.fill()
-        endpoint = make_pool(connect_timeout=5.0).endpoint(f"http://127.0.0.1:{backlog.port}")
+        endpoint = make_transport(connect_timeout=5.0).endpoint(f"http://127.0.0.1:{backlog.port}")
         error = await fails(fetch(endpoint, deadline=asyncio.get_running_loop().time() + 0.1))
         assert (error.reason, error.connecting) == ("timeout", True)  # not the backend's "connect timeout"
         assert endpoint.open_connections == 0
@@ -504,11 +506,11 @@ async def test_a_deadline_before_the_connect_timeout_is_the_callers_timeout(make
         backlog.close()
 
 
-async def test_a_retired_endpoint_closes_its_connections_once_idle(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_retired_endpoint_closes_its_connections_once_idle(serve: Serve, make_transport: MakeTransport) -> None:
     # A moved backend's old address: nothing new goes there, and nothing lingers once idle.
     gate = asyncio.Event()
     server = await serve(gated(gate), answer())
-    pool = make_pool()
+    pool = make_transport()
     endpoint = pool.endpoint(server.url)
     busy = asyncio.create_task(fetch(endpoint))
     await wait_for(lambda: len(server.requests) == 1)
@@ -523,18 +525,18 @@ async def test_a_retired_endpoint_closes_its_connections_once_idle(serve: Serve,
     assert endpoint.connections == 0
 
 
-async def test_idle_connections_close_after_the_idle_timeout(serve: Serve, make_pool: MakePool) -> None:
+async def test_idle_connections_close_after_the_idle_timeout(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve()
-    endpoint = make_pool(idle_timeout=0.05).endpoint(server.url)
+    endpoint = make_transport(idle_timeout=0.05).endpoint(server.url)
     assert await fetch(endpoint) == (200, b"ok")
     await wait_for(lambda: server.open == 0 and endpoint.open_connections == 0, message="the idle connection closed")
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_large_body_streams_with_bounded_memory(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_large_body_streams_with_bounded_memory(serve: Serve, make_transport: MakeTransport) -> None:
     total = 200 * 1024 * 1024
     server = await serve(stream(total))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.request("GET", "/big")
     assert response.content_length == total
     received = len(await response.read_chunk())
@@ -553,18 +555,20 @@ async def test_a_large_body_streams_with_bounded_memory(serve: Serve, make_pool:
     assert server.accepted == 1
 
 
-async def test_an_idempotent_request_is_retried_once_when_a_reused_connection_dies(serve: Serve, make_pool: MakePool) -> None:
+async def test_an_idempotent_request_is_retried_once_when_a_reused_connection_dies(
+    serve: Serve, make_transport: MakeTransport
+) -> None:
     server = await serve(answer(), hang_up)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     assert await fetch(endpoint) == (200, b"ok")
     assert await fetch(endpoint, "GET", "/again") == (200, b"ok")
     assert server.accepted == 2
     assert [r.target for r in server.requests] == ["/", "/again", "/again"]
 
 
-async def test_a_post_is_not_retried_when_a_reused_connection_dies(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_post_is_not_retried_when_a_reused_connection_dies(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(answer(), hang_up)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     assert await fetch(endpoint) == (200, b"ok")
     error = await fails(fetch(endpoint, "POST", "/tasks", body=b"{}"))
     assert (error.reason, error.sent, error.answered) == ("server disconnected", True, False)
@@ -572,16 +576,16 @@ async def test_a_post_is_not_retried_when_a_reused_connection_dies(serve: Serve,
     assert await fetch(endpoint) == (200, b"ok")
 
 
-async def test_a_fresh_connection_that_dies_is_not_retried(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_fresh_connection_that_dies_is_not_retried(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(hang_up)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     assert (await fails(fetch(endpoint))).reason == "server disconnected"
     assert server.accepted == 1
 
 
-async def test_request_bodies_are_framed_by_the_transport(serve: Serve, make_pool: MakePool) -> None:
+async def test_request_bodies_are_framed_by_the_transport(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(echo, echo, echo)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
 
     async def pieces() -> AsyncIterator[bytes]:
         for piece in (b"abc", b"", b"defgh"):
@@ -599,24 +603,24 @@ async def test_request_bodies_are_framed_by_the_transport(serve: Serve, make_poo
     assert server.accepted == 1
 
 
-async def test_the_callers_host_header_is_kept(serve: Serve, make_pool: MakePool) -> None:
+async def test_the_callers_host_header_is_kept(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve()
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     await fetch(endpoint, "GET", "/a?b=%20c", headers=[("Host", "example.org"), ("X-Two", "1"), ("x-two", "2")])
     (seen,) = server.requests
     assert (seen.target, seen.header("Host")) == ("/a?b=%20c", "example.org")
     assert [(n, v) for n, v in seen.headers if n.lower() == "x-two"] == [("X-Two", "1"), ("x-two", "2")]
 
 
-async def test_a_header_cannot_smuggle_another(make_pool: MakePool) -> None:
-    endpoint = make_pool().endpoint("http://127.0.0.1:9")
+async def test_a_header_cannot_smuggle_another(make_transport: MakeTransport) -> None:
+    endpoint = make_transport().endpoint("http://127.0.0.1:9")
     with pytest.raises(ValueError):
         await endpoint.request("GET", "/", headers=[("X-A", "1\r\nX-Injected: yes")])
 
 
-async def test_a_failing_upload_source_is_the_callers_error(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_failing_upload_source_is_the_callers_error(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(stall())
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
 
     class TooLarge(Exception):
         pass
@@ -630,10 +634,10 @@ async def test_a_failing_upload_source_is_the_callers_error(serve: Serve, make_p
     assert endpoint.open_connections == 0
 
 
-async def test_a_dedicated_request_does_not_wait_for_the_pool(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_dedicated_request_does_not_wait_for_the_pool(serve: Serve, make_transport: MakeTransport) -> None:
     gate = asyncio.Event()
     server = await serve(gated(gate))
-    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    endpoint = make_transport(max_connections_per_backend=1).endpoint(server.url)
     holder = asyncio.create_task(fetch(endpoint))
     await wait_for(lambda: len(server.requests) == 1)
     assert await fetch(endpoint, "GET", "/health", dedicated=True) == (200, b"ok")
@@ -643,9 +647,9 @@ async def test_a_dedicated_request_does_not_wait_for_the_pool(serve: Serve, make
     assert (server.open, endpoint.open_connections, endpoint.idle_connections) == (2, 1, 1)
 
 
-async def test_health_checks_keep_one_connection_alive_between_checks(serve: Serve, make_pool: MakePool) -> None:
+async def test_health_checks_keep_one_connection_alive_between_checks(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(answer(), answer(), answer(), close_when_idle)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     for _ in range(3):
         assert await fetch(endpoint, "GET", "/health", dedicated=True) == (200, b"ok")
     assert (server.accepted, server.open) == (1, 1), "one connection, kept from check to check"
@@ -656,9 +660,9 @@ async def test_health_checks_keep_one_connection_alive_between_checks(serve: Ser
     assert server.accepted == 2
 
 
-async def test_a_tunnel_carries_raw_bytes_outside_the_pool(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_tunnel_carries_raw_bytes_outside_the_pool(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(upgrade_and_echo)
-    endpoint = make_pool(max_connections_per_backend=1, max_tunnels_per_backend=1).endpoint(server.url)
+    endpoint = make_transport(max_connections_per_backend=1, max_tunnels_per_backend=1).endpoint(server.url)
     response = await endpoint.open_tunnel("GET", "/ws", [("Upgrade", "websocket"), ("Connection", "Upgrade")])
     assert (response.status, response.header("Upgrade")) == (101, "websocket")
     tunnel = response.detach()
@@ -676,9 +680,9 @@ async def test_a_tunnel_carries_raw_bytes_outside_the_pool(serve: Serve, make_po
     assert tunnel.closed
 
 
-async def test_a_tunnel_sees_the_backend_close(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_tunnel_sees_the_backend_close(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nbye"))
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     response = await endpoint.open_tunnel("GET", "/", [("Upgrade", "x"), ("Connection", "Upgrade")])
     tunnel = response.detach()
     assert await tunnel.read() == b"bye"
@@ -692,7 +696,7 @@ def certificate_authority() -> trustme.CA:
 
 
 async def test_https_backends_are_verified(
-    serve: Serve, make_pool: MakePool, certificate_authority: trustme.CA, tmp_path: Path
+    serve: Serve, make_transport: MakeTransport, certificate_authority: trustme.CA, tmp_path: Path
 ) -> None:
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     certificate_authority.issue_cert("127.0.0.1").configure_cert(server_context)
@@ -700,19 +704,19 @@ async def test_https_backends_are_verified(
     ca_file = tmp_path / "ca.pem"
     certificate_authority.cert_pem.write_to_path(str(ca_file))
 
-    trusted = make_pool(ca_file=str(ca_file)).endpoint(server.url)
+    trusted = make_transport(ca_file=str(ca_file)).endpoint(server.url)
     assert await fetch(trusted) == (200, b"ok")
     assert await fetch(trusted) == (200, b"ok")
     assert server.accepted == 1
 
-    error = await fails(fetch(make_pool().endpoint(server.url)))
+    error = await fails(fetch(make_transport().endpoint(server.url)))
     assert (error.reason, error.connecting) == ("cannot connect", True)
     assert isinstance(error, ConnectError)
 
 
-async def test_a_closed_pool_closes_its_connections(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_closed_pool_closes_its_connections(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve()
-    pool = make_pool()
+    pool = make_transport()
     endpoint = pool.endpoint(server.url)
     assert await fetch(endpoint) == (200, b"ok")
     await pool.close()
@@ -720,9 +724,9 @@ async def test_a_closed_pool_closes_its_connections(serve: Serve, make_pool: Mak
     assert (await fails(fetch(endpoint))).reason == "cannot connect"
 
 
-async def test_a_cancelled_request_frees_its_connection(serve: Serve, make_pool: MakePool) -> None:
+async def test_a_cancelled_request_frees_its_connection(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(stall())
-    endpoint = make_pool(max_connections_per_backend=1).endpoint(server.url)
+    endpoint = make_transport(max_connections_per_backend=1).endpoint(server.url)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):  # the caller's own deadline, as the forwarder sets one
             await endpoint.request("GET", "/")
@@ -730,9 +734,9 @@ async def test_a_cancelled_request_frees_its_connection(serve: Serve, make_pool:
     assert await fetch(endpoint, wait_timeout=5) == (200, b"ok")
 
 
-async def test_an_answer_before_the_whole_upload_closes_the_connection(serve: Serve, make_pool: MakePool) -> None:
+async def test_an_answer_before_the_whole_upload_closes_the_connection(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(raw(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n", keep=True), read_bodies=False)
-    endpoint = make_pool().endpoint(server.url)
+    endpoint = make_transport().endpoint(server.url)
     more = asyncio.Event()
 
     async def upload() -> AsyncIterator[bytes]:
@@ -755,16 +759,16 @@ ON_BOTH_LOOPS = [
     for name, scenario in sorted(globals().items())
     if name.startswith("test_")
     and inspect.iscoroutinefunction(scenario)
-    and list(inspect.signature(scenario).parameters) == ["serve", "make_pool"]
+    and list(inspect.signature(scenario).parameters) == ["serve", "make_transport"]
 ]
 
 
 @pytest.mark.skipif(uvloop is None, reason="uvloop is not installed here")
 @pytest.mark.parametrize("scenario", ON_BOTH_LOOPS, ids=lambda scenario: scenario.__name__.removeprefix("test_"))
-def test_on_uvloop(scenario: Callable[[Serve, MakePool], Awaitable[None]]) -> None:
+def test_on_uvloop(scenario: Callable[[Serve, MakeTransport], Awaitable[None]]) -> None:
     async def run() -> None:
-        async with scripted_servers() as serve, upstream_pools() as make_pool:
-            await scenario(serve, make_pool)
+        async with scripted_servers() as serve, transports() as make_transport:
+            await scenario(serve, make_transport)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())

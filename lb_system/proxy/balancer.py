@@ -41,7 +41,7 @@ from lb_system.proxy.forwarder import Forwarder
 from lb_system.proxy.health import HealthChecker, transport_probe
 from lb_system.proxy.openapi import balancer_document
 from lb_system.proxy.targets import OwnPaths
-from lb_system.upstream import UpstreamPool
+from lb_system.upstream import Transport
 
 # The balancer app's state, set once by make_balancer_app (the checker by its cleanup context).
 BACKEND_POOLS = web.AppKey("backend_pools", Pools)
@@ -197,7 +197,7 @@ def make_balancer_app(
     problems = make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True, group_own=group_own)
     observers = pools.observers
     # One transport to the backends: proxied requests on its pools, checks on its dedicated connections.
-    upstream = UpstreamPool.from_config(config.proxy)
+    upstream = Transport.from_config(config.proxy)
     forwarder = Forwarder(pools, upstream, config, logger=logger, observers=observers)
 
     def forwarded(request: web.Request) -> bool:

@@ -42,7 +42,7 @@ from lb_system.proxy.failures import Failure, classify
 from lb_system.proxy.headers import HeaderPolicy, response_headers, strip_hop_by_hop
 from lb_system.proxy.targets import OwnPaths, resolved_path, upstream_target
 from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
-from lb_system.upstream import Exchange, TunnelLimitReached, UpstreamError, UpstreamPool, split_url
+from lb_system.upstream import Exchange, Transport, TunnelLimitReached, UpstreamError, split_url
 
 # Bodies up to this size are read whole: one write each way and a retry can replay them.
 BUFFER_LIMIT = 256 * 1024
@@ -119,7 +119,7 @@ class Forwarder:
     def __init__(
         self,
         pools: Pools,
-        upstream: UpstreamPool,
+        upstream: Transport,
         config: Config,
         *,
         logger: logging.Logger,

@@ -21,7 +21,7 @@ from lb_system.balancing.pools import Pools
 from lb_system.config import CHECK_BODY_LIMIT
 from lb_system.observability.log import FIELDS
 from lb_system.proxy.failures import classify
-from lb_system.upstream import UpstreamPool, split_url
+from lb_system.upstream import Transport, split_url
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ProbeAnswer:
 Probe = Callable[[str, float, str | None], Awaitable[ProbeAnswer]]
 
 
-def transport_probe(upstream: UpstreamPool) -> Probe:
+def transport_probe(upstream: Transport) -> Probe:
     """A probe over the upstream transport, on a connection of its own outside the pool, kept
     alive from one check to the next (one per backend); redirects are not followed. At most CHECK_BODY_LIMIT
     bytes of the body are read: a longer one ends the check's connection there."""

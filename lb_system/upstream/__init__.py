@@ -2,8 +2,8 @@
 llhttp. It knows nothing of aiohttp or of balancing policy (import contracts in pyproject.toml):
 the proxy drives it, the way an app drives httpcore.
 
-- `transport.py`: one `Endpoint` per backend (its keep-alive pool, dedicated and tunnel
-  connections) and `UpstreamPool`, the endpoints by URL;
+- `transport.py`: one `Endpoint` per backend (its capped keep-alive connections, idle between
+  requests, and dedicated ones for checks and tunnels) and `Transport`, the endpoints by URL;
 - `http11.py`: one connection as an asyncio protocol (its state: NEW, ACTIVE, IDLE, CLOSED), an
   `Exchange` (one request and its answer, parsed by llhttp), the tunnel;
 - `flow.py`: the one flow control, both ways, for the answer's body, a tunnel and an upload;
@@ -37,7 +37,7 @@ from lb_system.upstream.errors import (
     UpstreamError,
 )
 from lb_system.upstream.http11 import ConnectionState, Exchange, HeadLimits, Tunnel
-from lb_system.upstream.transport import Endpoint, TunnelLimitReached, UpstreamPool, split_url
+from lb_system.upstream.transport import Endpoint, Transport, TunnelLimitReached, split_url
 
 __all__ = [
     "BAD_RESPONSE",
@@ -70,6 +70,6 @@ __all__ = [
     "Tunnel",
     "TunnelLimitReached",
     "UpstreamError",
-    "UpstreamPool",
+    "Transport",
     "split_url",
 ]

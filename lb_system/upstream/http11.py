@@ -4,7 +4,7 @@ answer parsed by llhttp (httptools), bodies streamed both ways with flow control
 Shaped like uvicorn's `protocols/http/httptools_impl.py`, seen from the client side: one protocol
 per connection, one exchange at a time, one FlowControl for both ways. Its state is one field, as
 httpcore's `HTTPConnectionState`: NEW, ACTIVE (carrying an exchange or a tunnel), IDLE (in its
-owner's pool, reusable), CLOSED. An exchange's `state` is what it leaves its connection in.
+owner's idle connections, reusable), CLOSED. An exchange's `state` is what it leaves its connection in.
 """
 
 from __future__ import annotations
@@ -60,12 +60,13 @@ class ConnectionState(enum.Enum):
 
     NEW = "new"  # connected, has carried nothing yet
     ACTIVE = "active"  # carrying an exchange (or a tunnel), or handed to one
-    IDLE = "idle"  # between exchanges, in its owner's pool: reusable
+    IDLE = "idle"  # between exchanges, among its owner's idle connections: reusable
     CLOSED = "closed"  # closed, or to be closed once its exchange is released
 
 
 class ConnectionOwner(Protocol):
-    """Who is told when a connection is done with an exchange or closed (the pool, or a dedicated slot)."""
+    """Who is told when a connection is done with an exchange or closed: its endpoint, for the
+    capped ones, or a dedicated slot."""
 
     def connection_reusable(self, connection: UpstreamConnection) -> None: ...
 
@@ -144,7 +145,7 @@ class Exchange:
     connection in: ACTIVE while it runs, IDLE once the answer arrived whole and both sides keep
     the connection alive, CLOSED once anything rules reuse out (a failure, `Connection: close`,
     an upgrade, bytes out of step, an upload left unsent). Released IDLE, the connection goes back
-    to the pool; otherwise it is closed.
+    among its endpoint's idle connections; otherwise it is closed.
     """
 
     def __init__(self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None, limits: HeadLimits) -> None:
@@ -444,7 +445,7 @@ class Exchange:
         return self._connection.become_tunnel(bytes(self._upgraded))
 
     def release(self) -> None:
-        """Done with this answer: the connection goes back to the pool only when it can carry another."""
+        """Done with this answer: the connection is kept (idle) only when it can carry another."""
         if self._released:
             return
         self._released = True
@@ -526,7 +527,7 @@ class Tunnel:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One connection to a backend. Its owner (a pool) is told when it can be reused or is gone."""
+    """One connection to a backend. Its owner (its endpoint) is told when it can be reused or is gone."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, owner: ConnectionOwner, limits: HeadLimits) -> None:
         self.loop = loop
@@ -577,7 +578,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.flow.resume_writing()
 
-    # --- used by the pool and the response ----------------------------------------------------
+    # --- used by the endpoint and the exchange ----------------------------------------------------
 
     @property
     def closed(self) -> bool:
@@ -586,7 +587,7 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         """Open and idle: checked before a request is written, so a connection the backend closed
-        while it sat in the pool costs nothing."""
+        while it sat idle costs nothing."""
         transport = self.transport
         return self.state is not ConnectionState.CLOSED and transport is not None and not transport.is_closing()
 

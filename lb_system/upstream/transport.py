@@ -1,8 +1,8 @@
-"""The upstream transport: keep-alive HTTP/1.1 connection pools to the backends, one `Endpoint`
+"""The upstream transport: keep-alive HTTP/1.1 connections to the backends, one `Endpoint`
 per backend, plus connections of their own for health checks and upgrade tunnels.
 
-    pool = UpstreamPool.from_config(config.proxy)
-    response = await pool.endpoint("http://127.0.0.1:5001").request("GET", "/tasks/1", headers)
+    transport = Transport.from_config(config.proxy)
+    response = await transport.endpoint("http://127.0.0.1:5001").request("GET", "/tasks/1", headers)
     try:
         body = await response.read()
     finally:
@@ -38,7 +38,7 @@ from lb_system.upstream.http11 import (
     shorter_wait,
 )
 
-__all__ = ["Endpoint", "TunnelLimitReached", "UpstreamPool", "split_url"]
+__all__ = ["Endpoint", "TunnelLimitReached", "Transport", "split_url"]
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -71,7 +71,7 @@ def _expire_wait(waiter: asyncio.Future[UpstreamConnection | None]) -> None:
 
 
 class _Dedicated:
-    """Owner of an endpoint's connections outside the pool, uncapped by it: tunnels (never reused),
+    """Owner of an endpoint's connections outside the cap: tunnels (never reused),
     or health checks, which keep one connection alive from one check to the next (`keep`)."""
 
     def __init__(self, endpoint: Endpoint, *, keep: bool) -> None:
@@ -85,7 +85,7 @@ class _Dedicated:
         if connection is None:
             return None
         connection.state = ConnectionState.ACTIVE
-        if connection.usable and connection.loop.time() - connection.idle_since < self.endpoint._pool.idle_timeout:
+        if connection.usable and connection.loop.time() - connection.idle_since < self.endpoint._transport.idle_timeout:
             return connection
         connection.close()
         return None
@@ -112,9 +112,10 @@ class _Dedicated:
 
 
 class Endpoint:
-    """One backend's connections: a capped keep-alive pool with a FIFO wait, and dedicated ones."""
+    """One backend's connections: capped keep-alive ones (idle between requests, a FIFO wait when
+    all are busy), and dedicated ones outside the cap (health checks, tunnels)."""
 
-    def __init__(self, pool: UpstreamPool, url: str) -> None:
+    def __init__(self, transport: Transport, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -124,10 +125,10 @@ class Endpoint:
         self.port = parts.port or default_port
         shown = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = shown if self.port == default_port else f"{shown}:{self.port}"
-        self._ssl = pool.ssl_context() if parts.scheme == "https" else None
-        self._pool = pool
+        self._ssl = transport.ssl_context() if parts.scheme == "https" else None
+        self._transport = transport
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._open = 0  # pooled connections: idle, busy or connecting
+        self._open = 0  # capped connections: idle, busy or connecting
         self._idle: deque[UpstreamConnection] = deque()  # most recently used on the right
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -157,8 +158,8 @@ class Endpoint:
 
         `target` is sent as given (origin-form); `headers` are (name, value) pairs, Host added when
         missing; a streamed `body` goes chunked unless `body_length` is given. `wait_timeout` bounds
-        the wait for a pooled connection, `timeout` the wait for the answer's head, `read_timeout`
-        each wait inside the body. `dedicated` uses a connection of its own, outside the pool's cap
+        the wait for a capped connection, `timeout` the wait for the answer's head, `read_timeout`
+        each wait inside the body. `dedicated` uses a connection of its own, outside the cap
         (health checks). `deadline` (loop time) bounds all of it up to the answer's head, a timer
         per stage instead of a timeout scope around the call. Raises UpstreamError ("timeout" past
         the deadline)."""
@@ -195,10 +196,10 @@ class Endpoint:
         *,
         timeout: float | None = None,
     ) -> Exchange:
-        """Send an upgrade request (WebSocket) on a connection outside the pool. A 101 answer's
+        """Send an upgrade request (WebSocket) on a connection outside the cap. A 101 answer's
         `detach()` gives the Tunnel; any other answer is read and released as usual. Raises
         TunnelLimitReached past `max_tunnels_per_backend`, UpstreamError when the backend fails."""
-        if self._tunnels.open >= self._pool.max_tunnels_per_backend:
+        if self._tunnels.open >= self._transport.max_tunnels_per_backend:
             raise TunnelLimitReached(self.url)
         head = build_head(method, target, headers, self.host_header, body_length=None, streamed=False)
         connection = await self._connect_dedicated(self._tunnels)
@@ -215,7 +216,7 @@ class Endpoint:
 
     @property
     def waiting(self) -> int:
-        """Requests waiting for a pooled connection (read on every request: O(1); a waiter whose
+        """Requests waiting for a capped connection (read on every request: O(1); a waiter whose
         wait just ran out counts until its task runs, a moment later)."""
         return len(self._waiters)
 
@@ -225,7 +226,7 @@ class Endpoint:
 
     @property
     def connections(self) -> int:
-        """Every open connection: pooled, dedicated and tunnels."""
+        """Every open connection: capped, dedicated and tunnels."""
         return len(self._connections)
 
     def retire(self) -> None:
@@ -234,7 +235,7 @@ class Endpoint:
         self._retired = True
         self._dedicated.drop()
         while self._idle:
-            self._idle[0].close()  # out of the pool as it closes (connection_closed)
+            self._idle[0].close()  # out of the idle ones as it closes (connection_closed)
 
     async def close(self) -> None:
         """Close every connection, busy ones too; later requests fail with "cannot connect"."""
@@ -250,7 +251,7 @@ class Endpoint:
         if connections:
             await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in connections], timeout=1.0)
 
-    # --- the pool ------------------------------------------------------------------------------
+    # --- the capped connections: idle ones, waiters, connects -------------------------------------
 
     async def _acquire(
         self, wait_timeout: float | None, *, fresh: bool = False, deadline: float | None = None
@@ -261,11 +262,11 @@ class Endpoint:
             idle = self._idle
             while idle and not fresh:
                 connection = idle.pop()
-                connection.state = ConnectionState.ACTIVE  # taken from the pool for an exchange
+                connection.state = ConnectionState.ACTIVE  # taken from the idle ones for an exchange
                 if connection.usable:
                     return connection
                 connection.abort()  # the backend closed it while it sat here: never written to
-            if self._open < self._pool.max_connections_per_backend and not self._waiters:
+            if self._open < self._transport.max_connections_per_backend and not self._waiters:
                 self._open += 1
                 return await self._connect_counted(deadline)
             handed = await self._wait(wait_timeout)
@@ -333,8 +334,8 @@ class Endpoint:
         if self._closed:
             raise ConnectError()
         loop = self._get_loop()
-        connection = UpstreamConnection(loop, owner, self._pool.head_limits)
-        limit = loop.time() + self._pool.connect_timeout
+        connection = UpstreamConnection(loop, owner, self._transport.head_limits)
+        limit = loop.time() + self._transport.connect_timeout
         try:
             async with asyncio.timeout_at(limit if deadline is None or deadline > limit else deadline):
                 await loop.create_connection(
@@ -361,7 +362,7 @@ class Endpoint:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    # --- ConnectionOwner, for pooled connections -------------------------------------------------
+    # --- ConnectionOwner, for capped connections -------------------------------------------------
 
     def connection_reusable(self, connection: UpstreamConnection) -> None:
         if self._closed:
@@ -376,8 +377,8 @@ class Endpoint:
         connection.idle_since = loop.time()
         connection.state = ConnectionState.IDLE
         self._idle.append(connection)
-        if self._sweeper is None:  # none armed means the pool was empty: this one is the oldest
-            self._sweeper = loop.call_at(connection.idle_since + self._pool.idle_timeout, self._sweep)
+        if self._sweeper is None:  # none armed means none was idle: this one is the oldest
+            self._sweeper = loop.call_at(connection.idle_since + self._transport.idle_timeout, self._sweep)
 
     def connection_closed(self, connection: UpstreamConnection, idle: bool) -> None:
         self._connections.discard(connection)
@@ -388,16 +389,16 @@ class Endpoint:
     def _sweep(self) -> None:
         """Close connections idle for `upstream_idle_timeout`, oldest first."""
         self._sweeper = None
-        idle, timeout = self._idle, self._pool.idle_timeout
+        idle, timeout = self._idle, self._transport.idle_timeout
         loop = self._get_loop()
         expired = loop.time() - timeout
         while idle and idle[0].idle_since <= expired:
-            idle[0].close()  # out of the pool as it closes (connection_closed)
+            idle[0].close()  # out of the idle ones as it closes (connection_closed)
         if idle:
             self._sweeper = loop.call_at(idle[0].idle_since + timeout, self._sweep)
 
 
-class UpstreamPool:
+class Transport:
     """Connections to every backend, one Endpoint per backend URL (scheme, host and port)."""
 
     def __init__(
@@ -423,8 +424,8 @@ class UpstreamPool:
             self.ssl_context()  # a CA file that cannot be read fails at start-up, not on the first request
 
     @classmethod
-    def from_config(cls, proxy: ProxyConfig) -> UpstreamPool:
-        """A pool with the `[proxy]` section's caps and timeouts."""
+    def from_config(cls, proxy: ProxyConfig) -> Transport:
+        """A transport with the `[proxy]` section's caps and timeouts."""
         return cls(
             max_connections_per_backend=proxy.max_connections_per_backend,
             max_tunnels_per_backend=proxy.max_tunnels_per_backend,
