@@ -33,17 +33,46 @@ SCHEMAS: dict[str, Any] = {
             "serving_backends": _COUNT,
             "healthy_backends": _COUNT,
             "total_backends": _COUNT,
+            "pools": {
+                "type": "object",
+                "description": "with routes or several pools: each pool's own health, counted over its backends",
+                "additionalProperties": {"$ref": "#/components/schemas/PoolHealth"},
+            },
+        },
+    },
+    "PoolHealth": {
+        "type": "object",
+        "required": ["status", "serving_backends", "healthy_backends", "total_backends"],
+        "properties": {
+            "status": {"enum": ["ok", "degraded", "unavailable"]},
+            "serving_backends": _COUNT,
+            "healthy_backends": _COUNT,
+            "total_backends": _COUNT,
+        },
+    },
+    "PoolStatus": {
+        "type": "object",
+        "required": ["name", "status", "strategy", "serving", "healthy", "total", "backends"],
+        "properties": {
+            "name": {"type": "string"},
+            "status": {"enum": ["ok", "degraded", "unavailable"]},
+            "strategy": {"type": "string"},
+            "serving": _COUNT,
+            "healthy": _COUNT,
+            "total": _COUNT,
+            "backends": {"type": "array", "items": {"type": "string"}},
         },
     },
     "Status": {
         "type": "object",
-        "required": ["strategy", "healthy", "total", "backends", "retiring", "config_error", "loop", "instance"],
+        "required": ["strategy", "healthy", "total", "backends", "pools", "retiring", "config_error", "loop", "instance"],
         "properties": {
             "strategy": {"type": "string"},
             "healthy": _COUNT,
             "total": _COUNT,
             "backends": {"type": "array", "items": {"$ref": "#/components/schemas/BackendStatus"}},
             "retiring": {"type": "array", "items": {"$ref": "#/components/schemas/BackendStatus"}},
+            "pools": {"type": "array", "items": {"$ref": "#/components/schemas/PoolStatus"}},
             "config_error": {"type": ["string", "null"]},
             "loop": {"type": "string", "enum": ["uvloop", "asyncio"], "description": "the event loop this process runs"},
             "instance": {"$ref": "#/components/schemas/Instance"},
@@ -57,9 +86,10 @@ SCHEMAS: dict[str, Any] = {
     },
     "BackendStatus": {
         "type": "object",
-        "required": ["name", "url", "hosted", "healthy", "admin_state"],
+        "required": ["name", "url", "hosted", "healthy", "admin_state", "pool"],
         "properties": {
             "name": {"type": "string"},
+            "pool": {"type": "string"},
             "url": {"type": "string"},
             "hosted": {"type": "boolean"},
             "healthy": {"type": "boolean"},
@@ -110,6 +140,8 @@ SCHEMAS: dict[str, Any] = {
             "server": {"type": "string"},
             "detail": {"type": "string"},
             "request_id": {"type": "string"},
+            "pool": {"type": ["string", "null"], "description": "with routes or several pools: the request's pool"},
+            "route": {"type": "string", "description": "with routes or several pools: the route that matched, or '-'"},
         },
     },
     "ErrorsReset": {
