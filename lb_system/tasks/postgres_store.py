@@ -211,17 +211,16 @@ class PostgresTaskStore:
         return _row_to_task(row) if row is not None else None
 
     async def list(self, *, done: bool | None = None, limit: int = 100, offset: int = 0) -> tuple[list[Task], int]:
-        where, params = ("WHERE done = $3", [done]) if done is not None else ("", [])
+        # $1 is `done` when filtering; the page's bounds follow it.
+        where, filters = ("WHERE done = $1", [done]) if done is not None else ("", [])
+        page = f"LIMIT ${len(filters) + 1} OFFSET ${len(filters) + 2}"
         async with self._connection() as connection:
             rows = await connection.fetch(
-                f"SELECT {_COLUMNS}, COUNT(*) OVER () AS total FROM tasks {where} ORDER BY id LIMIT $1 OFFSET $2",
-                limit,
-                offset,
-                *params,
+                f"SELECT {_COLUMNS}, COUNT(*) OVER () AS total FROM tasks {where} ORDER BY id {page}", *filters, limit, offset
             )
             if rows:
                 return [_row_to_task(row) for row in rows], rows[0]["total"]
-            total = await connection.fetchval(f"SELECT COUNT(*) FROM tasks {where.replace('$3', '$1')}", *params)
+            total = await connection.fetchval(f"SELECT COUNT(*) FROM tasks {where}", *filters)
         return [], total
 
     async def update(self, task_id: int, changes: dict[str, Any]) -> Task | None:
