@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+from support.clock import FakeClock
 from support.waiting import wait_for
 
 from lb_system.observability.dashboard import make_page_handler
@@ -319,4 +320,27 @@ async def test_with_two_pools_the_cards_are_grouped_by_pool_with_each_pools_heal
     await expect(api_group.locator(".pool-status")).to_have_text("unavailable")
     await expect(default_group.locator(".pool-status")).to_have_text("ok")
     await expect(page.locator("#health")).to_have_text("degraded")
+    assert errors == []
+
+
+async def test_cards_mark_a_backup_and_a_backend_in_its_slow_start(make_config, start_system, outside_backend, browser) -> None:
+    clock = FakeClock()
+    one, spare = await outside_backend("one"), await outside_backend("spare")
+    config = make_config(
+        backends=[{"name": "one", "url": one.url, "weight": 4}, {"name": "spare", "url": spare.url, "backup": True}],
+        health={"interval": 0.1, "timeout": 0.5, "rise": 1, "fall": 1, "slow_start": 60},
+    )
+    system = await start_system(config, clock=clock)
+    page, errors = await open_dashboard(browser, system.balancer_url)
+    await expect(card(page, "spare").locator(".badge.backup")).to_have_text("backup")
+    await expect(card(page, "one").locator(".badge.backup")).to_have_count(0)
+    await expect(card(page, "one").locator(".ramp")).to_have_count(0)
+
+    await one.stop()
+    await expect_state(page, "one", "down")
+    await one.start()
+    await expect_state(page, "one", "up")
+    await expect(card(page, "one").locator(".ramp")).to_have_text("slow start: weight 0.4 of 4")
+    clock.advance(60)
+    await expect(card(page, "one").locator(".ramp")).to_have_count(0, timeout=5000)
     assert errors == []
