@@ -721,7 +721,8 @@ class Config(_Section):
         return (
             f"{listeners} ({balancer.strategy}), "
             f"{len(self.backends)} backends ({hosted} hosted, {len(self.backends) - hosted} outside), "
-            f"database {self.database.where}, log {self.log.file}"
+            + (f"database {self.database.where}, " if hosted else "no database (nothing hosted), ")
+            + f"log {self.log.file}"
         )
 
 
