@@ -107,6 +107,22 @@ def _unavailable(request: web.Request, request_id: str, detail: str = NO_BACKEND
     return problem_response(503, detail, instance=request.path, request_id=request_id, headers={"Retry-After": "1"})
 
 
+class _Holding:
+    """`with _Holding(pool, backend):` the backend counts one request more inside (least
+    connections, drains, /status), and one less on the way out, whatever happens: the one release."""
+
+    __slots__ = ("backend", "pool")
+
+    def __init__(self, pool: BackendPool, backend: Backend) -> None:
+        self.pool, self.backend = pool, backend
+
+    def __enter__(self) -> None:
+        self.pool.acquire(self.backend)
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.release(self.backend)
+
+
 class _TryFailed(Exception):
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.reason)
@@ -161,8 +177,7 @@ class Forwarder:
                 self.own_paths.refuse(request, target)
             pool, target = self._pool_for(request, target, host)
             if pool is None:  # no route, and no default pool to fall back to: the balancer's own 404
-                self._access_log(request, 404, None, started, request_id, None, reason="no_route")
-                self._notify(request.method, 404, BALANCER, started, [])
+                self._finish(request, 404, started, request_id, reason="no_route")
                 return problem_response(404, NO_ROUTE, instance=request.path, request_id=request_id)
             if is_websocket_upgrade(request):  # a tunnel holds no pooled connection: it has its own cap, not the pool's
                 return await self._websocket(request, pool, request_id, started, target, host)
@@ -171,8 +186,7 @@ class Forwarder:
             body, replayable = await self._request_body(request)
             # Capacity is never below max_pending: the scan over backends only runs near overload.
             if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
-                self._access_log(request, 503, None, started, request_id, "shed")
-                self._notify(request.method, 503, BALANCER, started, [], pool=pool)
+                self._finish(request, 503, started, request_id, logged_tries="shed", pool=pool)
                 return _unavailable(request, request_id, OVERLOADED)
             self.in_flight += 1
             try:
@@ -186,8 +200,7 @@ class Forwarder:
         except web.HTTPException as error:
             # The client's fault found on the way (a body too large, too slow or cut): the balancer answers it.
             reason = getattr(error, "refusal_reason", None) or _REASONS.get(error.status, "refused")
-            self._access_log(request, error.status, None, started, request_id, None, reason=reason)
-            self._notify(request.method, error.status, BALANCER, started, [])
+            self._finish(request, error.status, started, request_id, reason=reason)
             raise
 
     def refused(self, refusal: Refusal) -> None:
@@ -275,48 +288,58 @@ class Forwarder:
             while (backend := pool.choose(key, exclude=tried, pinned=pinned)) is not None:
                 tried.append(backend)
                 try_started = time.perf_counter()
-                try:
-                    upstream, data = await self._send(request, backend, path, headers, body, deadline)
-                except _TryFailed as failure:
-                    last_failure = failure
-                    tries.append(TryResult(backend.name, None, time.perf_counter() - try_started, failure.reason))
-                    if failure.kind is FailureKind.CONNECT:
-                        # Nothing reached that backend and nothing of the body was read: another try
-                        # adds no load, so neither the budget nor `retries` holds it back (the
-                        # budget's window is empty after an idle spell: a burst would get 502s).
-                        unreached += 1
-                        if pool.has_candidate(exclude=tried):
-                            continue
-                        break
-                    if not self._may_try_again(
-                        pool, budget, request.method, failure.kind, tried, unreached, replayable, holding_budget
+                with _Holding(pool, backend):  # the backend counts this request until the try ends
+                    try:
+                        upstream, data = await self._send(request, backend, path, headers, body, deadline)
+                    except _TryFailed as failure:
+                        last_failure = failure
+                        tries.append(TryResult(backend.name, None, time.perf_counter() - try_started, failure.reason))
+                        if failure.kind is FailureKind.CONNECT:
+                            # Nothing reached that backend and nothing of the body was read: another try
+                            # adds no load, so neither the budget nor `retries` holds it back (the
+                            # budget's window is empty after an idle spell: a burst would get 502s).
+                            unreached += 1
+                            if pool.has_candidate(exclude=tried):
+                                continue
+                            break
+                        if not self._may_try_again(
+                            pool, budget, request.method, failure.kind, tried, unreached, replayable, holding_budget
+                        ):
+                            break
+                        holding_budget = True
+                        continue
+                    if self.policy.retryable_status(upstream.status) and self._may_try_again(
+                        pool, budget, request.method, FailureKind.STATUS, tried, unreached, replayable, holding_budget
                     ):
-                        break
-                    holding_budget = True
-                    continue
-                if self.policy.retryable_status(upstream.status) and self._may_try_again(
-                    pool, budget, request.method, FailureKind.STATUS, tried, unreached, replayable, holding_budget
-                ):
-                    holding_budget = True
-                    if data is None:  # a streamed answer's outcome is otherwise recorded when it ends
-                        self._record_answer(backend, upstream.status)
-                    self._finish_try(backend, upstream)
-                    tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
-                    continue
-                response = await self._respond(request, backend, upstream, data, request_id)
-                cut = None if data is not None else response.get(RESPONSE_CUT)  # only a streamed answer can be cut
-                duration = time.perf_counter() - try_started
-                if cut is None:
-                    tries.append(TryResult(backend.name, upstream.status, duration))
-                else:
-                    tries.append(TryResult(backend.name, None, duration, CUT))
-                self._access_log(request, response.status, backend.name, started, request_id, render_tries(tries))
-                sent = len(body) if isinstance(body, bytes) else (body.seen if body is not None else 0)
-                received = len(data) if data is not None else response.get(_STREAMED_BYTES, 0)
-                # A cut answer is the backend's 502 for the observers, whatever its status line said.
-                status = response.status if cut is None else 502
-                self._notify(request.method, status, backend.name, started, tries, pool=pool, sizes=(sent, received))
-                return response
+                        holding_budget = True
+                        if data is None:  # a streamed answer's outcome is otherwise recorded when it ends
+                            self._record_answer(backend, upstream.status)
+                        upstream.release()
+                        tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
+                        continue
+                    response = await self._respond(request, backend, upstream, data, request_id)
+                    cut = None if data is not None else response.get(RESPONSE_CUT)  # only a streamed answer can be cut
+                    duration = time.perf_counter() - try_started
+                    if cut is None:
+                        tries.append(TryResult(backend.name, upstream.status, duration))
+                    else:
+                        tries.append(TryResult(backend.name, None, duration, CUT))
+                    sent = len(body) if isinstance(body, bytes) else (body.seen if body is not None else 0)
+                    received = len(data) if data is not None else response.get(_STREAMED_BYTES, 0)
+                    # A cut answer is the backend's 502 for the observers, whatever its status line said.
+                    observed = response.status if cut is None else 502
+                    self._finish(
+                        request,
+                        response.status,
+                        started,
+                        request_id,
+                        tries,
+                        backend.name,
+                        observed,
+                        pool=pool,
+                        sizes=(sent, received),
+                    )
+                    return response
         finally:
             if holding_budget:  # one budget slot covers all the retries of one request
                 budget.release()
@@ -329,9 +352,49 @@ class Forwarder:
             reason = last_failure.reason
             detail = reason if last_failure.refused_answer else f"No backend answered: {reason}"
             response = problem_response(502, detail, instance=request.path, request_id=request_id)
-        self._access_log(request, response.status, None, started, request_id, render_tries(tries))
-        self._notify(request.method, response.status, BALANCER, started, tries, no_backend=last_failure is None, pool=pool)
+        self._finish(request, response.status, started, request_id, tries, no_backend=last_failure is None, pool=pool)
         return response
+
+    def _finish(
+        self,
+        request: web.Request,
+        status: int,
+        started: float,
+        request_id: str,
+        tries: list[TryResult] | None = None,
+        answered_by: str = BALANCER,
+        observed_status: int | None = None,
+        *,
+        logged_backend: str | None = None,
+        logged_tries: str | None = None,
+        reason: str | None = None,
+        no_backend: bool = False,
+        pool: BackendPool | None = None,
+        sizes: tuple[int, int] = (0, 0),
+    ) -> None:
+        """The end of a request: its access line and what the observers hear, in one place.
+
+        `tries` go to both (rendered for the access line's `tries=`); `answered_by` names the
+        backend whose answer the client got (the balancer's own otherwise), the line's backend
+        unless `logged_backend` says otherwise; `observed_status` is what the observers count
+        when it is not the status sent (a cut answer is the backend's 502)."""
+        if tries is None:
+            tries = []
+        elif logged_tries is None:
+            logged_tries = render_tries(tries)
+        if logged_backend is None and answered_by != BALANCER:
+            logged_backend = answered_by
+        self._access_log(request, status, logged_backend, started, request_id, logged_tries, reason=reason)
+        self._notify(
+            request.method,
+            status if observed_status is None else observed_status,
+            answered_by,
+            started,
+            tries,
+            no_backend=no_backend,
+            pool=pool,
+            sizes=sizes,
+        )
 
     def _notify(
         self,
@@ -380,10 +443,8 @@ class Forwarder:
         headers["Upgrade"] = request.headers["Upgrade"]
         origin, prefix = self._route(backend)
         timeout = self.config.proxy.per_try_timeout
-        pool.acquire(backend)
-        finished = False
         upstream = None
-        try:
+        with _Holding(pool, backend):
             try:
                 async with asyncio.timeout(timeout):
                     upstream = await self.upstream.endpoint(origin).open_tunnel(
@@ -391,8 +452,7 @@ class Forwarder:
                     )
                     data = None if upstream.status == 101 else await _small_body(upstream)
             except TunnelLimitReached:
-                self._access_log(request, 503, backend.name, started, request_id, None, reason="tunnels")
-                self._notify(request.method, 503, BALANCER, started, [], pool=pool)
+                self._finish(request, 503, started, request_id, logged_backend=backend.name, reason="tunnels", pool=pool)
                 return _unavailable(request, request_id, TOO_MANY_TUNNELS)
             except (UpstreamError, TimeoutError) as error:
                 if upstream is not None:
@@ -400,19 +460,16 @@ class Forwarder:
                 reason = classify(error).reason
                 self.pools.pool_of(backend).record_passive_failure(backend, reason)
                 failed = TryResult(backend.name, None, time.perf_counter() - started, reason)
-                self._access_log(request, 502, backend.name, started, request_id, render_tries([failed]))
-                self._notify(request.method, 502, BALANCER, started, [failed], pool=pool)
+                self._finish(request, 502, started, request_id, [failed], logged_backend=backend.name, pool=pool)
                 return problem_response(
                     502, f"WebSocket handshake with the backend failed: {reason}", instance=request.path, request_id=request_id
                 )
             if upstream.status != 101:  # the backend declined the upgrade: its answer goes to the client
-                finished = True
                 if data is not None:  # a streamed answer's outcome is recorded when it ends
                     self._record_answer(backend, upstream.status)
                 response = await self._respond(request, backend, upstream, data, request_id)
                 refused = TryResult(backend.name, upstream.status, time.perf_counter() - started)
-                self._access_log(request, response.status, backend.name, started, request_id, render_tries([refused]))
-                self._notify(request.method, response.status, backend.name, started, [refused], pool=pool)
+                self._finish(request, response.status, started, request_id, [refused], backend.name, pool=pool)
                 return response
             answer = response_headers(upstream.headers)
             answer["Connection"] = "Upgrade"
@@ -427,9 +484,6 @@ class Forwarder:
             client = await tunnel_both_ways(request, upstream.status, upstream.reason, answer, tunnel)
             self._access_log(request, 101, backend.name, started, request_id, render_tries([opened]))
             return client
-        finally:
-            if not finished:  # _respond gave the backend back already
-                self.pools.pool_of(backend).release(backend)
 
     @staticmethod
     def _pinned(request: web.Request, pool: BackendPool) -> str | None:
@@ -450,11 +504,6 @@ class Forwarder:
         if route is None:
             route = self._routes[backend.url] = split_url(backend.url)
         return route
-
-    def _finish_try(self, backend: Backend, upstream: Exchange) -> None:
-        """The end of a try that got an answer: the connection goes back, the backend is one request lighter."""
-        upstream.release()
-        self.pools.pool_of(backend).release(backend)
 
     def _may_try_again(
         self,
@@ -489,13 +538,12 @@ class Forwarder:
     ) -> tuple[Exchange, bytes | None]:
         """One try. A small answer is read whole here, so a failure while reading it is still a
         failed try (nothing reached the client); a large one comes back unread (None) to stream.
-        On success the backend's active count stays raised until the response is finished."""
+        The caller holds the backend (its active count) for the whole try."""
         loop = asyncio.get_running_loop()
         proxy = self.config.proxy
         timeout = min(proxy.per_try_timeout, deadline - loop.time())
         origin, prefix = self._route(backend)
         endpoint = self.upstream.endpoint(origin)
-        self.pools.pool_of(backend).acquire(backend)
         upstream = None
         try:
             if timeout <= 0:
@@ -513,7 +561,6 @@ class Forwarder:
             )
             data = await _small_body(upstream, try_deadline)
         except BaseException as error:
-            self.pools.pool_of(backend).release(backend)
             if upstream is not None:
                 upstream.release()
             if not isinstance(error, Exception):  # cancelled: the client left or the server stops
@@ -557,7 +604,7 @@ class Forwarder:
                     headers.pop("Content-Length", None)
                 response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data or None)
         finally:
-            self._finish_try(backend, upstream)
+            upstream.release()
         if upstream.status >= 400:
             response[ERROR_SERVER] = backend.name
             response[UPSTREAM_RECORDED] = backend.hosted
