@@ -11,11 +11,13 @@ import socket
 import ssl
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -70,6 +72,29 @@ def validate_strategy(value: str) -> None:
     """Raise ValueError unless `value` names a balancing strategy."""
     if value not in STRATEGY_NAMES:
         raise ValueError(f"must be one of {', '.join(STRATEGY_NAMES)}, got {value!r}")
+
+
+def validate_cookie_name(value: str) -> str:
+    """A cookie name is an RFC 9110 token (RFC 6265 §4.1.1), 1-64 characters here."""
+    if not value or len(value) > 64 or not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"must be a cookie name (1-64 letters, digits or !#$%&'*+-.^_`|~), got {value!r}")
+    return value
+
+
+def _checked(check: Callable[[str], object]) -> AfterValidator:
+    """A validator that runs `check` (raising ValueError) and keeps the value."""
+
+    def validate(value: str) -> str:
+        check(value)
+        return value
+
+    return AfterValidator(validate)
+
+
+# The keys [balancer] and [pools.NAME] share, validated the same way in both.
+StrategyName = Annotated[str, _checked(validate_strategy)]
+HashOn = Annotated[str, _checked(validate_hash_on)]
+CookieName = Annotated[str, _checked(validate_cookie_name)]
 
 
 # RFC 3986 reg-name or IP literal, with an optional port: what a Host header may say.
@@ -161,8 +186,8 @@ class _TlsSection(_Section):
 class BalancerConfig(_TlsSection):
     host: str = "127.0.0.1"
     port: Port = 8080
-    strategy: str = "round_robin"
-    hash_on: str = "client_ip"
+    strategy: StrategyName = "round_robin"
+    hash_on: HashOn = "client_ip"
     drain_timeout: PositiveSeconds = 30.0
     shutdown_grace: PositiveSeconds = 10.0
     # Several processes listening on one host and port, the kernel spreading connections (SO_REUSEPORT).
@@ -172,7 +197,7 @@ class BalancerConfig(_TlsSection):
     # instance_port + i.
     instance_port: Port | None = None
     # The cookie that keeps a client on one backend; None: no sticky sessions.
-    sticky_cookie: str | None = None
+    sticky_cookie: CookieName | None = None
 
     @field_validator("reuse_port")
     @classmethod
@@ -190,30 +215,6 @@ class BalancerConfig(_TlsSection):
         if value and value == info.data.get("port"):
             raise ValueError("must differ from [balancer] port: it is this process's own")
         return value
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        validate_strategy(value)
-        return value
-
-    @field_validator("hash_on")
-    @classmethod
-    def _known_hash_on(cls, value: str) -> str:
-        validate_hash_on(value)
-        return value
-
-    @field_validator("sticky_cookie")
-    @classmethod
-    def _cookie_name(cls, value: str | None) -> str | None:
-        return None if value is None else validate_cookie_name(value)
-
-
-def validate_cookie_name(value: str) -> str:
-    """A cookie name is an RFC 9110 token (RFC 6265 §4.1.1), 1-64 characters here."""
-    if not value or len(value) > 64 or not _HEADER_NAME.fullmatch(value):
-        raise ValueError(f"must be a cookie name (1-64 letters, digits or !#$%&'*+-.^_`|~), got {value!r}")
-    return value
 
 
 class ControlConfig(_TlsSection):
@@ -458,28 +459,11 @@ class PoolConfig(_Section):
     """A pool's settings, resolved: every key the pool's own `[pools.NAME]` does not set comes from
     `[balancer]` (strategy, hash_on, sticky_cookie) or `[health]` (the checks, slow_start)."""
 
-    strategy: str = "round_robin"
-    hash_on: str = "client_ip"
-    sticky_cookie: str | None = None
+    strategy: StrategyName = "round_robin"
+    hash_on: HashOn = "client_ip"
+    sticky_cookie: CookieName | None = None
     slow_start: Annotated[float, Field(ge=0, le=3600)] = 0.0
     health: HealthConfig = HealthConfig()
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        validate_strategy(value)
-        return value
-
-    @field_validator("hash_on")
-    @classmethod
-    def _known_hash_on(cls, value: str) -> str:
-        validate_hash_on(value)
-        return value
-
-    @field_validator("sticky_cookie")
-    @classmethod
-    def _cookie_name(cls, value: str | None) -> str | None:
-        return None if value is None else validate_cookie_name(value)
 
 
 # The [pools.NAME] keys that fall back to [balancer]'s; slow_start and [pools.NAME.health] fall back to [health].

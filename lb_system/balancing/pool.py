@@ -149,7 +149,29 @@ def new_backend(config: BackendConfig, url: str) -> Backend:
     )
 
 
-class BackendPool:
+class BackendCounts:
+    """How many of `backends` pass their checks and serve, and the health word they come to:
+    for one pool, and for all of them (Pools)."""
+
+    backends: list[Backend]
+
+    @property
+    def healthy_count(self) -> int:
+        return sum(1 for b in self.backends if b.healthy)
+
+    @property
+    def serving_count(self) -> int:
+        return sum(1 for b in self.backends if b.serving)
+
+    def health_word(self) -> str:
+        """ok when every configured backend serves, degraded when some do, unavailable when none does."""
+        serving = self.serving_count
+        if not serving:
+            return "unavailable"
+        return "ok" if serving == len(self.backends) else "degraded"
+
+
+class BackendPool(BackendCounts):
     """One pool: its backends, their up/down state machine, and its balancing strategy.
 
     The pool owns its backends' state: everyone else reports through its methods (a try's start
@@ -325,21 +347,6 @@ class BackendPool:
         backend.drained_at = self.clock()
         event.set()
         self.logger.info("backend drained", extra={"fields": {"backend": backend.name}})
-
-    @property
-    def healthy_count(self) -> int:
-        return sum(1 for b in self.backends if b.healthy)
-
-    @property
-    def serving_count(self) -> int:
-        return sum(1 for b in self.backends if b.serving)
-
-    def health_word(self) -> str:
-        """ok when every configured backend serves, degraded when some do, unavailable when none does."""
-        serving = self.serving_count
-        if not serving:
-            return "unavailable"
-        return "ok" if serving == len(self.backends) else "degraded"
 
     def _candidates(self, exclude: Sequence[Backend]) -> list[Backend]:
         """The backends a try may go to: serving and not yet tried. Backups only while no primary

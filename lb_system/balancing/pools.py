@@ -12,14 +12,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from lb_system.balancing.events import Observers
-from lb_system.balancing.pool import Backend, BackendPool, new_backend
+from lb_system.balancing.pool import Backend, BackendCounts, BackendPool, new_backend
 from lb_system.balancing.routes import Route, RouteTable
 from lb_system.config import DEFAULT_POOL, Config, HealthConfig, PoolConfig
 
 __all__ = ["Pools"]
 
 
-class Pools:
+class Pools(BackendCounts):
     """The named pools (`[pools.NAME]`, and every pool a backend names), and the route table.
 
     The one owner of pool membership: it sets `Backend.pool` and moves a backend between pools
@@ -94,21 +94,6 @@ class Pools:
     def health(self) -> HealthConfig:
         """The default pool's checks: `[health]` unless `[pools.default.health]` says otherwise."""
         return self.default.health
-
-    @property
-    def healthy_count(self) -> int:
-        return sum(1 for b in self.backends if b.healthy)
-
-    @property
-    def serving_count(self) -> int:
-        return sum(1 for b in self.backends if b.serving)
-
-    def health_word(self) -> str:
-        """ok when every configured backend serves, degraded when some do, unavailable when none does."""
-        serving = self.serving_count
-        if not serving:
-            return "unavailable"
-        return "ok" if serving == len(self.backends) else "degraded"
 
     # --- routing --------------------------------------------------------------------------
 

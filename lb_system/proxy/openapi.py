@@ -22,6 +22,14 @@ JSON = "application/json"
 _OBJECT = {"type": "object"}
 _COUNT = {"type": "integer", "minimum": 0}
 
+# /health's, for the whole balancer and for each pool.
+_HEALTH_COUNTS: dict[str, Any] = {
+    "status": {"enum": ["ok", "degraded", "unavailable"]},
+    "serving_backends": _COUNT,
+    "healthy_backends": _COUNT,
+    "total_backends": _COUNT,
+}
+
 # Only the fields clients rely on are pinned; the documents may grow.
 SCHEMAS: dict[str, Any] = {
     "Problem": PROBLEM_SCHEMA,
@@ -29,10 +37,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["status", "serving_backends", "healthy_backends", "total_backends"],
         "properties": {
-            "status": {"enum": ["ok", "degraded", "unavailable"]},
-            "serving_backends": _COUNT,
-            "healthy_backends": _COUNT,
-            "total_backends": _COUNT,
+            **_HEALTH_COUNTS,
             "pools": {
                 "type": "object",
                 "description": "with routes or several pools: each pool's own health, counted over its backends",
@@ -43,12 +48,7 @@ SCHEMAS: dict[str, Any] = {
     "PoolHealth": {
         "type": "object",
         "required": ["status", "serving_backends", "healthy_backends", "total_backends"],
-        "properties": {
-            "status": {"enum": ["ok", "degraded", "unavailable"]},
-            "serving_backends": _COUNT,
-            "healthy_backends": _COUNT,
-            "total_backends": _COUNT,
-        },
+        "properties": _HEALTH_COUNTS,
     },
     "PoolStatus": {
         "type": "object",
