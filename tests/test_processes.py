@@ -162,10 +162,11 @@ async def test_sighup_to_the_parent_reloads_every_child(group) -> None:
 
 
 @pytest.mark.slow
-async def test_sigterm_to_the_parent_stops_every_child(group) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_sigterm_or_sigint_to_the_parent_stops_every_child(group, sig: int) -> None:
     running = await group()
     children = await running.serving(2)
-    running.process.send_signal(signal.SIGTERM)
+    running.process.send_signal(sig)
     assert await asyncio.wait_for(running.process.wait(), 20) == 0
     assert all(gone(pid) for pid in children)
     for pid in children:
