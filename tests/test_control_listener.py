@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import socket
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 from support.waiting import wait_for
 
 from lb_system import ConfigError, StartupError, load_config, parse_config
+from lb_system.cli.demo import run_demo
+from lb_system.cli.main import control_endpoint
 
 TOKEN = "read-secret-123"
 ADMIN = "admin-secret-456"
@@ -162,3 +165,15 @@ async def test_a_control_port_in_use_stops_start_up_naming_it(make_config, start
         port = taken.getsockname()[1]
         with pytest.raises(StartupError, match=f"port {port}"):
             await start_system(make_config(control={"port": port}))
+
+
+async def test_the_demo_reads_the_error_statistics_from_the_control_listener(make_config, start_system, read_token) -> None:
+    config = make_config(control={"port": 0, "read_token_env": "LB_READ_TOKEN"}, api={"debug_endpoints": True})
+    system = await start_system(config)
+    stats_url, headers = control_endpoint(system.config)
+    assert stats_url is not None and stats_url.endswith(":0")  # the configured port: here a free one
+    assert headers == {"Authorization": f"Bearer {TOKEN}"}
+    out = io.StringIO()
+    code = await run_demo(system.balancer_url, out, stats_url=system.control_url, stats_headers=headers)
+    assert code == 0
+    assert '"total_errors": 3' in out.getvalue()

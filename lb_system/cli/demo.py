@@ -30,8 +30,11 @@ async def _describe(response: aiohttp.ClientResponse) -> str:
         return text.strip()
 
 
-async def run_demo(url: str, out: TextIO = sys.stdout) -> int:
-    """0 when the three failures came back with the expected statuses, 1 otherwise."""
+async def run_demo(
+    url: str, out: TextIO = sys.stdout, *, stats_url: str | None = None, stats_headers: dict[str, str] | None = None
+) -> int:
+    """0 when the three failures came back with the expected statuses, 1 otherwise. The
+    statistics come from `stats_url` (the control listener, when the config has one) or `url`."""
     url = url.rstrip("/")
     all_expected = True
     try:
@@ -44,7 +47,7 @@ async def run_demo(url: str, out: TextIO = sys.stdout) -> int:
                     print(f"Status: {response.status} | Response: {detail}\n", file=out)
                     all_expected &= response.status == expected
             print("[STATS] Error statistics...", file=out)
-            async with session.get(url + "/errors/stats") as response:
+            async with session.get((stats_url or url).rstrip("/") + "/errors/stats", headers=stats_headers) as response:
                 print(json.dumps(await response.json(), indent=2), file=out)
     except (TimeoutError, aiohttp.ClientConnectionError) as error:
         raise Unreachable(f"nothing answers at {url} ({describe_failure(error)}); is `python run.py` running?") from None

@@ -259,6 +259,17 @@ async def _supervise(config: Config, args: argparse.Namespace) -> int:
     return await supervisor.run()
 
 
+def control_endpoint(config: Config) -> tuple[str | None, dict[str, str] | None]:
+    """Where the balancer's own endpoints are ([control] port, else the traffic port: None), and
+    the read token's header when one is set."""
+    control = config.control
+    if control.port is None:
+        return None, None
+    token = os.environ.get(control.read_token_env, "") if control.read_token_env else ""
+    url = dial_url(control.host, control.port, "https" if control.tls else "http")
+    return url, {"Authorization": f"Bearer {token}"} if token else None
+
+
 def _demo(args: argparse.Namespace, config: Config | None) -> int:
     """`demo` and `demo --failover` against a running system; `config` is None only with --url."""
     if args.url:
@@ -277,7 +288,8 @@ def _demo(args: argparse.Namespace, config: Config | None) -> int:
                 )
                 return 2
             return asyncio.run(run_failover(url, token, backend=args.backend))
-        return asyncio.run(run_demo(url))
+        stats_url, stats_headers = control_endpoint(config) if not args.url and config is not None else (None, None)
+        return asyncio.run(run_demo(url, stats_url=stats_url, stats_headers=stats_headers))
     except Unreachable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
