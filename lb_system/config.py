@@ -614,8 +614,9 @@ class Config(_Section):
 
     @property
     def routed(self) -> bool:
-        """Whether requests are sorted at all: routes, or backends in more than one pool."""
-        return bool(self.routes) or len({b.pool for b in self.backends}) > 1
+        """Whether requests are sorted into pools at all: routes, or a backend outside "default"
+        (as `Pools.routed` says of the running system)."""
+        return bool(self.routes) or any(b.pool != DEFAULT_POOL for b in self.backends)
 
     @model_validator(mode="after")
     def _listeners(self) -> Config:
@@ -705,6 +706,7 @@ class Config(_Section):
         return (
             f"{listeners} ({balancer.strategy}), "
             f"{len(self.backends)} backends ({hosted} hosted, {len(self.backends) - hosted} outside), "
+            + (f"{len({b.pool for b in self.backends})} pools, {len(self.routes)} routes, " if self.routed else "")
             + (f"database {self.database.where}, " if hosted else "no database (nothing hosted), ")
             + f"log {self.log.file}"
         )

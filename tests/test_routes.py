@@ -18,6 +18,7 @@ TWO_POOLS = [{"name": "api-1", "port": 5001, "pool": "api"}, {"name": "web-1", "
 def test_without_pools_every_backend_is_in_the_default_pool_and_nothing_is_routed() -> None:
     config = parse_config({})
     assert list(config.pools) == ["default"] and config.routes == [] and not config.routed
+    assert "pools" not in config.summary()
     assert {b.pool for b in config.backends} == {"default"}
     default = config.pools["default"]
     assert (default.strategy, default.hash_on, default.health) == ("round_robin", "client_ip", config.health)
@@ -37,6 +38,7 @@ def test_a_pool_takes_every_key_it_does_not_set_from_balancer_and_health() -> No
     assert (api.health.path, api.health.rise, api.health.interval, api.health.fall) == ("/ready", 5, 5.0, 4)
     assert (default.strategy, default.health) == ("consistent_hash", config.health)
     assert config.routed  # backends in two pools
+    assert "2 pools, 0 routes" in config.summary()
 
 
 def test_sticky_cookie_slow_start_and_check_settings_fall_back_per_key() -> None:

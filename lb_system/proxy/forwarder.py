@@ -247,7 +247,8 @@ class Forwarder:
         if not pools.routed:
             return pools.default, target
         resolved = resolved_path(target)
-        pool, route = pools.route(host if host is not None else request.host, resolved)
+        # The Host header itself: aiohttp's request.host falls back to socket.getfqdn(), a lookup on the loop.
+        pool, route = pools.route(host if host is not None else request.headers.get("Host"), resolved)
         request[ROUTED] = Routed(None if pool is None else pool.name, UNROUTED if route is None else route.name)
         if route is not None:
             target = route.upstream_target(target, resolved)
