@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import trustme
 from support.backends import GZIPPED, FakeBackend, MiB
-from support.misbehaving import ScriptedServer, answer, on_path, stall, stream
+from support.misbehaving import ScriptedServer, answer, half_closing_upgrade, on_path, stall, stream, upgrade_and_echo
 from support.waiting import wait_for
 
 from lb_system.observability.log import render_message
@@ -698,6 +698,47 @@ async def test_idle_client_connections_are_closed_after_idle_timeout(backends, b
 
 def _forwarder(system):
     return system.balancer.forwarder
+
+
+async def _upgraded(balancer_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client connection through the balancer, past its 101 (a socket of our own can half-close)."""
+    host, port = balancer_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+@pytest.mark.parametrize("side", ["client", "backend"])
+async def test_a_tunnel_half_closed_by_either_side_goes_on_the_other_way(make_config, start_system, side: str) -> None:
+    # As a TCP proxy: a FIN is passed on, and the other direction carries on until it ends too.
+    received = bytearray()
+    behaviour = upgrade_and_echo if side == "client" else half_closing_upgrade(received)
+    backend = await ScriptedServer.start(then=on_path("/ws", behaviour, answer()))
+    try:
+        system = await start_system(make_config(backends=[{"name": "b", "url": backend.url}], health={"interval": 60.0}))
+        reader, writer = await _upgraded(system.balancer_url)
+        async with asyncio.timeout(5):
+            if side == "client":
+                writer.write(b"ping")
+                writer.write_eof()  # the client sends no more, and waits for the echo
+                assert await reader.read() == b"helloping"  # then the backend's FIN, passed on
+            else:
+                assert await reader.read() == b"bye"  # the backend's FIN, passed on
+                writer.write(b"late")  # the other way still goes
+                writer.write_eof()
+                await wait_for(lambda: bytes(received) == b"late", message="the backend read after its half-close")
+        writer.close()
+        endpoint = system.balancer.forwarder.upstream.endpoint(backend.url)
+        await wait_for(
+            lambda: endpoint.open_tunnels == 0 and system.pool.get("b").active_requests == 0, message="tunnel ended"
+        )
+    finally:
+        await backend.close()
 
 
 async def test_a_websocket_handshake_that_never_answers_times_out(make_config, start_system, http) -> None:

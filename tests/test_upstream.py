@@ -32,6 +32,7 @@ from support.misbehaving import (
     endless_header_line,
     endless_header_lines,
     gated,
+    half_closing_upgrade,
     hang_up,
     huge_field,
     interim_answers,
@@ -687,7 +688,24 @@ async def test_a_tunnel_sees_the_backend_close(serve: Serve, make_transport: Mak
     tunnel = response.detach()
     assert await tunnel.read() == b"bye"
     assert await tunnel.read() == b""
+    tunnel.close()
     await wait_for(lambda: endpoint.open_tunnels == 0)
+
+
+async def test_a_tunnel_half_closed_by_the_backend_still_carries_bytes_to_it(serve: Serve, make_transport: MakeTransport) -> None:
+    received = bytearray()
+    server = await serve(half_closing_upgrade(received))
+    endpoint = make_transport().endpoint(server.url)
+    response = await endpoint.open_tunnel("GET", "/", [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+    tunnel = response.detach()
+    assert await tunnel.read() == b"bye"
+    assert await tunnel.read() == b""  # its FIN: it sends no more...
+    tunnel.write(b"still heard")  # ...but it still reads
+    tunnel.write_eof()
+    await wait_for(lambda: bytes(received) == b"still heard", message="the backend read after its half-close")
+    await wait_for(lambda: server.open == 0, message="both directions ended")
+    tunnel.close()
+    assert endpoint.open_tunnels == 0
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from lb_system.config import ProxyConfig
 from lb_system.problems import ANSWERED_BY_HEADER, REQUEST_ID_HEADER, new_request_id, problem_response
 from lb_system.proxy.aiohttp_hooks import ProtocolRunner, QueuedRefusal, queued_refusal
 from lb_system.proxy.targets import CANNOT_FORWARD, forwardable_form
+from lb_system.proxy.websocket import ClientBytes
 
 
 class Refusal(NamedTuple):
@@ -139,6 +140,13 @@ class ClientConnection(RequestHandler):
         self._body_deadline = 0.0
         self._refused = False
         self._gone: asyncio.Future[None] | None = None
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's own signature
+        # A tunnel's client that sends no more may still read: keep the connection open for writing.
+        parser = self._payload_parser
+        if self._upgraded and isinstance(parser, ClientBytes):
+            return parser.half_close()
+        return super().eof_received()
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self._upgraded or self._payload_parser is not None:

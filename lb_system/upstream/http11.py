@@ -508,6 +508,15 @@ class Tunnel:
         """Send bytes to the backend; await `drain()` now and then."""
         self._connection.write(data)
 
+    def write_eof(self) -> None:
+        """Nothing more goes to the backend (a FIN after what was written), while what it sends is
+        still read: a half-close, as a TCP proxy passes one on. Closes when it cannot (TLS)."""
+        transport = self._connection.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+        else:
+            self.close()
+
     async def drain(self) -> None:
         """Wait until the backend takes what was written."""
         await self._flow.drain()
@@ -559,6 +568,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
 
     def eof_received(self) -> bool | None:
+        if self._tunnel is not None:  # the backend sends no more; the other way may go on
+            self._tunnel._lost()
+            return True
         return None  # close our side too; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -164,6 +164,20 @@ async def upgrade_and_echo(server: ScriptedServer, request: Request, reader: Rea
     return False
 
 
+def half_closing_upgrade(received: bytearray) -> Behaviour:
+    """Switch protocols (101), say "bye" and half-close (a FIN), then go on reading: what the
+    client still sends lands in `received`, until it closes too."""
+
+    async def behave(server: ScriptedServer, request: Request, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nbye")
+        writer.write_eof()
+        while data := await reader.read(65536):
+            received.extend(data)
+        return False
+
+    return behave
+
+
 # --- heads past every bound (issue #16): each answer below is refused by the balancer -----------
 
 
