@@ -5,6 +5,8 @@ outside backends, strip_prefix, the balancer's own 404 for an unrouted request, 
 
 from __future__ import annotations
 
+import asyncio
+import re
 from typing import Any
 
 import aiohttp
@@ -267,3 +269,34 @@ async def test_a_bad_route_or_pool_edit_is_refused_and_the_old_routes_keep_servi
     status, backend, body = await get(http, system, "/api/items")
     assert (status, backend, body["path"]) == (200, "two", "/items")
     assert (await get(http, system, "/x"))[1] == "one"
+
+
+async def test_each_pool_has_its_own_retry_budget(outside_backend, make_config, start_system, http, lb_log) -> None:
+    first, second = await outside_backend("first"), await outside_backend("second")
+    web_a, web_b = await outside_backend("web-a"), await outside_backend("web-b")
+    system = await start_system(
+        make_config(
+            backends=[
+                {"name": "first", "url": first.url, "pool": "api", "weight": 100},  # every first try; retries go to second
+                {"name": "second", "url": second.url, "pool": "api"},
+                {"name": "web-a", "url": web_a.url},
+                {"name": "web-b", "url": web_b.url},
+            ],
+            routes=[{"path_prefix": "/api", "pool": "api", "strip_prefix": True}],
+            proxy={"retry_budget_percent": 0},  # only the floor: 3 retries at a time
+            health={"interval": 60.0},
+        )
+    )
+    held = [asyncio.create_task(http.get(system.balancer_url + "/api/flaky?s=10")) for _ in range(4)]
+    await wait_for(lambda: second.active == 3 and first.hits == 4, message="the api pool's budget spent")
+    # The api pool's budget is spent; the default pool's is whole: its 503 is retried on the other backend.
+    async with http.get(system.balancer_url + "/code/503", headers={"X-Request-ID": "web-retry"}) as response:
+        assert response.status == 503
+    (line,) = [m for m in lb_log.messages() if m.startswith("access") and "web-retry" in m]
+    assert re.search(r"tries=web-[ab]:503,web-[ab]:503 ", line), line
+    second.release.set()
+    statuses = []
+    for task in held:
+        async with await task as response:
+            statuses.append(response.status)
+    assert sorted(statuses) == [200, 200, 200, 503]
