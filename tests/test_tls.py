@@ -253,3 +253,27 @@ async def test_turning_tls_off_by_reload_is_refused_and_tls_keeps_serving(config
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=certificates.client_context())) as client:
         async with client.get(system.balancer_url + "/health") as response:
             assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        ({"balancer": {"tls_min_version": "1.3"}}, "[balancer] tls_min_version: changing it needs a restart"),
+        ({"balancer": {"redirect_http_port": 0}}, "[balancer] redirect_http_port: changing it needs a restart"),
+        ({"control": {"port": 0}}, "[control] port: changing it needs a restart"),
+        ({"balancer": {"tls_key": "missing.pem"}}, "[balancer] tls_key: no such file"),
+        ({"balancer": {"redirect_http_port": -1}}, "[balancer] redirect_http_port:"),
+    ],
+)
+async def test_a_bad_or_restart_only_listener_edit_is_refused_and_the_old_config_keeps_serving(
+    config_file, start_system, certificates, edit: dict, key: str
+) -> None:
+    config_file.write(balancer={"tls_cert": "cert.pem", "tls_key": "key.pem"})
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=0.05)
+    running = system.config
+    config_file.write(**edit)
+    await wait_for(lambda: system.config_error is not None, message="the edit refused")
+    assert key in system.config_error and system.config is running
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=certificates.client_context())) as client:
+        async with client.get(system.balancer_url + "/status") as response:
+            assert (await response.json())["config_error"] == system.config_error
