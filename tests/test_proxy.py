@@ -734,9 +734,7 @@ async def test_a_tunnel_half_closed_by_either_side_goes_on_the_other_way(make_co
                 await wait_for(lambda: bytes(received) == b"late", message="the backend read after its half-close")
         writer.close()
         endpoint = system.balancer.forwarder.upstream.endpoint(backend.url)
-        await wait_for(
-            lambda: endpoint.open_tunnels == 0 and system.pool.get("b").active_requests == 0, message="tunnel ended"
-        )
+        await wait_for(lambda: endpoint.open_tunnels == 0 and system.pool.get("b").active_requests == 0, message="tunnel ended")
     finally:
         await backend.close()
 

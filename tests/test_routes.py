@@ -266,3 +266,23 @@ async def test_a_backend_moved_to_another_pool_takes_its_drain_along() -> None:
     assert api is pools["api"] and web_1 in api.backends and web_1 not in pools["default"].backends
     api.release(web_1)
     assert await api.wait_drained(web_1, 1.0) and web_1.drained_at is not None
+
+
+def test_a_backend_moved_to_another_pool_keeps_its_slow_start() -> None:
+    config = parse_config({"health": {"slow_start": 60.0, "rise": 1, "fall": 1}, "backends": SIX})
+    clock = FakeClock()
+    pools = Pools.from_config(config, {b.name: str(b.url) for b in config.backends}, clock=clock)
+    web_1 = pools.get("web-1")
+    assert web_1 is not None
+    default = pools.pool_of(web_1)
+    for backend in pools.backends:
+        pools.pool_of(backend).record_check(backend, True, "200", 1.0)
+    default.record_check(web_1, False, "503", 1.0)
+    default.record_check(web_1, True, "200", 1.0)  # back up: ramping from 10%
+    assert web_1.effective_weight(clock()) < web_1.weight
+    members = [(b, "api" if b is web_1 else b.pool) for b in pools.backends]
+    pools.assign(config.pools, members, routes=RouteTable())
+    api = pools["api"]
+    picks = [api.choose() for _ in range(100)]
+    # Its share in the api pool follows the ramp (about 1 in 31 at 10%), not its whole weight (1 in 4).
+    assert 1 <= picks.count(web_1) <= 8, picks.count(web_1)

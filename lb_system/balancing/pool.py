@@ -246,10 +246,13 @@ class BackendPool(BackendCounts):
         self.set_health(config.health)
 
     def hand_over(self, backend: Backend, to: BackendPool) -> None:
-        """`backend` moves to another pool (a reload): a drain in progress goes with it."""
+        """`backend` moves to another pool (a reload): a drain or a slow start in progress goes with it."""
         event = self._drained.pop(backend, None)
         if event is not None:
             to._drained[backend] = event
+        if backend in self._ramping:
+            self._ramping.remove(backend)
+            to._ramping.append(backend)
 
     # --- a try on a backend ----------------------------------------------------------
 
