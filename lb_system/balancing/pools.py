@@ -50,11 +50,16 @@ class Pools(BackendCounts):
 
     @classmethod
     def from_config(
-        cls, config: Config, urls: Mapping[str, str], *, logger: logging.Logger | None = None, **kwargs: object
+        cls,
+        config: Config,
+        urls: Mapping[str, str],
+        *,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> Pools:
         """The pools of a config, each backend reached at `urls[name]`."""
         backends = [new_backend(c, urls[c.name]) for c in config.backends]
-        return cls(config.pools, backends, routes=RouteTable.from_config(config.routes), logger=logger, **kwargs)  # type: ignore[arg-type]
+        return cls(config.pools, backends, routes=RouteTable.from_config(config.routes), logger=logger, clock=clock)
 
     @classmethod
     def around(cls, pool: BackendPool) -> Pools:
