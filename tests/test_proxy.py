@@ -509,9 +509,13 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(backends, balancer, http
     for name in ("X-Client-Hop", "TE", "Proxy-Authorization"):
         assert name not in seen
     assert seen["X-Kept"] == "yes"
-    async with http.get(system.balancer_url + "/hop") as r:
-        assert "X-Secret-Hop" not in r.headers and "Keep-Alive" not in r.headers
-        assert r.headers["X-End-To-End"] == "kept"
+    for path in ("/hop", "/hop?chunked=1"):  # a small answer, and a streamed one
+        async with http.get(system.balancer_url + path, headers={"X-Request-ID": "hop-1"}) as r:
+            assert "X-Secret-Hop" not in r.headers and "Keep-Alive" not in r.headers, path
+            assert r.headers["X-End-To-End"] == "kept", path
+            assert r.headers.getall("X-Backend") == ["s"], path
+            assert r.headers.getall("X-Request-ID") == ["hop-1"], path
+            assert await r.text() == "ok", path
 
 
 # --- websockets --------------------------------------------------------------------------

@@ -593,17 +593,14 @@ class Forwarder:
         request_id: str,
     ) -> web.StreamResponse:
         try:
-            # aiohttp copies them into the response anyway: this copy is edited in place.
-            headers = strip_hop_by_hop(CIMultiDict(upstream.headers))
-            headers[ANSWERED_BY_HEADER] = backend.name
-            self._pin(request, backend, headers)
-            headers[REQUEST_ID_HEADER] = request_id
             if data is None:
-                response = await self._stream(request, backend, upstream, headers)
+                response = await self._stream(request, backend, upstream, request_id)
             else:
+                status, reason, body = upstream.status, upstream.reason, data or None
+                response = web.Response(status=status, reason=reason, headers=upstream.headers, body=body)
+                headers = self._answer_headers(request, backend, response, request_id)
                 if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
                     headers.pop("Content-Length", None)
-                response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data or None)
         finally:
             upstream.release()
         if upstream.status >= 400:
@@ -611,14 +608,23 @@ class Forwarder:
             response[UPSTREAM_RECORDED] = backend.hosted
         return response
 
-    async def _stream(
-        self, request: web.Request, backend: Backend, upstream: Exchange, headers: CIMultiDict[str]
-    ) -> web.StreamResponse:
+    def _answer_headers(
+        self, request: web.Request, backend: Backend, response: web.StreamResponse, request_id: str
+    ) -> CIMultiDict[str]:
+        """The response's copy of the backend's headers, edited in place (aiohttp's own copy is
+        the only one made): hop-by-hop gone, the backend named, the sticky cookie, the request id."""
+        headers = strip_hop_by_hop(response.headers)
+        headers[ANSWERED_BY_HEADER] = backend.name
+        self._pin(request, backend, headers)
+        headers[REQUEST_ID_HEADER] = request_id
+        return headers
+
+    async def _stream(self, request: web.Request, backend: Backend, upstream: Exchange, request_id: str) -> web.StreamResponse:
         """Relay a large or chunked answer. One the backend cuts (closed early, short, stalled past
         `per_try_timeout`) is that backend's failure: counted towards ejection and marked on the
         response (RESPONSE_CUT) so it is recorded as its 502."""
-        headers.pop("Content-Length", None)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=upstream.headers)
+        self._answer_headers(request, backend, response, request_id).pop("Content-Length", None)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         else:

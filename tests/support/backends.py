@@ -227,16 +227,21 @@ class FakeBackend:
     async def _not_modified(self, request: web.Request) -> web.Response:
         return web.Response(status=304, headers={"ETag": '"v1"'})
 
-    async def _hop_by_hop(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text="ok",
-            headers={
-                "Connection": "keep-alive, X-Secret-Hop",
-                "X-Secret-Hop": "leak",
-                "Keep-Alive": "timeout=5",
-                "X-End-To-End": "kept",
-            },
-        )
+    async def _hop_by_hop(self, request: web.Request) -> web.StreamResponse:
+        headers = {
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "leak",
+            "Keep-Alive": "timeout=5",
+            "X-End-To-End": "kept",
+        }
+        if not request.query.get("chunked"):
+            return web.Response(text="ok", headers=headers)
+        response = web.StreamResponse(headers=headers)  # chunked: streamed through the balancer
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"ok")
+        await response.write_eof()
+        return response
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(protocols=("chat",))
