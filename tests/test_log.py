@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,43 @@ def test_each_line_is_rendered_once_for_the_file_and_the_console(configured, mon
         handler.close()
     assert len(rendered) == 2  # not 4: the console writes the file's lines
     assert _lines(path) == rendered == capsys.readouterr().err.splitlines()
+
+
+def _wait_for_lines(path: Path, count: int, within: float) -> list[str]:
+    """The file's lines once it has `count` of them; fails after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        lines = _lines(path) if path.exists() else []
+        if len(lines) >= count:
+            return lines
+        assert time.monotonic() < deadline, f"{len(lines)} of {count} lines after {within} s"
+        time.sleep(0.01)
+
+
+def test_a_trickle_of_access_lines_reaches_balancer_log_within_a_second_each(configured) -> None:
+    # The log thread pauses between batches (so a busy loop wakes it rarely): a lone line still goes out soon.
+    setup, _ = configured
+    logger, path = setup()
+    access = AccessLog(logger)
+    for number in range(4):
+        access.write(**{**ACCESS, "request_id": f"t{number}"})  # type: ignore[arg-type]
+        lines = _wait_for_lines(path, number + 1, within=1.0)
+        assert f"request_id=t{number}" in lines[-1]
+
+
+def test_a_burst_of_access_lines_is_whole_and_in_order_after_shutdown(configured) -> None:
+    setup, stop = configured
+    logger, path = setup()
+    access = AccessLog(logger)
+    expected = []
+    for number in range(2000):
+        if number % 500 == 250:
+            logger.warning(f"mark{number}")
+            expected.append(f"WARNING mark{number}")
+        access.write(**{**ACCESS, "request_id": f"b{number}"})  # type: ignore[arg-type]
+        expected.append(f"request_id=b{number}")
+    stop()  # what a crash-free shutdown does: the queued lines are all written first
+    lines = _lines(path)
+    assert len(lines) == len(expected)
+    for line, part in zip(lines, expected, strict=True):
+        assert part in line
