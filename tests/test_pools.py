@@ -84,6 +84,13 @@ async def test_an_unrouted_request_without_a_default_pool_is_the_balancers_404(
     assert "status=404" in line and "reason=no_route" in line and "pool=- route=-" in line
     status, backend, _ = await get(http, system, "/api/x")
     assert (status, backend) == (200, "api-1")
+    # The empty default pool serves nothing: it is not listed, nor "unavailable".
+    async with http.get(system.balancer_url + "/health") as response:
+        health = await response.json()
+    assert response.status == 200 and health["status"] == "ok"
+    assert list(health["pools"]) == ["api"]
+    async with http.get(system.balancer_url + "/status") as response:
+        assert [pool["name"] for pool in (await response.json())["pools"]] == ["api"]
 
 
 async def test_no_healthy_backend_and_retries_stay_within_the_pool(outside_backend, make_config, start_system, http) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import json
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -481,6 +483,28 @@ async def test_forwarding_headers_are_set_and_host_passes_through(backends, bala
     assert seen["X-Forwarded-Proto"] == "http"
     assert seen["X-Forwarded-Host"] == "shop.example"
     assert seen["Via"] == "1.0 edge, 1.1 lb_system"
+
+
+async def test_an_http_1_0_request_without_host_is_forwarded_without_a_name_lookup(backends, balancer, monkeypatch) -> None:
+    (server,) = await backends("s")
+    system = await balancer([server])
+
+    def no_lookup() -> str:
+        raise AssertionError("socket.getfqdn() called on the event loop")
+
+    monkeypatch.setattr(socket, "getfqdn", no_lookup)
+    host, port = system.balancer_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /x HTTP/1.0\r\nX-Forwarded-Host: evil\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    seen = json.loads(body)["headers"]
+    assert "X-Forwarded-Host" not in seen, "an untrusted client's X-Forwarded-Host is dropped, none is made up"
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
 
 
 async def test_a_trusted_proxys_forwarded_for_is_appended(backends, balancer, http) -> None:

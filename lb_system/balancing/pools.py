@@ -76,8 +76,10 @@ class Pools(BackendCounts):
         return self._pools[name]
 
     def __iter__(self) -> Iterator[BackendPool]:
-        """The configured pools, in config order ("default" first)."""
-        return (self._pools[name] for name in self._configured)
+        """The configured pools, in config order ("default" first). An empty default pool is left out
+        when routes send every request elsewhere: it serves nothing, so it is not "unavailable"."""
+        pools = (self._pools[name] for name in self._configured)
+        return (pool for pool in pools if pool.backends or pool.retiring or pool.name != DEFAULT_POOL or not self.routed)
 
     def get(self, name: str) -> Backend | None:
         """The backend of that name, in whichever pool."""

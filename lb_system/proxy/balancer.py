@@ -38,10 +38,10 @@ from lb_system.proxy.aiohttp_hooks import set_match_info
 from lb_system.proxy.client_limits import CLIENT_LIMITS, AppHandler, ClientLimits, Refusal
 from lb_system.proxy.control import make_own_endpoint_middleware
 from lb_system.proxy.forwarder import Forwarder
-from lb_system.proxy.health import HealthChecker, transport_probe
+from lb_system.proxy.health import HealthChecker
 from lb_system.proxy.openapi import balancer_document
 from lb_system.proxy.targets import OwnPaths
-from lb_system.upstream import Transport
+from lb_system.upstream import Transport, transport_probe
 
 # The balancer app's state, set once by make_balancer_app (the checker by its cleanup context).
 BACKEND_POOLS = web.AppKey("backend_pools", Pools)

@@ -58,15 +58,22 @@ class HeaderPolicy:
         """The headers the backend gets: hop-by-hop gone; X-Forwarded-*, Via and the request id added."""
         headers = without_hop_by_hop(request.headers, _NOT_FORWARDED)
         remote = request.remote or ""
+        # The Host header itself: aiohttp's request.host falls back to socket.getfqdn() (a lookup on
+        # the loop) for an HTTP/1.0 request without one; such a request gets no X-Forwarded-Host.
+        host = request.headers.get("Host")
         if self.trusted(remote):
             prior = ", ".join(headers.getall("X-Forwarded-For", ()))
             headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
             headers.setdefault("X-Forwarded-Proto", request.scheme)
-            headers.setdefault("X-Forwarded-Host", request.host)
+            if host is not None:
+                headers.setdefault("X-Forwarded-Host", host)
         else:
             headers["X-Forwarded-For"] = remote
             headers["X-Forwarded-Proto"] = request.scheme
-            headers["X-Forwarded-Host"] = request.host
+            if host is not None:
+                headers["X-Forwarded-Host"] = host
+            else:
+                headers.popall("X-Forwarded-Host", None)
         via = headers.get("Via")
         headers["Via"] = f"{via}, 1.1 lb_system" if via else "1.1 lb_system"
         headers[REQUEST_ID_HEADER] = request_id

@@ -11,51 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from lb_system.balancing.checks import check_verdict
 from lb_system.balancing.events import CheckResult, Observer, Observers, Transition
 from lb_system.balancing.pool import Backend
 from lb_system.balancing.pools import Pools
-from lb_system.config import CHECK_BODY_LIMIT
 from lb_system.observability.log import FIELDS
 from lb_system.proxy.failures import classify
-from lb_system.upstream import Transport, split_url
-
-
-@dataclass(frozen=True)
-class ProbeAnswer:
-    """A check's answer: its status and the start of its body (at most CHECK_BODY_LIMIT bytes)."""
-
-    status: int
-    body: bytes
-
-
-# GET `url` within `timeout` seconds, with `host` as the Host header when given; raises on any
-# failure to get an answer.
-Probe = Callable[[str, float, str | None], Awaitable[ProbeAnswer]]
-
-
-def transport_probe(upstream: Transport) -> Probe:
-    """A probe over the upstream transport, on a connection of its own outside the pool, kept
-    alive from one check to the next (one per backend); redirects are not followed. At most CHECK_BODY_LIMIT
-    bytes of the body are read: a longer one ends the check's connection there."""
-
-    async def probe(url: str, timeout: float, host: str | None) -> ProbeAnswer:
-        origin, target = split_url(url)
-        headers = [("Host", host)] if host is not None else []
-        async with asyncio.timeout(timeout):
-            response = await upstream.endpoint(origin).request("GET", target or "/", headers, dedicated=True)
-            try:
-                body = bytearray()
-                while len(body) < CHECK_BODY_LIMIT and (chunk := await response.read_chunk()):
-                    body += chunk
-            finally:
-                response.release()
-        return ProbeAnswer(response.status, bytes(body[:CHECK_BODY_LIMIT]))
-
-    return probe
+from lb_system.upstream.probe import Probe
 
 
 class HealthChecker(Observer):

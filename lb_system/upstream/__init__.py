@@ -7,7 +7,8 @@ the proxy drives it, the way an app drives httpcore.
 - `http11.py`: one connection as an asyncio protocol (its state: NEW, ACTIVE, IDLE, CLOSED), an
   `Exchange` (one request and its answer, parsed by llhttp), the tunnel;
 - `flow.py`: the one flow control, both ways, for the answer's body, a tunnel and an upload;
-- `errors.py`: one exception class per failure, each with the reason users see.
+- `errors.py`: one exception class per failure, each with the reason users see;
+- `probe.py`: a health check's GET, on a kept-alive connection of its own, its body read up to a bound.
 """
 
 from lb_system.upstream.errors import (
@@ -37,6 +38,7 @@ from lb_system.upstream.errors import (
     UpstreamError,
 )
 from lb_system.upstream.http11 import ConnectionState, Exchange, HeadLimits, Tunnel
+from lb_system.upstream.probe import Probe, ProbeAnswer, transport_probe
 from lb_system.upstream.transport import Endpoint, Transport, TunnelLimitReached, split_url
 
 __all__ = [
@@ -58,6 +60,8 @@ __all__ = [
     "ConnectionState",
     "Endpoint",
     "Exchange",
+    "Probe",
+    "ProbeAnswer",
     "FramingTooLarge",
     "HeadLimits",
     "HeadTooLarge",
@@ -72,4 +76,5 @@ __all__ = [
     "UpstreamError",
     "Transport",
     "split_url",
+    "transport_probe",
 ]
