@@ -9,6 +9,7 @@ import pytest
 from support.clock import FakeClock
 
 from lb_system.balancing.retry import RetryBudget
+from lb_system.config import DEFAULT_POOL
 
 BURST = 64
 
@@ -26,7 +27,8 @@ async def test_a_burst_after_idle_with_a_backend_just_killed_gets_no_502(
     )
     clock = FakeClock()
     forwarder = system.balancer.forwarder
-    forwarder.budget = RetryBudget(system.config.proxy.retry_budget_percent, clock=clock)
+    # The default pool's budget, on a clock the test moves (the forwarder keeps one per pool).
+    budget = forwarder.budgets[DEFAULT_POOL] = RetryBudget(system.config.proxy.retry_budget_percent, clock=clock)
     for _ in range(8):  # keep-alive connections to every backend
         async with http.get(system.balancer_url + "/warm") as r:
             assert r.status == 200
@@ -43,4 +45,4 @@ async def test_a_burst_after_idle_with_a_backend_just_killed_gets_no_502(
     assert {backend for _, backend in answers} <= {"o0", "o1", "o2"}
     refused = [m for m in lb_log.messages() if m.startswith("access") and "o3:connection refused" in m]
     assert len(refused) >= 2, "the burst did try the dead backend"
-    assert forwarder.budget.active == 0
+    assert budget.active == 0
