@@ -390,3 +390,60 @@ async def test_the_pool_keeps_pool_min_connections_and_never_opens_more_than_poo
     finally:
         await store.close()
     await wait_for(lambda: connections() == 0, message="every connection closed")  # a server process ends a moment later
+
+
+STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+SCRIPT: list[tuple[str, str, Any]] = [
+    ("POST", "/tasks", {"title": "  first  ", "description": "a"}),
+    ("POST", "/tasks", {"title": "zweite Aufgabe ✓", "done": True}),
+    ("POST", "/tasks", {"title": "third"}),
+    ("DELETE", "/tasks/3", None),
+    ("POST", "/tasks", {"title": "after a delete: a new id, never 3 again"}),
+    ("PUT", "/tasks/1", {"title": "replaced", "description": "", "done": True}),
+    ("PATCH", "/tasks/2", {"done": False}),
+    ("PATCH", "/tasks/3", {"done": False}),
+    ("GET", "/tasks?done=true", None),
+    ("GET", "/tasks?limit=2&offset=1", None),
+    ("GET", "/tasks", None),
+    ("GET", "/tasks/4", None),
+    ("POST", "/tasks", {"title": ""}),
+    ("GET", "/tasks?limit=0", None),
+]
+
+
+async def test_both_stores_give_the_same_answers_down_to_ids_ordering_and_time_format(
+    postgres, tmp_path: Path, aiohttp_client
+) -> None:
+    from lb_system import ErrorTracker, SqliteTaskStore, make_backend_app
+    from lb_system.config import ApiConfig
+    from lb_system.tasks.postgres_store import PostgresTaskStore
+
+    answers: dict[str, list[tuple[int, str | None, Any]]] = {}
+    for name, store in (("sqlite", SqliteTaskStore(tmp_path / "tasks.db")), ("postgres", PostgresTaskStore(postgres.url()))):
+        await store.open()
+        try:
+            app = make_backend_app("b", store=store, tracker=ErrorTracker(5), api=ApiConfig(), logger=logging.getLogger("t"))
+            client = await aiohttp_client(app)
+            answers[name] = []
+            for method, path, body in SCRIPT:
+                async with client.request(method, path, json=body) as response:
+                    document = await response.json(content_type=None) if response.status != 204 else None
+                    answers[name].append((response.status, response.headers.get("Location"), document))
+            await client.close()
+        finally:
+            await store.close()
+
+    def same_shape(value: Any) -> Any:
+        # Times differ between runs: each must be ISO 8601 UTC to the millisecond, and is then compared as a placeholder.
+        if isinstance(value, dict):
+            return {key: same_shape(item) for key, item in value.items() if key != "request_id"}
+        if isinstance(value, list | tuple):
+            return [same_shape(item) for item in value]
+        if isinstance(value, str) and value[:2] == "20" and "T" in value:
+            assert STAMP.match(value), value
+            return "<time>"
+        return value
+
+    assert [same_shape(answer) for answer in answers["postgres"]] == [same_shape(answer) for answer in answers["sqlite"]]
+    listed = answers["sqlite"][-4][2]
+    assert [task["id"] for task in listed["tasks"]] == [1, 2, 4]
