@@ -116,6 +116,19 @@ async def test_alpn_offers_http_1_1_and_tls_min_version_is_enforced(make_config,
         await asyncio.open_connection("127.0.0.1", port, ssl=old)
 
 
+async def test_tls_min_version_defaults_to_1_2(make_config, start_system, certificates) -> None:
+    config = make_config(balancer={"tls_cert": "cert.pem", "tls_key": "key.pem"})
+    assert config.balancer.tls_min_version == "1.2"
+    system = await start_system(config)
+    port = int(system.balancer_url.rsplit(":", 1)[1])
+    capped = certificates.client_context()
+    capped.maximum_version = ssl.TLSVersion.TLSv1_2  # a TLS 1.2 client is served by default
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=capped)
+    assert writer.get_extra_info("ssl_object").version() == "TLSv1.2"
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_a_reload_swaps_the_certificate_for_new_connections_and_keeps_open_ones(
     config_file, start_system, certificates, monkeypatch
 ) -> None:
