@@ -7,6 +7,7 @@ import io
 import socket
 from pathlib import Path
 
+import aiohttp
 import pytest
 from support.waiting import wait_for
 
@@ -54,6 +55,18 @@ async def test_with_a_control_port_every_path_of_the_traffic_port_reaches_the_ap
     assert system.dashboard_url == system.control_url + "/"
     started = next(r for r in lb_log.messages() if r.startswith("started "))
     assert f"balancer={system.balancer_url}" in started and f"control={system.control_url}" in started
+
+
+async def test_the_control_listener_binds_its_own_host(make_config, start_system, http) -> None:
+    # 127.0.0.2 is loopback on Linux too: a listener bound there is not reachable on 127.0.0.1.
+    system = await start_system(make_config(control={"host": "127.0.0.2", "port": 0}))
+    assert system.control_url.startswith("http://127.0.0.2:") and system.balancer_url.startswith("http://127.0.0.1:")
+    async with http.get(system.control_url + "/health") as response:
+        assert response.status == 200 and response.headers["X-Backend"] == "balancer"
+    port = int(system.control_url.rsplit(":", 1)[1])
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with http.get(f"http://127.0.0.1:{port}/health"):
+            pass
 
 
 async def test_the_read_token_guards_every_control_endpoint_but_health(
