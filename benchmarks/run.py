@@ -20,7 +20,7 @@ bounded in time:
   and what each proxy adds over direct;
 - the system process's RSS; with --long, its growth over a million proxied requests after warm-up.
 
-Prints a table, checks the targets of issue 12, and writes JSON to benchmarks/results/.
+Prints a table, checks the targets of issue 19, and writes JSON to benchmarks/results/.
 On a 2-core machine the system process and the proxies under test share CPU 0 and the load
 generator gets CPU 1 (--no-pin leaves placement to the scheduler).
 """
@@ -553,6 +553,7 @@ def summarize(results: dict) -> dict:
         "balancer/transport": ratio("balancer", "transport"),
         "transport/floor": ratio("transport", "floor"),
         "transport/nginx": ratio("transport", "nginx"),
+        "transport/haproxy": ratio("transport", "haproxy"),
         "httptools/transport": ratio("httptools", "transport"),
         "balancer/fastapi": ratio("balancer", "fastapi"),
         "balancer/mitmproxy": ratio("balancer", "mitmproxy"),
@@ -597,7 +598,7 @@ def summarize(results: dict) -> dict:
 
 
 def check_targets(results: dict) -> list[dict]:
-    """Issue 12's targets, as measured in this run."""
+    """Issue 19's targets, as measured in this run."""
     cases, summary = results["cases"], results["summary"]
     ratios, added = summary["ratios_for_targets"], summary["added_latency_ms"]
     checks: list[dict] = []
@@ -610,21 +611,30 @@ def check_targets(results: dict) -> list[dict]:
         if ratios.get(key) is not None:
             target(name, ratios[key], f">= {goal:g}", ratios[key] >= goal, ratios.get(reference) if reference else None)
 
-    at_least("throughput vs nginx", "balancer/nginx", 0.55, "transport/nginx")
-    at_least("throughput vs the aiohttp floor", "balancer/floor", 1.4, "transport/floor")
+    # Issue 19's targets (issue 12's "1.4 x the floor" follows from these, and its "2 x nginx's
+    # added latency" was out of reach for any Python hop: both restated there).
     at_least("features on vs the featureless transport forwarder", "balancer/transport", 0.85)
+    at_least("throughput vs nginx", "balancer/nginx", 0.60, "transport/nginx")
+    at_least("throughput vs HAProxy", "balancer/haproxy", 0.60, "transport/haproxy")
     at_least("throughput vs fastapi-proxy-lib", "balancer/fastapi", 5.0)
     at_least("throughput vs mitmproxy", "balancer/mitmproxy", 3.0)
-    if "nginx" in added:
-        mine, theirs = added["balancer"]["c1_p50_ms"], added["nginx"]["c1_p50_ms"]
-        reference = added.get("transport", {}).get("c1_p50_ms")
+    if "transport" in added:
+        mine, featureless = added["balancer"]["c1_p50_ms"], added["transport"]["c1_p50_ms"]
         target(
-            "added latency at 1 connection vs nginx",
-            f"{mine:.3f} ms vs {theirs:.3f} ms",
-            "<= 2 x nginx's",
-            mine <= 2 * theirs,
-            None if reference is None else f"{reference:.3f} ms",
+            "added p50 latency at 1 connection vs the featureless forwarder's",
+            f"{mine:.3f} ms vs {featureless:.3f} ms",
+            "<= 1.5 x",
+            mine <= 1.5 * max(featureless, 0.0),
         )
+    if "transport" in cases:
+        mine_cpu, featureless_cpu = cases["balancer"]["c32"]["cpu_us_per_request"], cases["transport"]["c32"]["cpu_us_per_request"]
+        if featureless_cpu:
+            target(
+                "CPU µs a request vs the featureless forwarder's",
+                f"{mine_cpu:.0f} vs {featureless_cpu:.0f} (+{100 * (mine_cpu / featureless_cpu - 1):.0f}%)",
+                "<= +20%",
+                mine_cpu <= 1.2 * featureless_cpu,
+            )
     high = results.get("balancer_high")
     if high:
         target(
@@ -708,7 +718,7 @@ def render(results: dict) -> str:
     median = results["settings"]["rounds"] >= MEDIAN_ROUNDS
     for peer, why in results.get("skipped", {}).items():
         lines.append(f"skipped {LABELS[peer]}: {why}")
-    lines.append(f"targets (issue 12; throughput ratios {'of the median round' if median else 'over all rounds'}):")
+    lines.append(f"targets (issue 19; throughput ratios {'of the median round' if median else 'over all rounds'}):")
     for check in results["targets"]:
         mark = "met" if check["met"] else "NOT met"
         reference = "" if check.get("reference") is None else f"; featureless transport forwarder: {check['reference']}"
