@@ -447,3 +447,52 @@ async def test_both_stores_give_the_same_answers_down_to_ids_ordering_and_time_f
     assert [same_shape(answer) for answer in answers["postgres"]] == [same_shape(answer) for answer in answers["sqlite"]]
     listed = answers["sqlite"][-4][2]
     assert [task["id"] for task in listed["tasks"]] == [1, 2, 4]
+
+
+# Run in a fresh interpreter where asyncpg is not installed, as far as imports can tell (the path
+# finder no longer finds it): the default install, without the postgres extra.
+WITHOUT_ASYNCPG = """
+import asyncio, importlib.machinery, logging, sys, tomllib
+from pathlib import Path
+
+class WithoutAsyncpg(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.partition(".")[0] == "asyncpg" else super().find_spec(name, path, target)
+
+sys.meta_path = [WithoutAsyncpg if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+sys.path.insert(0, sys.argv[1])
+from lb_system import ConfigError, System, parse_config
+
+shipped = tomllib.loads((Path(sys.argv[1]) / "config.toml").read_text())
+shipped["balancer"]["port"] = 0
+for backend in shipped["backends"]:
+    backend["port"] = 0
+
+async def serve() -> None:
+    system = System(parse_config(shipped, base_dir=Path(sys.argv[2])), logger=logging.getLogger("t"))
+    await system.start()
+    await system.stop()
+
+asyncio.run(serve())
+try:
+    parse_config({**shipped, "database": {"url": "postgresql://u@h/db"}}, base_dir=Path(sys.argv[2]))
+except ConfigError as error:
+    print(error)
+print("asyncpg" in sys.modules)
+"""
+
+
+def test_without_asyncpg_the_shipped_config_serves_and_a_url_is_an_error_naming_the_extra(tmp_path: Path) -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_ASYNCPG, str(root), str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "config.toml: [database] url: PostgreSQL needs asyncpg, which is not installed: pip install -e '.[postgres]'",
+        "False",
+    ]
+    assert (tmp_path / "tasks.db").exists()
