@@ -96,6 +96,28 @@ async def test_a_head_past_a_bound_is_the_balancers_502_and_the_backends_failure
     assert endpoint.open_connections == 0, "the connection was closed, not pooled"
 
 
+@pytest.mark.parametrize(
+    "cast",
+    [lambda: many_fields(20), lambda: huge_field(3000)],
+    ids=["past_max_response_headers", "past_max_response_header_bytes"],
+)
+async def test_the_bounds_are_the_configured_ones(bad_backend, make_config, start_system, http, cast) -> None:
+    """[proxy] max_response_headers and max_response_header_bytes reach the transport: a head the
+    defaults would take is refused past configured bounds of 10 fields and 2048 bytes."""
+    bad = await bad_backend(cast())
+    system = await start_system(
+        make_config(
+            backends=[{"name": "bad", "url": bad.url}],
+            health={"interval": 60.0},
+            proxy={"max_response_headers": 10, "max_response_header_bytes": 2048},
+        )
+    )
+    async with http.get(system.balancer_url + "/tasks/1") as r:
+        assert (r.status, r.headers["X-Backend"]) == (502, "balancer")
+        assert (await r.json(content_type=None))["detail"] == HEAD_TOO_LARGE
+    assert system.pool.get("bad").passive_failures == 1
+
+
 @pytest.mark.parametrize(("cast", "detail"), HEADS, ids=HEAD_IDS)
 async def test_such_a_backend_is_retried_around_and_ejected_after_passive_fall(
     bad_backend, outside_backend, make_config, start_system, http, cast, detail

@@ -281,6 +281,9 @@ async def test_informational_answers_are_skipped(serve: Serve, make_transport: M
         (endless_header_lines, (HeadTooLarge, "upstream response headers too large")),
         (endless_header_line, (HeadTooLarge, "upstream response headers too large")),
         (interim_answers, (TooManyInterim, "too many interim responses")),
+        # One past each bound (the bounds taken whole are in the next test): 100 fields and Content-Length, 11 interim.
+        (lambda: many_fields(100), (HeadTooLarge, "upstream response headers too large")),
+        (lambda: interim_answers(11), (TooManyInterim, "too many interim responses")),
     ],
 )
 async def test_a_head_past_a_bound_is_refused_and_its_connection_closed(
