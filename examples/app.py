@@ -1,6 +1,6 @@
-"""A small web app to put behind lb_system (README: "Put it in front of your app").
+"""A small Flask app to put behind lb_system (README: "Put it in front of your app").
 
-Plain aiohttp, which lb_system already installs: nothing more to install. It has what a real
+Flask is this example's own need, never lb_system's (`pip install flask`). It has what a real
 app has that a balancer could shadow: its own home page `/`, its own `/health` and `/metrics`.
 
     python examples/app.py --name web-1 --port 9001
@@ -11,31 +11,35 @@ from __future__ import annotations
 import argparse
 import json
 
-from aiohttp import web
+from flask import Flask, Response, request
 
 
-def make_app(name: str) -> web.Application:
+def make_app(name: str) -> Flask:
     """The app; `name` says which instance answered."""
+    app = Flask(name)
     items = [{"id": 1, "title": "first"}, {"id": 2, "title": "second"}]
 
-    async def home(request: web.Request) -> web.Response:
+    def as_json(data: object) -> Response:
+        return Response(json.dumps(data), mimetype="application/json")
+
+    @app.get("/")
+    def home() -> Response:
         scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
-        return web.Response(text=f"<h1>Hello from {name}</h1><p>you came in over {scheme}</p>", content_type="text/html")
+        return Response(f"<h1>Hello from {name}</h1><p>you came in over {scheme}</p>", mimetype="text/html")
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"app": name, "ok": True})
+    @app.get("/health")
+    def health() -> Response:
+        return as_json({"app": name, "ok": True})
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=f'app_up{{instance="{name}"}} 1\n', content_type="text/plain")
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(f'app_up{{instance="{name}"}} 1\n', mimetype="text/plain")
 
-    async def list_items(request: web.Request) -> web.Response:
-        return web.json_response({"app": name, "path": request.path_qs, "items": items})
+    @app.get("/items")
+    def list_items() -> Response:
+        query = request.query_string.decode()
+        return as_json({"app": name, "path": request.path + (f"?{query}" if query else ""), "items": items})
 
-    app = web.Application()
-    app.router.add_get("/", home)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/items", list_items)
     return app
 
 
@@ -45,7 +49,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     print(json.dumps({"app": args.name, "listening": f"http://127.0.0.1:{args.port}"}), flush=True)
-    web.run_app(make_app(args.name), host="127.0.0.1", port=args.port, print=None)
+    make_app(args.name).run(host="127.0.0.1", port=args.port)
 
 
 if __name__ == "__main__":

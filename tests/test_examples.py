@@ -3,8 +3,10 @@ balancer with examples/config.toml (its ports made free, its certificate from tr
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -12,7 +14,7 @@ from types import ModuleType
 import aiohttp
 import pytest
 import trustme
-from aiohttp.test_utils import TestServer
+from werkzeug.serving import make_server
 
 from lb_system import load_config
 
@@ -30,14 +32,20 @@ def example_app() -> ModuleType:
 
 @pytest.fixture
 async def apps() -> AsyncIterator[dict[str, str]]:
-    """The two instances of the example app on free ports: name -> URL."""
+    """The two instances of the example Flask app on free ports, each served by Werkzeug in a
+    thread of its own (a WSGI app: not on the test's loop): name -> URL."""
+    pytest.importorskip("flask")  # the example's own need, never lb_system's
     module = example_app()
-    servers = {name: TestServer(module.make_app(name), host="127.0.0.1") for name in ("web-1", "api-1")}
+    servers = {name: make_server("127.0.0.1", 0, module.make_app(name), threaded=True) for name in ("web-1", "api-1")}
+    threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in servers.values()]
+    for thread in threads:
+        thread.start()
+    yield {name: f"http://127.0.0.1:{server.server_port}" for name, server in servers.items()}
     for server in servers.values():
-        await server.start_server()
-    yield {name: f"http://127.0.0.1:{server.port}" for name, server in servers.items()}
-    for server in servers.values():
-        await server.close()
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+    for thread in threads:
+        thread.join()
 
 
 async def test_the_walkthrough_config_serves_the_example_app_as_the_readme_shows(
