@@ -197,6 +197,23 @@ async def test_the_control_listener_can_speak_https_too(make_config, start_syste
             assert response.status == 200 and response.headers["X-Backend"] == "balancer"
 
 
+async def test_a_reload_swaps_the_control_listeners_certificate_too(config_file, start_system, certificates, monkeypatch) -> None:
+    monkeypatch.setenv("LB_ADMIN_TOKEN", ADMIN)
+    config_file.write(control={"port": 0, "tls_cert": "cert.pem", "tls_key": "key.pem"})
+    system = await start_system(config_file.load(), config_path=config_file.path, watch_interval=0.05)
+    url, context = system.control_url, certificates.client_context()
+    kept = await KeptConnection.open(url, context)
+    try:
+        first = kept.certificate
+        certificates.issue()
+        status, body = await kept.request("POST", "/admin/reload", {"Authorization": f"Bearer {ADMIN}"})
+        assert status == 200 and "[control] certificate replaced" in json.loads(body)["changes"]
+        assert await certificate_of(url, context) != first
+        assert (await kept.request("GET", "/health"))[0] == 200 and kept.certificate == first
+    finally:
+        await kept.close()
+
+
 async def test_the_redirect_port_answers_308_to_the_same_host_path_and_query_on_https(
     make_config, start_system, http, certificates
 ) -> None:
