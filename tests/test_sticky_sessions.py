@@ -69,6 +69,16 @@ def test_a_pinned_backend_is_chosen_only_while_it_may_take_the_request() -> None
     assert pool.choose(pinned=other.sticky_id, exclude=[other]) is primary  # a retry goes elsewhere
 
 
+def test_an_ejected_pinned_backend_is_not_chosen() -> None:
+    pinned = Backend("pinned", "http://p", hosted=False, healthy=True, checked=True)
+    others = [Backend(name, f"http://{name}", hosted=False, healthy=True, checked=True) for name in ("a", "b")]
+    pool = BackendPool([pinned, *others], health=HealthConfig(passive_fall=1))
+    assert pool.choose(pinned=pinned.sticky_id) is pinned
+    pool.record_passive_failure(pinned, "connection reset")  # one failure ejects it (passive_fall = 1)
+    assert pinned.ejected_until is not None
+    assert {pool.choose(pinned=pinned.sticky_id) for _ in range(4)} == set(others)
+
+
 async def test_a_sticky_cookie_holds_across_50_requests_and_moves_when_its_backend_dies(three, browser, http) -> None:
     system, servers = three
     url = system.balancer_url
