@@ -69,6 +69,7 @@ def test_batched_lines_are_complete_and_in_order_after_a_clean_stop(make_config,
     assert read(Path(config.file)) == []
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_a_trickle_of_lines_is_written_within_a_second(make_config, log_to) -> None:
     access, config = start(log_to, make_config)
     path = Path(config.access_file or "")

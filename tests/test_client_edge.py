@@ -239,6 +239,7 @@ def _enough_file_descriptors(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_1200_stalled_uploads_do_not_starve_a_normal_client(fronted, http) -> None:
     _enough_file_descriptors(4096)  # both ends of 1,200 connections live in this process
     # Default caps: 100 connections + 1,000 pending. Today's main counted an upload in progress against them.

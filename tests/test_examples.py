@@ -48,6 +48,7 @@ async def apps() -> AsyncIterator[dict[str, str]]:
         thread.join()
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_the_walkthrough_config_serves_the_example_app_as_the_readme_shows(
     tmp_path: Path, apps: dict[str, str], start_system, http, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,6 +57,7 @@ async def test_a_busy_backend_with_slow_answers_stays_up_and_serves_the_next_req
 # --- passive and active signals are independent ---------------------------------------------
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_a_hung_backend_with_good_checks_is_ejected_at_one_request_per_half_second(outside_backend, balancer, http) -> None:
     hung, good = await outside_backend("hung"), await outside_backend("good", misbehaves=False)
     system = await balancer(

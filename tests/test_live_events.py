@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 from support.waiting import wait_for
 
 FAST_FEED = 0.05  # seconds between updates in these tests (1 s in production)
@@ -121,6 +122,7 @@ async def test_a_backend_going_down_is_published_at_once_not_at_the_next_tick(
     assert down["backends"][1]["last_check_status"] == "connection refused"
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_updates_are_at_most_a_second_apart_by_default(make_config, start_system, http) -> None:
     system = await start_system(make_config())
     assert system.balancer.live_feed.interval <= 1.0

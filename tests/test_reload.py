@@ -81,6 +81,7 @@ def test_plan_refuses_a_change_that_needs_a_restart(edit: dict, key: str) -> Non
 # --- applied to a running system -----------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_saved_edit_adds_a_hosted_backend_within_two_seconds(config_file, start_system, http) -> None:
     # The production poll interval: this one proves the "noticed within 2 s" promise.
     system = await start_system(config_file.load(), config_path=config_file.path)

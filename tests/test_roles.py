@@ -57,6 +57,7 @@ def test_backends_role_with_nothing_to_host_is_a_config_error(make_config) -> No
         System(make_config(backends=[{"name": "remote-1", "url": "http://127.0.0.1:9"}]), role="backends")
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_a_reload_that_adds_a_hosted_backend_to_a_balancer_is_refused(
     config_file, start_system, outside_backend, http
 ) -> None:

@@ -77,6 +77,7 @@ uvloop.run(main())
 """
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 @pytest.mark.skipif(uvloop is None or not sys.platform.startswith("linux"), reason="uvloop and /proc are needed")
 async def test_out_of_descriptors_pauses_accepting_and_serves_again_once_some_close() -> None:
     # accept() failing with EMFILE leaves the socket readable: without a pause the loop would spin.

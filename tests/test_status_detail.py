@@ -121,6 +121,7 @@ async def _grew(read, at_least: float) -> bool:  # noqa: ANN001 - an async reade
     return await read() >= at_least
 
 
+@pytest.mark.slow  # waits out real seconds (or a subprocess): the fast tier stays under a minute
 async def test_transitions_keep_only_the_last_ten(make_config, start_system, outside_backend, http) -> None:
     outside = await outside_backend("outside")
     system = await start_system(make_config(backends=[{"name": "outside", "url": outside.url}]))
