@@ -726,6 +726,19 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save_results(results: dict, table: str, kind: str, json_path: Path | None) -> None:
+    """Print the table; write the JSON (to `json_path`, or benchmarks/results/KIND-<time>.json) and
+    the table to benchmarks/results/latest.txt (latest-KIND.txt for another kind than "bench")."""
+    print()
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    destination = json_path or RESULTS / f"{kind}-{stamp}.json"
+    destination.write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / ("latest.txt" if kind == "bench" else f"latest-{kind}.txt")).write_text(table + "\n")
+    print(f"\nJSON: {destination}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=9.0, help="measured seconds per case at 32 connections")
@@ -889,15 +902,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["summary"] = summarize(results)
     results["targets"] = check_targets(results)
-    table = render(results)
-    print()
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    destination = args.json or RESULTS / f"bench-{stamp}.json"
-    destination.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "latest.txt").write_text(table + "\n")
-    print(f"\nJSON: {destination}")
+    save_results(results, render(results), "bench", args.json)
     return 0
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from run import (
     PATH,
-    RESULTS,
     ROOT,
     Generator,
     Placement,
@@ -36,6 +35,7 @@ from run import (
     get,
     nginx_config,
     process_tree,
+    save_results,
     started,
     throughput_rounds,
     wait_until_answers,
@@ -208,13 +208,5 @@ def run_scaling(args: argparse.Namespace) -> int:
         "cases": cases,
     }
     results["ratios"], results["ratios_per_round"] = summarize(cases, args.processes)
-    table = render(results)
-    print()
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    destination = args.json or RESULTS / f"scaling-{stamp}.json"
-    destination.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "latest-scaling.txt").write_text(table + "\n")
-    print(f"\nJSON: {destination}")
+    save_results(results, render(results), "scaling", args.json)
     return 0
