@@ -65,6 +65,15 @@ def proxied(server: ScriptedServer) -> int:
     return sum(1 for r in server.requests if r.target != "/health")
 
 
+def bad_beside_good(make_config, bad: ScriptedServer, good, **health: object):
+    """A config where `bad` takes nearly every first try (weight 100) and `good` is there to retry on;
+    checks every 60 s, so only proxied requests move the backends' state."""
+    return make_config(
+        backends=[{"name": "bad", "url": bad.url, "weight": 100}, {"name": "good", "url": good.url}],
+        health={"interval": 60.0, **health},
+    )
+
+
 async def scrape(http: aiohttp.ClientSession, system, line_start: str) -> float:
     async with http.get(system.balancer_url + "/metrics") as r:
         exposition = await r.text()
@@ -123,12 +132,7 @@ async def test_such_a_backend_is_retried_around_and_ejected_after_passive_fall(
     bad_backend, outside_backend, make_config, start_system, http, cast, detail
 ) -> None:
     bad, good = await bad_backend(cast()), await outside_backend("good", misbehaves=False)
-    system = await start_system(
-        make_config(
-            backends=[{"name": "bad", "url": bad.url, "weight": 100}, {"name": "good", "url": good.url}],
-            health={"interval": 60.0, "passive_fall": 3},
-        )
-    )
+    system = await start_system(bad_beside_good(make_config, bad, good, passive_fall=3))
     backend = system.pool.get("bad")
     for _ in range(20):
         async with http.get(system.balancer_url + "/tasks/1") as r:
@@ -147,12 +151,7 @@ async def test_a_post_whose_answer_is_refused_is_not_replayed_elsewhere(
     bad_backend, outside_backend, make_config, start_system, http
 ) -> None:
     bad, good = await bad_backend(many_fields()), await outside_backend("good", misbehaves=False)
-    system = await start_system(
-        make_config(
-            backends=[{"name": "bad", "url": bad.url, "weight": 100}, {"name": "good", "url": good.url}],
-            health={"interval": 60.0},
-        )
-    )
+    system = await start_system(bad_beside_good(make_config, bad, good))
     async with http.post(system.balancer_url + "/tasks", json={"title": "x"}) as r:
         assert (r.status, r.headers["X-Backend"]) == (502, "balancer"), "the backend may have acted on it"
         assert (await r.json(content_type=None))["detail"] == HEAD_TOO_LARGE
@@ -184,12 +183,7 @@ async def test_a_backend_whose_chunk_lines_never_end_is_ejected_after_passive_fa
     bad_backend, outside_backend, make_config, start_system, http, cast
 ) -> None:
     bad, good = await bad_backend(cast()), await outside_backend("good", misbehaves=False)
-    system = await start_system(
-        make_config(
-            backends=[{"name": "bad", "url": bad.url, "weight": 100}, {"name": "good", "url": good.url}],
-            health={"interval": 60.0, "passive_fall": 3},
-        )
-    )
+    system = await start_system(bad_beside_good(make_config, bad, good, passive_fall=3))
     backend = system.pool.get("bad")
     cuts = 0
     for _ in range(20):
