@@ -29,7 +29,7 @@ class SecondRing(Generic[K]):
     steps back by a whole window or more, everything held is stale and is forgotten.
     """
 
-    __slots__ = ("_counts", "_newest", "_secs", "seconds")
+    __slots__ = ("_counts", "_hot", "_hot_end", "_hot_start", "_newest", "_secs", "seconds")
 
     def __init__(self, seconds: int) -> None:
         if seconds < 1:
@@ -38,13 +38,19 @@ class SecondRing(Generic[K]):
         self._secs = [_EMPTY] * seconds
         self._counts: list[dict[K, int]] = [{} for _ in range(seconds)]
         self._newest = _EMPTY
+        # The newest second's bucket and its bounds, [start, end): `add` within it skips the
+        # floor, the modulo and the bucket's check. Forgotten when the newest second moves on.
+        self._hot: dict[K, int] = {}
+        self._hot_start, self._hot_end = math.inf, -math.inf
 
     def _now(self, now: float) -> int:
         """The second `now` counts in: the newest one seen unless time moved on."""
         sec = math.floor(now)
         newest = self._newest
         if sec >= newest:
-            self._newest = sec
+            if sec != newest:
+                self._newest = sec
+                self._hot_start, self._hot_end = math.inf, -math.inf
             return sec
         if newest - sec >= self.seconds:
             self.clear()  # a big step back: what the ring holds is noise
@@ -54,6 +60,10 @@ class SecondRing(Generic[K]):
 
     def add(self, now: float, key: K, amount: int = 1) -> None:
         """Count `amount` of `key` in the second of `now`."""
+        if self._hot_start <= now < self._hot_end:  # the newest second again: nearly every call
+            hot = self._hot
+            hot[key] = hot.get(key, 0) + amount
+            return
         sec = self._now(now)
         slot = sec % self.seconds
         counts = self._counts[slot]
@@ -62,6 +72,8 @@ class SecondRing(Generic[K]):
             self._secs[slot] = sec
             counts.clear()
         counts[key] = counts.get(key, 0) + amount
+        if sec == self._newest:
+            self._hot, self._hot_start, self._hot_end = counts, sec, sec + 1
 
     def _window(self, now: float, seconds: int | None) -> tuple[int, int]:
         """The last second and the length of a window ending now."""
@@ -109,6 +121,7 @@ class SecondRing(Generic[K]):
 
     def clear(self) -> None:
         """Forget every count."""
+        self._hot_start, self._hot_end = math.inf, -math.inf
         self._secs = [_EMPTY] * self.seconds
         for counts in self._counts:
             counts.clear()

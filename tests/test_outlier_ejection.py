@@ -193,3 +193,29 @@ def test_health_config_defaults_and_ejection_time_validation() -> None:
         parse_config({"health": {"ejection_time": 20.0, "max_ejection_time": 5.0}})
     with pytest.raises(ConfigError, match=r"\[health\] ejection_time"):
         parse_config({"health": {"ejection_time": 0}})
+
+
+def test_observers_skip_the_no_op_on_request_only() -> None:
+    """Observers that keep Observer's no-op are left out of the per-request loop; any other way
+    of having an on_request (a class's, an instance's own, a nested Observers) is still called."""
+    heard: list[str] = []
+
+    class Hears(Observer):
+        def on_request(self, done: ProxiedRequest) -> None:
+            heard.append(f"class {done.status}")
+
+    class Plain(Observer):
+        pass
+
+    own = Plain()
+    own.on_request = lambda done: heard.append(f"own {done.status}")  # type: ignore[method-assign]
+    nested = Observers()
+    nested.add(Hears())
+    observers = Observers()
+    for observer in (Recording(), Hears(), own, nested):
+        observers.add(observer)
+    observers.on_request(ProxiedRequest("GET", 200, "b0", 0.01, ()))
+    assert heard == ["class 200", "own 200", "class 200"]
+    observers.remove(own)
+    observers.on_request(ProxiedRequest("GET", 201, "b0", 0.01, ()))
+    assert heard[3:] == ["class 201", "class 201"] and len(observers) == 3

@@ -3,6 +3,9 @@ windows exact to one second, buckets reused lazily, clock steps back. Fake clock
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 from support.clock import T0, FakeClock
 
@@ -84,3 +87,57 @@ def test_a_long_run_keeps_exactly_the_window(clock: FakeClock) -> None:
     assert [ring.total(clock(), 404, s) for s in (60, 300, 900)] == [60, 300, 900]
     ring.clear()
     assert ring.totals(clock()) == {}
+
+
+class _Model:
+    """The ring's rules written plainly, to check its shortcut for the newest second against."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+        self.counts: dict[tuple[int, str], int] = {}
+        self.newest: int | None = None
+
+    def now(self, now: float) -> int:
+        sec = math.floor(now)
+        if self.newest is None or sec >= self.newest or self.newest - sec >= self.seconds:
+            if self.newest is not None and self.newest - sec >= self.seconds:
+                self.counts = {}
+            self.newest = sec
+        return self.newest
+
+    def add(self, now: float, key: str) -> None:
+        sec = self.now(now)
+        self.counts[sec, key] = self.counts.get((sec, key), 0) + 1
+
+    def series(self, now: float, key: str) -> list[int]:
+        end = self.now(now)
+        return [self.counts.get((sec, key), 0) for sec in range(end - self.seconds + 1, end + 1)]
+
+
+def test_adds_in_the_newest_second_agree_with_the_plain_rules_across_boundaries_reads_and_steps_back() -> None:
+    # Times bunched around second boundaries, reads that move the window's end between adds,
+    # small and whole-ring steps back, clear(): every way the newest second's shortcut could go stale.
+    rng = random.Random(19)
+    ring: SecondRing[str] = SecondRing(5)
+    model = _Model(5)
+    now = T0
+    for step in range(5000):
+        roll = rng.random()
+        if roll < 0.6:
+            now += rng.choice((0.0, 0.001, 0.3, 0.999, 1.0))
+        elif roll < 0.7:
+            now = math.floor(now) + 1 - 1e-9
+        elif roll < 0.8:
+            now -= rng.choice((0.5, 2.0, 7.0))
+        elif roll < 0.85:
+            now += rng.choice((3.0, 12.0))
+        key = rng.choice("ab")
+        if rng.random() < 0.15:
+            assert ring.series(now, key) == model.series(now, key), step
+        else:
+            ring.add(now, key)
+            model.add(now, key)
+        if rng.random() < 0.002:
+            ring.clear()
+            model.counts = {}
+    assert ring.series(now, "a") == model.series(now, "a")

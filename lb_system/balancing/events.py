@@ -38,6 +38,9 @@ class TryResult(NamedTuple):
 
 def render_tries(tries: Sequence[TryResult]) -> str:
     """`backend-1:503,backend-2:200` for the access line."""
+    if len(tries) == 1:  # nearly every request: no generator
+        t = tries[0]
+        return f"{t.backend}:{t.reason if t.status is None else t.status}"
     return ",".join(f"{t.backend}:{t.reason if t.status is None else t.status}" for t in tries) or "-"
 
 
@@ -93,12 +96,17 @@ class Observers(Observer):
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger("lb_system.events")
         self._observers: list[Observer] = []
+        # Those on_request calls: an observer that keeps Observer's no-op (the live feed, the
+        # health checker) is not called once per request for nothing.
+        self._hearing: list[Observer] = []
 
     def add(self, observer: Observer) -> None:
         self._observers.append(observer)
+        self._hearing = [o for o in self._observers if _hears_requests(o)]
 
     def remove(self, observer: Observer) -> None:
         self._observers.remove(observer)
+        self._hearing = [o for o in self._observers if _hears_requests(o)]
 
     def __len__(self) -> int:
         return len(self._observers)
@@ -122,8 +130,15 @@ class Observers(Observer):
 
     def on_request(self, done: ProxiedRequest) -> None:
         # Once per proxied request: the guarded loop inlined, without a closure per call.
-        for observer in self._observers:
+        for observer in self._hearing:
             try:
                 observer.on_request(done)
             except Exception:
                 self._failed(observer, "request")
+
+
+def _hears_requests(observer: object) -> bool:
+    """False for an observer whose on_request is Observer's own no-op (its class's and not its own)."""
+    return getattr(type(observer), "on_request", None) is not Observer.on_request or "on_request" in getattr(
+        observer, "__dict__", ()
+    )

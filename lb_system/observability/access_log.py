@@ -41,13 +41,16 @@ class AccessLog:
         tries: str | None,
         client: str | None = None,
         reason: str | None = None,
+        pool: str | None = None,
+        route: str | None = None,
         **more: object,
     ) -> None:
         """One access line: `access method=... path=... status=... backend=... duration_ms=...
-        request_id=... tries=...`, then `client`, `reason` and `more` when not None.
+        request_id=... tries=...`, then `client`, `reason`, `pool`, `route` and `more` when not None.
         None is `-` in text and null in JSON: `backend` None, the balancer answered itself;
         `method`, `path` and `tries` None, a request refused before it was parsed."""
-        if not self.logger.isEnabledFor(logging.INFO):
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
             return
         fields: dict[str, object] = {
             "method": method,
@@ -62,10 +65,15 @@ class AccessLog:
             fields["client"] = client
         if reason is not None:
             fields["reason"] = reason
-        for key, value in more.items():
-            if value is not None:
-                fields[key] = value
-        logger = self.logger
+        # Named, not in `more`: the forwarder passes them on every request (no dict to gather them).
+        if pool is not None:
+            fields["pool"] = pool
+        if route is not None:
+            fields["route"] = route
+        if more:
+            for key, value in more.items():
+                if value is not None:
+                    fields[key] = value
         handlers = logger.handlers
         if len(handlers) == 1 and not (logger.filters or logger.disabled or logger.propagate):
             handler = handlers[0]

@@ -181,6 +181,9 @@ class AccessEntry(NamedTuple):
         return record
 
 
+_new_tuple = tuple.__new__
+
+
 class HandOff(logging.handlers.QueueHandler):
     """Renders the message and traceback in the caller, leaves the layout to the file's formatter.
     `access_file`, when set, is where the access lines go instead of the queue."""
@@ -192,7 +195,8 @@ class HandOff(logging.handlers.QueueHandler):
         if self.access_file is not None:
             self.access_file.append(created, fields)
         else:
-            self.queue.put_nowait(AccessEntry(created, fields, logger))
+            # tuple.__new__ in C, not the NamedTuple's __new__ in Python: the same AccessEntry.
+            self.queue.put_nowait(_new_tuple(AccessEntry, (created, fields, logger)))
 
     def emit(self, record: logging.LogRecord) -> None:
         access_file = self.access_file

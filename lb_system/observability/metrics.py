@@ -109,6 +109,16 @@ class _Durations:
         self.total = 0.0
 
 
+class _Series:
+    """One (pool, backend, method, status)'s count, and its (pool, backend)'s durations."""
+
+    __slots__ = ("count", "durations")
+
+    def __init__(self, durations: _Durations) -> None:
+        self.count = 0
+        self.durations = durations
+
+
 class _ProxiedSeries(Collector):
     """`lb_requests_total` and `lb_request_duration_seconds`, counted in plain dicts and lists on
     every proxied request and rendered as families at scrape time: prometheus_client's labelled
@@ -116,19 +126,26 @@ class _ProxiedSeries(Collector):
 
     def __init__(self, pools: Pools) -> None:
         self.pools = pools
-        # (pool, backend, method, status) -> count; the pool is None while requests are not routed.
-        self.requests: dict[tuple[str | None, str, str, int], int] = {}
+        # (pool, backend, method, status) -> its count and durations; the pool is None while requests are not routed.
+        self.series: dict[tuple[str | None, str, str, int], _Series] = {}
         self.durations: dict[tuple[str | None, str], _Durations] = {}
 
     def add(self, pool: str | None, backend: str, method: str, status: int, seconds: float) -> None:
-        key = (pool, backend, method, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
+        # One dict look-up a request: the series holds its durations too.
+        series = self.series.get((pool, backend, method, status))
+        if series is None:
+            series = self._new(pool, backend, method, status)
+        series.count += 1
+        durations = series.durations
+        durations.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
+        durations.total += seconds
+
+    def _new(self, pool: str | None, backend: str, method: str, status: int) -> _Series:
         durations = self.durations.get((pool, backend))
         if durations is None:
             durations = self.durations[pool, backend] = _Durations()
-        durations.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
-        durations.total += seconds
+        series = self.series[pool, backend, method, status] = _Series(durations)
+        return series
 
     def describe(self) -> Iterable[Metric]:
         return self._families(False)
@@ -153,9 +170,9 @@ class _ProxiedSeries(Collector):
         requests, durations = self._families(routed)
         # Series counted before a reload changed whether requests are routed merge into the labels shown now.
         counts: dict[tuple[str, ...], int] = {}
-        for (pool, backend, method, status), count in self.requests.items():
+        for (pool, backend, method, status), series in self.series.items():
             labels = (backend, method, str(status), *([pool or ""] if routed else []))
-            counts[labels] = counts.get(labels, 0) + count
+            counts[labels] = counts.get(labels, 0) + series.count
         for labels, count in counts.items():
             requests.add_metric(list(labels), float(count))
         merged: dict[tuple[str, ...], _Durations] = {}

@@ -56,11 +56,15 @@ class RequestStats(Observer):
         """One call per proxied request."""
         now = self.clock()
         self.requests.add(now, "requests")
+        backends = self._backends
         for attempt in done.tries:
-            window = self._window(attempt.backend)
+            window = backends.get(attempt.backend) or self._window(attempt.backend)
             minute = window.minute
             status = attempt.status
             minute.add(now, TRIES)
+            if status is not None and status < 400:  # an answer that counts no failure: the usual try
+                window.latencies_ms.append(attempt.duration_s * 1000)
+                continue
             if status is None or status >= 500:
                 minute.add(now, FAILED)
                 minute.add(now, SERVER_FAILED)
