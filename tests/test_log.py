@@ -189,6 +189,17 @@ def test_a_text_value_stays_one_word_and_reads_back_exactly(value: str) -> None:
     assert rendered.startswith("'") and ast.literal_eval(rendered) == value
 
 
+def test_a_value_renders_the_same_the_first_time_and_from_the_memo_past_its_bound() -> None:
+    # text_value keeps short strings as rendered: twice each value, and enough distinct ones to
+    # empty the memo several times, must still give each value's own rendering.
+    values = [*FORGERIES, "/tasks/1", "backend-1:200", "a b", "x" * 200] + [f"/p/{i} q" for i in range(3000)]
+    first = [text_value(v) for v in values]
+    assert [text_value(v) for v in values] == first
+    assert first[-1] == "'/p/2999 q'" and text_value("/p/0 q") == "'/p/0 q'"
+    for value, rendered in zip(values, first, strict=True):
+        assert rendered == value or ast.literal_eval(rendered) == value
+
+
 def test_plain_values_stay_bare() -> None:
     assert [text_value(v) for v in ("/tasks/1", "backend-1:200,b:503", 200, 1.5, None, True, False)] == [
         "/tasks/1",

@@ -88,6 +88,7 @@ class Backend:
 
     @property
     def eligible(self) -> bool:
+        # BackendPool.choose inlines this rule for a request's first try.
         return self.healthy and self.admin_state == ENABLED and not self.awaiting_check
 
     @property
@@ -365,8 +366,10 @@ class BackendPool(BackendCounts):
         `pinned` (a sticky cookie's value) picks the backend it names while that one may take the try."""
         if self._has_backups:
             candidates = self._candidates(exclude)
-        else:  # the usual case, inline: this runs for every try
+        elif exclude:
             candidates = [b for b in self.backends if b.eligible and b not in exclude]
+        else:  # a request's first try: the usual case, `eligible` inlined (a property call per backend)
+            candidates = [b for b in self.backends if b.healthy and b.admin_state == ENABLED and not b.awaiting_check]
         if not candidates:
             return None
         if pinned is not None:

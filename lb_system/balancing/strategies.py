@@ -102,22 +102,23 @@ class RoundRobin:
         """Pick the next backend in the smooth weighted sequence; `key` is ignored."""
         if not candidates:
             return None
-        self._picks += 1
-        current = self._current
+        self._picks = picks = self._picks + 1
+        current, last_seen = self._current, self._last_seen
         total: float = 0
         best: B | None = None
         best_value: float = 0
         for backend in candidates:
+            name = backend.name
             weight = backend.weight if weigh is None else weigh(backend)
-            value = current.get(backend.name, 0) + weight
-            current[backend.name] = value
-            self._last_seen[backend.name] = self._picks
+            value = current.get(name, 0) + weight
+            current[name] = value
+            last_seen[name] = picks
             total += weight
             if best is None or value > best_value:
                 best, best_value = backend, value
         assert best is not None
         current[best.name] = best_value - total
-        if self._picks % self._forget_after == 0:
+        if picks % self._forget_after == 0:
             self._forget_stale()
         return best
 

@@ -52,13 +52,27 @@ def quote(text: str) -> str:
     return "'" + "".join(out) + "'"
 
 
+# Short strings as rendered, by value: access lines repeat their methods, paths, backends and
+# tries. Emptied when full, so neither a client's distinct paths nor long values can grow it.
+_RENDERED: dict[str, str] = {}
+_RENDERED_MAX, _RENDERED_LONGEST = 1024, 64
+
+
 def text_value(value: object) -> str:
     """One field's value in a text line: numbers as written, None as `-`, booleans as
     `true`/`false`, strings bare when safe and quoted otherwise."""
     if type(value) is str:
+        rendered = _RENDERED.get(value)
+        if rendered is not None:
+            return rendered
         if value.isalnum() and value.isascii():  # ids, methods, words: safe without the regex
             return value
-        return value if _SAFE.fullmatch(value) else quote(value)
+        rendered = value if _SAFE.fullmatch(value) else quote(value)
+        if len(value) <= _RENDERED_LONGEST:
+            if len(_RENDERED) >= _RENDERED_MAX:
+                _RENDERED.clear()
+            _RENDERED[value] = rendered
+        return rendered
     if value is None:
         return "-"
     if value is True or value is False:
@@ -86,7 +100,7 @@ def with_fields(message: str, fields: Mapping[str, object]) -> str:
     """`<message> key=value ...`."""
     if not fields:
         return message
-    return message + " " + " ".join(f"{key}={text_value(value)}" for key, value in fields.items())
+    return message + " " + " ".join([f"{key}={text_value(value)}" for key, value in fields.items()])
 
 
 def json_value(value: object) -> object:
