@@ -54,6 +54,7 @@ from lb_system.upstream import (
     ConnectTimeout,
     Endpoint,
     FramingTooLarge,
+    HeadFields,
     HeadLimits,
     HeadTooLarge,
     PoolTimeout,
@@ -620,6 +621,60 @@ async def test_a_header_cannot_smuggle_another(make_transport: MakeTransport) ->
     endpoint = make_transport().endpoint("http://127.0.0.1:9")
     with pytest.raises(ValueError):
         await endpoint.request("GET", "/", headers=[("X-A", "1\r\nX-Injected: yes")])
+
+
+async def test_header_lines_built_beforehand_are_sent_as_they_are(serve: Serve, make_transport: MakeTransport) -> None:
+    server = await serve(answer(), answer())
+    endpoint = make_transport().endpoint(server.url)
+    fields = HeadFields(b"X-One: 1\r\nx-two: 2\r\n", 2, False)
+    assert await fetch(endpoint, "GET", "/a", headers=fields) == (200, b"ok")
+    assert await fetch(endpoint, "POST", "/b", headers=fields, body=b"abc") == (200, b"ok")
+    got, posted = server.requests
+    host = ("Host", f"127.0.0.1:{server.port}")
+    assert got.headers == [("X-One", "1"), ("x-two", "2"), host]
+    assert posted.headers == [("X-One", "1"), ("x-two", "2"), host, ("Content-Length", "3")]
+    assert posted.body == b"abc"
+
+
+@pytest.mark.parametrize("data", [b"X-A: 1\nX-B: 2\r\n", b"X-A: 1\rX-B: 2\r\n", b"X-A: 1\r\nX-B: 2\r\n"])
+async def test_header_lines_built_beforehand_cannot_smuggle_another(make_transport: MakeTransport, data: bytes) -> None:
+    endpoint = make_transport().endpoint("http://127.0.0.1:9")
+    with pytest.raises(ValueError):
+        await endpoint.request("GET", "/", headers=HeadFields(data, 1, True))
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "hop_by_hop", "chunked", "length"),
+    [
+        (answer(headers=(("Server", "s"), ("X-Answer", "1"))), False, False, 2),
+        (answer(headers=(("Connection", "X-Private"), ("X-Private", "1"))), True, False, 2),
+        (answer(headers=(("Keep-Alive", "timeout=5"),)), True, False, 2),
+        (answer(headers=(("trailer", "X-Sum"),)), True, False, 2),
+        (raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", keep=True), True, True, None),
+        # An interim answer's headers are not the answer's: its Upgrade and length are forgotten.
+        (
+            raw(
+                b"HTTP/1.1 103 Early Hints\r\nUpgrade: x\r\nContent-Length: 9\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                keep=True,
+            ),
+            False,
+            False,
+            2,
+        ),
+    ],
+    ids=["none", "connection", "keep_alive", "trailer", "chunked", "after_interim"],
+)
+async def test_an_answer_says_whether_it_has_hop_by_hop_headers(
+    serve: Serve, make_transport: MakeTransport, behaviour: Behaviour, hop_by_hop: bool, chunked: bool, length: int | None
+) -> None:
+    server = await serve(behaviour)
+    response = await make_transport().endpoint(server.url).request("GET", "/")
+    try:
+        assert (response.hop_by_hop, response.chunked, response.content_length) == (hop_by_hop, chunked, length)
+        assert await response.read() == b"ok"
+    finally:
+        response.release()
 
 
 async def test_a_failing_upload_source_is_the_callers_error(serve: Serve, make_transport: MakeTransport) -> None:

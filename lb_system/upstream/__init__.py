@@ -37,7 +37,7 @@ from lb_system.upstream.errors import (
     TooManyInterim,
     UpstreamError,
 )
-from lb_system.upstream.http11 import ConnectionState, Exchange, HeadLimits, Tunnel
+from lb_system.upstream.http11 import HOP_BY_HOP, ConnectionState, Exchange, HeadFields, HeadLimits, Tunnel
 from lb_system.upstream.probe import Probe, ProbeAnswer, transport_probe
 from lb_system.upstream.transport import Endpoint, Transport, TunnelLimitReached, split_url
 
@@ -50,6 +50,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "FRAMING_TOO_LARGE",
     "HEAD_TOO_LARGE",
+    "HOP_BY_HOP",
     "SERVER_DISCONNECTED",
     "TIMEOUT",
     "TOO_MANY_INTERIM",
@@ -63,6 +64,7 @@ __all__ = [
     "Probe",
     "ProbeAnswer",
     "FramingTooLarge",
+    "HeadFields",
     "HeadLimits",
     "HeadTooLarge",
     "PoolTimeout",

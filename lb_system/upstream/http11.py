@@ -35,6 +35,13 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _NOTICED = _FRAMING | {"host", "connection", "idempotency-key", "x-idempotency-key"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Hop-by-hop header names (RFC 9110 §7.6.1), lower case; an answer's are noted as parsed, the
+# name's length a first sieve.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+_NOTED_SIZES = frozenset({len(name) for name in _HOP_BY_HOP} | {len(b"content-length")})
 # A head's bytes besides its fields, counted against HeadLimits.max_bytes: "HTTP/1.1 200 ", two CRLFs.
 _HEAD_FRAMING = 17
 
@@ -82,10 +89,43 @@ class RequestHead:
         self.data, self.method, self.keep_alive, self.idempotency_key = data, method, keep_alive, idempotency_key
 
 
+class HeadFields:
+    """A request's header lines as they go on the wire ("Name: value\r\n" each), built once and
+    sent on every try; the head adds Host when missing and the body's framing."""
+
+    __slots__ = ("data", "has_host", "idempotency_key", "keep_alive", "lines")
+
+    def __init__(self, data: bytes, lines: int, has_host: bool, keep_alive: bool = True, idempotency_key: bool = False) -> None:
+        # `data` holds no Content-Length nor Transfer-Encoding: the transport owns the framing.
+        self.data, self.lines = data, lines
+        self.has_host, self.keep_alive, self.idempotency_key = has_host, keep_alive, idempotency_key
+
+    @classmethod
+    def from_pairs(cls, headers: Iterable[tuple[str, str]]) -> HeadFields:
+        """From (name, value) pairs: the caller's Content-Length and Transfer-Encoding dropped."""
+        lines = []
+        keep_alive = True
+        has_host = idempotency_key = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _NOTICED:
+                if lower in _FRAMING:
+                    continue
+                if lower == "host":
+                    has_host = True
+                elif lower == "connection":
+                    keep_alive = "close" not in value.lower()
+                else:
+                    idempotency_key = True
+            lines.append(f"{name}: {value}\r\n")
+        data = "".join(lines).encode("utf-8", "surrogateescape")
+        return cls(data, len(lines), has_host=has_host, keep_alive=keep_alive, idempotency_key=idempotency_key)
+
+
 def build_head(
     method: str,
     target: str,
-    headers: Iterable[tuple[str, str]],
+    headers: Iterable[tuple[str, str]] | HeadFields,
     host: str,
     *,
     body_length: int | None,
@@ -93,35 +133,29 @@ def build_head(
 ) -> RequestHead:
     """Serialize a request head. The transport owns the framing: the caller's Content-Length and
     Transfer-Encoding are replaced by the body's own; Host is added when missing."""
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    keep_alive = True
-    has_host = idempotency_key = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _NOTICED:
-            if lower in _FRAMING:
-                continue
-            if lower == "host":
-                has_host = True
-            elif lower == "connection":
-                keep_alive = "close" not in value.lower()
-            else:
-                idempotency_key = True
-        lines.append(f"{name}: {value}\r\n")
-    if not has_host:
-        lines.append(f"Host: {host}\r\n")
+    fields = headers if isinstance(headers, HeadFields) else HeadFields.from_pairs(headers)
+    host_line = b"" if fields.has_host else b"Host: %s\r\n" % host.encode("utf-8", "surrogateescape")
     if body_length is not None:
-        lines.append(f"Content-Length: {body_length}\r\n")
+        framing = b"Content-Length: %d\r\n" % body_length
     elif streamed:
-        lines.append("Transfer-Encoding: chunked\r\n")
+        framing = b"Transfer-Encoding: chunked\r\n"
     elif method in _BODY_METHODS:
-        lines.append("Content-Length: 0\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
-    # Every line ends in the CRLF put there above: any other CR or LF would smuggle a header.
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        framing = b"Content-Length: 0\r\n"
+    else:
+        framing = b""
+    # The request line, the fields, Host, the framing, the empty line.
+    lines = fields.lines + 2 + (not fields.has_host) + (framing != b"")
+    data = b"%s %s HTTP/1.1\r\n%s%s%s\r\n" % (
+        method.encode("utf-8", "surrogateescape"),
+        target.encode("utf-8", "surrogateescape"),
+        fields.data,
+        host_line,
+        framing,
+    )
+    # Every line ends in a CRLF put there on purpose: any other CR or LF would smuggle a header.
+    if data.count(b"\n") != lines or data.count(b"\r") != lines:
         raise ValueError("CR or LF inside a request line or header")
-    return RequestHead(text.encode("utf-8", "surrogateescape"), method, keep_alive, idempotency_key)
+    return RequestHead(data, method, fields.keep_alive, fields.idempotency_key)
 
 
 def shorter_wait(loop: asyncio.AbstractEventLoop, timeout: float | None, deadline: float | None) -> float | None:
@@ -148,42 +182,49 @@ class Exchange:
     among its endpoint's idle connections; otherwise it is closed.
     """
 
+    # Defaults as class attributes: an exchange per request sets only what it must.
+    status = 0
+    reason = ""
+    version = "1.1"
+    has_body = False  # False for HEAD, 1xx, 204, 304 and a Content-Length of 0
+    content_length: int | None = None
+    chunked = False
+    hop_by_hop = False  # the answer's head names a hop-by-hop header (Connection among them)
+    _reason = b""
+    # Counted against `limits`: the current head's (or, after the final head, the trailers')
+    # bytes and fields so far, the interim answers, and the bytes fed since the parser last
+    # finished a piece (a field, a chunk line, body bytes): a line that never ends grows it.
+    _section = _HEAD_FRAMING
+    _fields = 0
+    _interim = 0
+    _unparsed = 0
+    _broken: type[ProtocolError] | None = None
+    # The current head's first Transfer-Encoding, Content-Length and Connection values, noted as parsed.
+    _encoding: bytes | None = None
+    _length: bytes | None = None
+    _connection_value: bytes | None = None
+    _final = False  # the final (non-1xx) head arrived
+    _complete = False  # the body arrived whole (or the head, for an answer without one)
+    _answered = False
+    _sent = False
+    _error: BaseException | None = None
+    _waiter: asyncio.Future[None] | None = None
+    _sender: asyncio.Task[None] | None = None
+    _upgraded: bytearray | None = None
+    _released = False
+
     def __init__(self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None, limits: HeadLimits) -> None:
-        self.status = 0
-        self.reason = ""
-        self.version = "1.1"
         self.headers: list[tuple[str, str]] = []  # (name, value) as received, in order
-        self.has_body = False  # False for HEAD, 1xx, 204, 304 and a Content-Length of 0
-        self.content_length: int | None = None
-        self.chunked = False
         self.read_timeout = read_timeout  # the longest wait for the next piece of the body
         self._connection = connection
         self._request = head
         self._parser = httptools.HttpResponseParser(self)
-        self._reason = b""
         self._raw: list[tuple[str, str]] = []
         self._limits = limits
-        # Counted against `limits`: the current head's (or, after the final head, the trailers')
-        # bytes and fields so far, the interim answers, and the bytes fed since the parser last
-        # finished a piece (a field, a chunk line, body bytes): a line that never ends grows it.
-        self._section = _HEAD_FRAMING
-        self._fields = 0
-        self._interim = 0
-        self._unparsed = 0
-        self._broken: type[ProtocolError] | None = None
         self._head_waiter: asyncio.Future[None] = connection.loop.create_future()
         self.state = ConnectionState.ACTIVE
-        self._final = False  # the final (non-1xx) head arrived
-        self._complete = False  # the body arrived whole (or the head, for an answer without one)
-        self._answered = False
-        self._sent = False
-        self._error: BaseException | None = None
         self._chunks: deque[bytes] = deque()
         self._flow = connection.flow
-        self._waiter: asyncio.Future[None] | None = None
-        self._sender: asyncio.Task[None] | None = None
-        self._upgraded: bytearray | None = None
-        self._released = False
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of the header `name` (any case), or `default`."""
@@ -195,8 +236,8 @@ class Exchange:
 
     def _connection_header_keeps_alive(self) -> bool:
         """RFC 9112 §9.3: HTTP/1.1 persists unless `Connection: close`; HTTP/1.0 only with `keep-alive`."""
-        tokens = {token.strip().lower() for token in (self.header("Connection") or "").split(",")}
-        return "keep-alive" in tokens if self.version == "1.0" else "close" not in tokens
+        tokens = {token.strip().lower() for token in (self._connection_value or b"").split(b",")}
+        return b"keep-alive" in tokens if self.version == "1.0" else b"close" not in tokens
 
     @property
     def close_delimited(self) -> bool:
@@ -214,47 +255,66 @@ class Exchange:
     def on_header(self, name: bytes, value: bytes) -> None:
         self._unparsed = 0
         self._fields += 1
-        self._section += len(name) + len(value) + 4  # ": " and CRLF
+        size = len(name)
+        self._section += size + len(value) + 4  # ": " and CRLF
         if self._fields > self._limits.max_fields or self._section > self._limits.max_bytes:
             self._break(FramingTooLarge if self._final else HeadTooLarge)
         if not self._final:  # trailers are counted, not kept
             self._raw.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+            if size in _NOTED_SIZES:  # a cheap first sieve: most names are none of these
+                self._note(name.lower(), value)
+
+    def _note(self, name: bytes, value: bytes) -> None:
+        """Keep what the head's end needs (the first value, as `header()` gives it), and whether a
+        hop-by-hop header came (the forwarder strips them only then)."""
+        if name == b"content-length":
+            if self._length is None:
+                self._length = value
+        elif name in _HOP_BY_HOP:
+            self.hop_by_hop = True
+            if name == b"transfer-encoding":
+                if self._encoding is None:
+                    self._encoding = value
+            elif name == b"connection" and self._connection_value is None:
+                self._connection_value = value
 
     def on_headers_complete(self) -> None:
         self._unparsed = 0
         if self._complete:  # a second answer to one request: this connection is out of step
             self.state = ConnectionState.CLOSED
             return
-        status = self._parser.get_status_code()
+        parser = self._parser
+        status = parser.get_status_code()
         if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: not the answer
             self._interim += 1
             if self._interim > self._limits.max_interim:
                 self._break(TooManyInterim)
             self._raw, self._reason = [], b""
             self._section, self._fields = _HEAD_FRAMING, 0
+            self._length = self._encoding = self._connection_value = None
+            self.hop_by_hop = False
             return
         self._final = True
         self._section = self._fields = 0  # the trailers, if any, are bounded on their own
         self.status = status
         self.reason = self._reason.decode("latin-1")
-        self.version = self._parser.get_http_version()
+        self.version = parser.get_http_version()
         self.headers = self._raw
-        if status == 101 or status in _NO_BODY_STATUS or self._request.method == "HEAD":
-            if self._request.method == "HEAD":
+        method = self._request.method
+        if status == 101 or status in _NO_BODY_STATUS or method == "HEAD":
+            if method == "HEAD":
                 # llhttp cannot be told this answered a HEAD: the exchange ends here, and the
                 # parser (one per exchange) is dropped before it would wait for a body. Nor can
                 # it tell whether the connection lives on when the head has no length (it would
                 # wait for a body ended by a close): the Connection header and version say.
                 self._ended(self._connection_header_keeps_alive())
+        elif self._encoding is not None:
+            self.chunked = self._encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            self.has_body = True
         else:
-            encoding = self.header("Transfer-Encoding")
-            if encoding is not None:
-                self.chunked = encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
-                self.has_body = True
-            else:
-                length = self.header("Content-Length")
-                self.content_length = int(length) if length is not None else None  # llhttp checked it
-                self.has_body = self.content_length != 0
+            length = self._length
+            self.content_length = int(length) if length is not None else None  # llhttp checked it
+            self.has_body = self.content_length != 0
         if not self._head_waiter.done():
             self._head_waiter.set_result(None)
 
@@ -385,19 +445,42 @@ class Exchange:
 
     # --- the caller's side ----------------------------------------------------------------------
 
+    async def head_arrived(self, timeout: float | None) -> None:
+        """Wait for the answer's head (1xx skipped), `timeout` at most; on failure the exchange is
+        released and the error raised. The one coroutine of the wait: no `_wait_for` beneath it."""
+        waiter = self._head_waiter
+        timer = self._connection.loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        try:
+            await waiter
+        except BaseException as error:
+            failure = self._wait_failed(error)
+            self.release()
+            raise failure from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if self._error is not None:  # the head came with a broken rest (a 101 that is no upgrade)
+            self.release()
+            raise self._error
+
     async def _wait_for(self, waiter: asyncio.Future[None], timeout: float | None) -> None:
         timer = self._connection.loop.call_later(timeout, _expire, waiter) if timeout is not None else None
         try:
             await waiter
-        except TimeoutError:
-            self._fail(Timeout(sent=self._sent, answered=self._answered))
-            raise self._error from None  # type: ignore[misc]
-        except BaseException:
-            self._fail(self._error or Timeout(sent=self._sent, answered=self._answered))
-            raise
+        except BaseException as error:
+            raise self._wait_failed(error) from None
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _wait_failed(self, error: BaseException) -> BaseException:
+        """A wait ended in `error` (its timer's TimeoutError, a failure, a cancellation): the
+        exchange fails with it; returns what the waiter raises."""
+        if isinstance(error, TimeoutError):
+            self._fail(Timeout(sent=self._sent, answered=self._answered))
+            return self._error  # type: ignore[return-value]
+        self._fail(self._error or Timeout(sent=self._sent, answered=self._answered))
+        return error
 
     async def read_chunk(self, deadline: float | None = None) -> bytes:
         """The next piece of the body (all that is buffered); b"" once it is read whole. A wait
@@ -618,6 +701,14 @@ class UpstreamConnection(asyncio.Protocol):
         read_timeout: float | None,
     ) -> Exchange:
         """Write one request and wait for the answer's head (1xx skipped); `timeout` bounds that wait."""
+        response = self.start(head, body, body_length, read_timeout)
+        await response.head_arrived(timeout)
+        return response
+
+    def start(
+        self, head: RequestHead, body: bytes | AsyncIterable[bytes] | None, body_length: int | None, read_timeout: float | None
+    ) -> Exchange:
+        """Write one request; the answer's head is then awaited with `head_arrived`."""
         response = Exchange(self, head, read_timeout, self.limits)
         self.state = ConnectionState.ACTIVE
         self._exchange = response
@@ -634,13 +725,6 @@ class UpstreamConnection(asyncio.Protocol):
             if body is not None:
                 response._sender = sender = self.loop.create_task(self._send_body(body, body_length))
                 sender.add_done_callback(response._body_sent)
-        try:
-            await response._wait_for(response._head_waiter, timeout)
-            if response._error is not None:  # the head came with a broken rest (a 101 that is no upgrade)
-                raise response._error
-        except BaseException:
-            response.release()
-            raise
         return response
 
     async def _send_body(self, body: AsyncIterable[bytes], length: int | None) -> None:

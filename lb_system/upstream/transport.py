@@ -31,6 +31,7 @@ from lb_system.upstream.errors import (
 from lb_system.upstream.http11 import (
     ConnectionState,
     Exchange,
+    HeadFields,
     HeadLimits,
     RequestHead,
     UpstreamConnection,
@@ -144,7 +145,7 @@ class Endpoint:
         self,
         method: str,
         target: str,
-        headers: Iterable[tuple[str, str]] = (),
+        headers: Iterable[tuple[str, str]] | HeadFields = (),
         body: bytes | AsyncIterable[bytes] | None = None,
         *,
         body_length: int | None = None,
@@ -156,7 +157,8 @@ class Endpoint:
     ) -> Exchange:
         """Send one request and return the answer once its head arrived (1xx skipped).
 
-        `target` is sent as given (origin-form); `headers` are (name, value) pairs, Host added when
+        `target` is sent as given (origin-form); `headers` are (name, value) pairs, or their lines
+        built beforehand (`HeadFields`: a proxy builds them once for every try), Host added when
         missing; a streamed `body` goes chunked unless `body_length` is given. `wait_timeout` bounds
         the wait for a capped connection, `timeout` the wait for the answer's head, `read_timeout`
         each wait inside the body. `dedicated` uses a connection of its own, outside the cap
@@ -169,9 +171,14 @@ class Endpoint:
         if dedicated:
             connection = self._dedicated.take() or await self._connect_dedicated(self._dedicated, deadline)
         else:
-            connection = await self._acquire(self._left(wait_timeout, deadline), deadline=deadline)
+            left = self._left(wait_timeout, deadline)  # past the deadline: a timeout, nothing taken
+            # An idle connection is taken here, without the coroutine of a wait or a connect.
+            connection = self._take_idle() or await self._acquire(left, deadline=deadline)
         try:
-            return await connection.exchange(head, body, length, timeout=self._left(timeout, deadline), read_timeout=read_timeout)
+            head_wait = self._left(timeout, deadline)
+            response = connection.start(head, body, length, read_timeout)
+            await response.head_arrived(head_wait)
+            return response
         except UpstreamError as error:
             if not _should_retry(head, error, connection.reused, replayable=not streamed):
                 raise
@@ -253,19 +260,27 @@ class Endpoint:
 
     # --- the capped connections: idle ones, waiters, connects -------------------------------------
 
+    def _take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection still open, if any."""
+        if self._closed:
+            return None
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            connection.state = ConnectionState.ACTIVE  # taken from the idle ones for an exchange
+            if connection.usable:
+                return connection
+            connection.abort()  # the backend closed it while it sat here: never written to
+        return None
+
     async def _acquire(
         self, wait_timeout: float | None, *, fresh: bool = False, deadline: float | None = None
     ) -> UpstreamConnection:
         while True:
             if self._closed:
                 raise ConnectError()
-            idle = self._idle
-            while idle and not fresh:
-                connection = idle.pop()
-                connection.state = ConnectionState.ACTIVE  # taken from the idle ones for an exchange
-                if connection.usable:
-                    return connection
-                connection.abort()  # the backend closed it while it sat here: never written to
+            if not fresh and (connection := self._take_idle()) is not None:
+                return connection
             if self._open < self._transport.max_connections_per_backend and not self._waiters:
                 self._open += 1
                 return await self._connect_counted(deadline)
