@@ -11,7 +11,6 @@ from http import HTTPStatus
 from typing import Any, NamedTuple
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from lb_system.observability.error_tracker import ErrorTracker
 from lb_system.observability.log import FIELDS
@@ -129,14 +128,7 @@ class RouteGroups:
         return next((canonical for pattern, canonical in self._patterns if pattern.fullmatch(path)), None)
 
 
-def make_problem_middleware(
-    *,
-    server: str,
-    tracker: ErrorTracker,
-    logger: logging.Logger,
-    name_answers: bool = False,
-    group_own: Callable[[str], str | None] | None = None,
-) -> Middleware:
+class ProblemMiddleware:
     """Wraps everything: assigns the request id, renders every failure as problem details,
     and records each response with status >= 400 once, under `server`.
 
@@ -146,33 +138,61 @@ def make_problem_middleware(
     name no backend get `X-Backend: <server>` (a handler that streams sets it before preparing).
     `group_own` gives the route pattern of a path on which `server` answered an error itself
     from a route that says nothing (the balancer's 502/503/504 on a backend's path).
+
+    An aiohttp middleware (`__call__`); its steps are also methods, so a handler that runs
+    outside the middleware chain (the balancer's proxied requests) does the same in its own frame.
     """
 
-    @web.middleware
-    async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    __slots__ = ("server", "tracker", "logger", "name_answers", "group_own")
+    __middleware_version__ = 1  # what @web.middleware marks: a new-style middleware
+
+    def __init__(
+        self,
+        *,
+        server: str,
+        tracker: ErrorTracker,
+        logger: logging.Logger,
+        name_answers: bool = False,
+        group_own: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.server, self.tracker, self.logger = server, tracker, logger
+        self.name_answers, self.group_own = name_answers, group_own
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
         request[REQUEST_ID] = request_id
         try:
             response = await handler(request)
         except web.HTTPException as error:
-            if error.status < 400 or request.writer.output_size > 0:
-                raise
-            headers = {k: v for k, v in error.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
-            response = problem_response(
-                error.status,
-                _detail_for_http_exception(error),
-                instance=request.path,
-                request_id=request_id,
-                headers=headers,
-            )
-        except Exception:
-            logger.exception(
-                "unhandled error",
-                extra={FIELDS: {"server": server, "method": request.method, "path": request.path, "request_id": request_id}},
-            )
-            if request.writer.output_size > 0:
-                raise  # bytes already went out: aiohttp cuts the connection, the only honest signal left
-            response = problem_response(500, "Internal server error", instance=request.path, request_id=request_id)
+            response = self.http_exception(request, request_id, error)
+        except Exception as error:
+            response = self.unhandled(request, request_id, error)
+        return self.finish(request, request_id, response)
+
+    def http_exception(self, request: web.Request, request_id: str, error: web.HTTPException) -> web.StreamResponse:
+        """The problem+json answer to an HTTP exception a handler raised (re-raised below 400, or
+        once bytes went out)."""
+        if error.status < 400 or request.writer.output_size > 0:
+            raise error
+        headers = {k: v for k, v in error.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+        return problem_response(
+            error.status, _detail_for_http_exception(error), instance=request.path, request_id=request_id, headers=headers
+        )
+
+    def unhandled(self, request: web.Request, request_id: str, error: Exception) -> web.StreamResponse:
+        """The 500 for a handler's bug, logged with its traceback (re-raised once bytes went out:
+        aiohttp cuts the connection, the only honest signal left)."""
+        self.logger.error(
+            "unhandled error",
+            exc_info=error,
+            extra={FIELDS: {"server": self.server, "method": request.method, "path": request.path, "request_id": request_id}},
+        )
+        if request.writer.output_size > 0:
+            raise error
+        return problem_response(500, "Internal server error", instance=request.path, request_id=request_id)
+
+    def finish(self, request: web.Request, request_id: str, response: web.StreamResponse) -> web.StreamResponse:
+        """Record an error answer once, and name the answer (request id, who answered) unless it streams already."""
         # A cut answer is recorded as the backend's 502. Most responses carry no mark at all: asking
         # only then spares the KeyError that Mapping.get raises and catches for a missing one.
         cut = response.get(RESPONSE_CUT) if len(response) else None
@@ -184,14 +204,14 @@ def make_problem_middleware(
         ):
             answered_by = response.get(ERROR_SERVER)
             route = _route_pattern(request)
-            if route is None and answered_by is None and group_own is not None:
-                route = group_own(request.path)
+            if route is None and answered_by is None and self.group_own is not None:
+                route = self.group_own(request.path)
             routed = request.get(ROUTED)
-            tracker.record(
+            self.tracker.record(
                 status=status,
                 method=request.method,
                 path=request.path,
-                server=answered_by or server,
+                server=answered_by or self.server,
                 detail=cut or response.get(PROBLEM_DETAIL) or status_title(status),
                 request_id=request_id,
                 route=route,
@@ -199,11 +219,21 @@ def make_problem_middleware(
             )
         if not response.prepared:
             response.headers.setdefault(REQUEST_ID_HEADER, request_id)
-            if name_answers:  # a forwarded answer names its backend already
-                response.headers.setdefault(ANSWERED_BY_HEADER, server)
+            if self.name_answers:  # a forwarded answer names its backend already
+                response.headers.setdefault(ANSWERED_BY_HEADER, self.server)
         return response
 
-    return problem_middleware
+
+def make_problem_middleware(
+    *,
+    server: str,
+    tracker: ErrorTracker,
+    logger: logging.Logger,
+    name_answers: bool = False,
+    group_own: Callable[[str], str | None] | None = None,
+) -> ProblemMiddleware:
+    """The problem middleware of an app answering as `server` (see ProblemMiddleware)."""
+    return ProblemMiddleware(server=server, tracker=tracker, logger=logger, name_answers=name_answers, group_own=group_own)
 
 
 def _route_pattern(request: web.Request) -> str | None:

@@ -6,7 +6,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,7 +198,7 @@ def make_balancer_app(
     observers = pools.observers
     # One transport to the backends: proxied requests on its pools, checks on its dedicated connections.
     upstream = Transport.from_config(config.proxy)
-    forwarder = Forwarder(pools, upstream, config, logger=logger, observers=observers)
+    forwarder = Forwarder(pools, upstream, config, logger=logger, problems=problems, observers=observers)
 
     def forwarded(request: web.Request) -> bool:
         return request.match_info.route is catch_all
@@ -287,15 +287,16 @@ def make_balancer_app(
     proxied_match.add_app(app)
     proxied_match.freeze()
 
-    async def front(request: web.BaseRequest, app_handler: AppHandler) -> web.StreamResponse:
+    def front(request: web.BaseRequest, app_handler: AppHandler) -> Awaitable[web.StreamResponse]:
         # A proxied request skips the router's walk and aiohttp's middleware chain (about 9 µs
         # a request, benchmarks/run.py): it gets the catch-all's match, as the router would give
-        # it, and the same problem middleware. Anything else (own paths, Expect) goes the usual way.
+        # it, and the problem middleware's steps in the forwarder's own frame. Anything else (own
+        # paths, Expect) goes the usual way. Not a coroutine: it hands over the handler's awaitable.
         assert isinstance(request, web.Request)
         if own_paths.routed_elsewhere(request.rel_url.path_safe) or "Expect" in request.headers:
-            return await app_handler(request)
+            return app_handler(request)
         set_match_info(request, proxied_match)
-        return await problems(request, forwarder)
+        return forwarder.serve(request)
 
     app[CLIENT_LIMITS] = ClientLimits(lambda: forwarder.config.proxy, record_refusal, front=front)
     if own is not app:

@@ -34,8 +34,10 @@ from lb_system.problems import (
     RESPONSE_CUT,
     ROUTED,
     UPSTREAM_RECORDED,
+    ProblemMiddleware,
     Routed,
     problem_response,
+    request_id_from,
 )
 from lb_system.proxy.client_limits import Refusal
 from lb_system.proxy.failures import Failure, classify
@@ -139,6 +141,7 @@ class Forwarder:
         config: Config,
         *,
         logger: logging.Logger,
+        problems: ProblemMiddleware,
         observers: Observer | None = None,
     ) -> None:
         self.pools = pools
@@ -154,6 +157,8 @@ class Forwarder:
         self.observers = observers if observers is not None else Observers(logger)
         # The balancer's own paths (set once its routes exist): never forwarded by another spelling.
         self.own_paths: OwnPaths | None = None
+        # The balancer app's problem middleware, whose steps `serve` takes in its own frame.
+        self.problems = problems
 
     def apply_config(self, config: Config) -> None:
         proxy = config.proxy
@@ -166,9 +171,28 @@ class Forwarder:
         """Close every upstream connection and tunnel (the app's cleanup)."""
         await self.upstream.close()
 
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        """A proxied request from the balancer's front: the problem middleware's steps taken here,
+        in this frame, instead of around it (one coroutine level less on every request)."""
+        problems = self.problems
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        request[REQUEST_ID] = request_id
+        try:
+            response = await self._handle(request, request_id)
+        except web.HTTPException as error:
+            response = problems.http_exception(request, request_id, error)
+        except Exception as error:
+            response = problems.unhandled(request, request_id, error)
+        if response.status < 400 and not len(response):
+            return response  # a backend's whole answer, named already (_answer_headers): nothing to record
+        return problems.finish(request, request_id, response)
+
     async def __call__(self, request: web.Request) -> web.StreamResponse:
+        """A proxied request that came through the router and the problem middleware."""
+        return await self._handle(request, request[REQUEST_ID])
+
+    async def _handle(self, request: web.Request, request_id: str) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request[REQUEST_ID]
         deadline = asyncio.get_running_loop().time() + self.config.proxy.request_timeout
         try:
             # Refused before anything is counted against a backend; the access line names why.
@@ -289,7 +313,8 @@ class Forwarder:
             while (backend := pool.choose(key, exclude=tried, pinned=pinned)) is not None:
                 tried.append(backend)
                 try_started = time.perf_counter()
-                with _Holding(pool, backend):  # the backend counts this request until the try ends
+                pool.acquire(backend)  # the backend counts this request until the try ends (released below)
+                try:
                     try:
                         upstream, data = await self._send(request, backend, path, headers, body, deadline)
                     except _TryFailed as failure:
@@ -318,7 +343,10 @@ class Forwarder:
                         upstream.release()
                         tries.append(TryResult(backend.name, upstream.status, time.perf_counter() - try_started))
                         continue
-                    response = await self._respond(request, backend, upstream, data, request_id)
+                    if data is None:
+                        response = await self._relay(request, backend, upstream, request_id)
+                    else:
+                        response = self._answer(request, backend, upstream, data, request_id)
                     cut = None if data is not None else response.get(RESPONSE_CUT)  # only a streamed answer can be cut
                     duration = time.perf_counter() - try_started
                     if cut is None:
@@ -341,6 +369,8 @@ class Forwarder:
                         sizes=(sent, received),
                     )
                     return response
+                finally:
+                    pool.release(backend)
         finally:
             if holding_budget:  # one budget slot covers all the retries of one request
                 budget.release()
@@ -385,16 +415,34 @@ class Forwarder:
             logged_tries = render_tries(tries)
         if logged_backend is None and answered_by != BALANCER:
             logged_backend = answered_by
-        self._access_log(request, status, logged_backend, started, request_id, logged_tries, reason=reason)
-        self._notify(
-            request.method,
-            status if observed_status is None else observed_status,
-            answered_by,
-            started,
-            tries,
-            no_backend=no_backend,
-            pool=pool,
-            sizes=sizes,
+        # One clock read for both (the line's duration and the observers'), each called directly: once a request.
+        duration = time.perf_counter() - started
+        method = request.method
+        routed = request.get(ROUTED) if self.pools.routed else None
+        self.access_log.write(
+            method=method,
+            path=request.path,
+            status=status,
+            backend=logged_backend,
+            duration_ms=duration * 1000,
+            request_id=request_id,
+            tries=logged_tries,
+            client=(request.remote or "-") if reason else None,
+            reason=reason,
+            pool=None if routed is None else routed.pool or UNROUTED,
+            route=None if routed is None else routed.route,
+        )
+        self.observers.on_request(
+            ProxiedRequest(
+                method,
+                status if observed_status is None else observed_status,
+                answered_by,
+                duration,
+                tuple(tries),
+                no_backend,
+                None if pool is None else pool.name,
+                *sizes,
+            )
         )
 
     def _notify(
@@ -468,7 +516,10 @@ class Forwarder:
             if upstream.status != 101:  # the backend declined the upgrade: its answer goes to the client
                 if data is not None:  # a streamed answer's outcome is recorded when it ends
                     self._record_answer(backend, upstream.status)
-                response = await self._respond(request, backend, upstream, data, request_id)
+                if data is None:
+                    response = await self._relay(request, backend, upstream, request_id)
+                else:
+                    response = self._answer(request, backend, upstream, data, request_id)
                 refused = TryResult(backend.name, upstream.status, time.perf_counter() - started)
                 self._finish(request, response.status, started, request_id, [refused], backend.name, pool=pool)
                 return response
@@ -560,7 +611,12 @@ class Forwarder:
                 read_timeout=proxy.per_try_timeout,  # each wait for the next piece of a streamed body
                 deadline=try_deadline,
             )
-            data = await _small_body(upstream, try_deadline)
+            if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
+                data: bytes | None = b""
+            elif upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
+                data = await upstream.read(try_deadline)
+            else:
+                data = None  # streamed by the caller
         except BaseException as error:
             if upstream is not None:
                 upstream.release()
@@ -584,23 +640,27 @@ class Forwarder:
         else:
             pool.record_passive_success(backend)
 
-    async def _respond(
-        self,
-        request: web.Request,
-        backend: Backend,
-        upstream: Exchange,
-        data: bytes | None,
-        request_id: str,
+    def _answer(
+        self, request: web.Request, backend: Backend, upstream: Exchange, data: bytes, request_id: str
     ) -> web.StreamResponse:
+        """A small answer, read whole: the client's response, and the connection released."""
         try:
-            if data is None:
-                response = await self._stream(request, backend, upstream, request_id)
-            else:
-                status, reason, body = upstream.status, upstream.reason, data or None
-                response = web.Response(status=status, reason=reason, headers=upstream.headers, body=body)
-                headers = self._answer_headers(request, backend, response, request_id)
-                if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
-                    headers.pop("Content-Length", None)
+            status = upstream.status
+            response = web.Response(status=status, reason=upstream.reason, headers=upstream.headers, body=data or None)
+            headers = self._answer_headers(request, backend, response, request_id)
+            if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
+                headers.pop("Content-Length", None)
+        finally:
+            upstream.release()
+        if status >= 400:
+            response[ERROR_SERVER] = backend.name
+            response[UPSTREAM_RECORDED] = backend.hosted
+        return response
+
+    async def _relay(self, request: web.Request, backend: Backend, upstream: Exchange, request_id: str) -> web.StreamResponse:
+        """A large or chunked answer, streamed to the client; the connection released after."""
+        try:
+            response = await self._stream(request, backend, upstream, request_id)
         finally:
             upstream.release()
         if upstream.status >= 400:
