@@ -287,16 +287,19 @@ def make_balancer_app(
     proxied_match.add_app(app)
     proxied_match.freeze()
 
-    def front(request: web.BaseRequest, app_handler: AppHandler) -> Awaitable[web.StreamResponse]:
-        # A proxied request skips the router's walk and aiohttp's middleware chain (about 9 µs
-        # a request, benchmarks/run.py): it gets the catch-all's match, as the router would give
-        # it, and the problem middleware's steps in the forwarder's own frame. Anything else (own
-        # paths, Expect) goes the usual way. Not a coroutine: it hands over the handler's awaitable.
-        assert isinstance(request, web.Request)
-        if own_paths.routed_elsewhere(request.rel_url.path_safe) or "Expect" in request.headers:
-            return app_handler(request)
-        set_match_info(request, proxied_match)
-        return forwarder.serve(request)
+    def front(app_handler: AppHandler) -> AppHandler:
+        def proxied_or_own(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            # A proxied request skips the router's walk and aiohttp's middleware chain (about 9 µs
+            # a request, benchmarks/run.py): it gets the catch-all's match, as the router would give
+            # it, and the problem middleware's steps in the forwarder's own frame. Anything else (own
+            # paths, Expect) goes the usual way. Not a coroutine: it hands over the handler's awaitable.
+            assert isinstance(request, web.Request)
+            if own_paths.routed_elsewhere(request.rel_url.path_safe) or "Expect" in request.headers:
+                return app_handler(request)
+            set_match_info(request, proxied_match)
+            return forwarder.serve(request)
+
+        return proxied_or_own
 
     app[CLIENT_LIMITS] = ClientLimits(lambda: forwarder.config.proxy, record_refusal, front=front)
     if own is not app:

@@ -50,7 +50,8 @@ class Refusal(NamedTuple):
 
 
 AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-Front = Callable[[web.BaseRequest, AppHandler], Awaitable[web.StreamResponse]]
+# Given the app's own handler, the handler every request goes to.
+Front = Callable[[AppHandler], AppHandler]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class ClientLimits:
 
     settings: Callable[[], ProxyConfig]
     on_refusal: Callable[[Refusal], None]
-    # When set, every request goes to front(request, app_handler) instead of straight to the app:
+    # When set, every request goes to front(app_handler) instead of straight to the app:
     # it may answer without aiohttp's router and middleware chain, or hand over to app_handler.
     front: Front | None = None
 
@@ -178,13 +179,13 @@ class ClientConnection(RequestHandler):
             return
         message, payload = self._messages[-1]
         if not isinstance(message, RawRequestMessage):
-            self._refused = True  # the parser refused it (answered by handle_error): read no more
+            self._refuse_more()  # the parser refused it (answered by handle_error): read no more
             return
         if message.path[:1] != "/":  # rare: not origin-form
             if not forwardable_form(message.method, message.path):
                 # Authority-form (CONNECT), asterisk-form, or a scheme we do not speak: never routed.
                 self._messages[-1] = (self._err_info(400, "bad_target", CANNOT_FORWARD), EMPTY_PAYLOAD)
-                self._refused = True
+                self._refuse_more()
                 return
             if not message.url.relative().path:  # "http://host": its path is "/" (RFC 9112 §3.2.2)
                 self._messages[-1] = (message._replace(url=message.url.with_path("/", keep_query=True)), payload)
@@ -192,7 +193,7 @@ class ClientConnection(RequestHandler):
             # Still queued: answered as a refusal instead of being handled.
             refusal = self._err_info(431, "header_section_too_large", "Request header section too large")
             self._messages[-1] = (refusal, EMPTY_PAYLOAD)
-            self._refused = True
+            self._refuse_more()
         elif payload is not EMPTY_PAYLOAD and not payload.is_eof():
             now = self._loop.time()
             self._body, self._body_last, self._body_deadline = payload, now, now + self._request_timeout
@@ -233,7 +234,7 @@ class ClientConnection(RequestHandler):
 
     def _body_timed_out(self, body: StreamReader, reason: str, detail: str) -> None:
         self._body = None
-        self._refused = True  # nothing more is read from this client
+        self._refuse_more()  # nothing more is read from this client
         if self._current_request is None:  # the answer went out already: just close
             self.force_close()
             return
@@ -241,12 +242,19 @@ class ClientConnection(RequestHandler):
         body.feed_eof()  # no lingering read after the answer
         self.close()  # the connection closes once the 408 is written
 
+    def _refuse_more(self) -> None:
+        """Read nothing more from this client, and close lingering after the refusal's answer.
+        The connection becomes a _RefusedConnection (same slots, its finish_response lingers): every
+        other request is spared the coroutine level an override checking the flag would add."""
+        self._refused = True
+        self.__class__ = _RefusedConnection
+
     def _err_info(self, status: int, reason: str, detail: str) -> QueuedRefusal:
         return queued_refusal(status, _Refused(status, reason, detail), detail)
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         """Queue an answer to a request refused while its header section arrives; read no more."""
-        self._refused = True
+        self._refuse_more()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -276,15 +284,6 @@ class ClientConnection(RequestHandler):
         response.force_close()
         return response
 
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        """aiohttp's, then, for a refused client, a lingering close."""
-        result = await super().finish_response(request, resp, start_time)
-        if self._refused:
-            await self._linger()
-        return result
-
     async def _linger(self) -> None:
         """Half-close, and read (discarding) until the client closes or LINGER_S pass: closing
         at once, with its bytes still arriving, would reset the connection, and the client could
@@ -299,6 +298,20 @@ class ClientConnection(RequestHandler):
                 await self._gone
         except TimeoutError:
             pass
+
+
+class _RefusedConnection(ClientConnection):
+    """A ClientConnection that refused its client (see `_refuse_more`)."""
+
+    __slots__ = ()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, then a lingering close."""
+        result = await super().finish_response(request, resp, start_time)
+        await self._linger()
+        return result
 
 
 class _Server(web.Server):
@@ -328,9 +341,7 @@ class ClientLimitsRunner(ProtocolRunner):
     def make_server(self, plain: web.Server, settings: dict[str, Any], loop: asyncio.AbstractEventLoop) -> web.Server:
         limits = self.app[CLIENT_LIMITS]
         handler: AppHandler = plain.request_handler
-        front = limits.front
-        if front is not None:
-            app_handler = handler
-            handler = lambda request: front(request, app_handler)  # noqa: E731 - no coroutine frame of its own
+        if limits.front is not None:
+            handler = limits.front(handler)
         # The same server aiohttp built (handler, request factory, handler_args), another protocol.
         return _Server(handler, plain, limits, loop, settings)

@@ -199,7 +199,7 @@ class Forwarder:
             target, host = upstream_target(request)
             if self.own_paths is not None:
                 self.own_paths.refuse(request, target)
-            pool, target = self._pool_for(request, target, host)
+            pool, target = self._pool_for(request, target, host) if self.pools.routed else (self.pools.default, target)
             if pool is None:  # no route, and no default pool to fall back to: the balancer's own 404
                 self._finish(request, 404, started, request_id, reason="no_route")
                 return problem_response(404, NO_ROUTE, instance=request.path, request_id=request_id)
@@ -207,7 +207,7 @@ class Forwarder:
                 return await self._websocket(request, pool, request_id, started, target, host)
             # Read before the request counts against any backend: an upload in progress holds no
             # backend connection, so stalled uploads cannot starve other clients.
-            body, replayable = await self._request_body(request)
+            body, replayable = await self._request_body(request) if request.body_exists else (None, True)
             # Capacity is never below max_pending: the scan over backends only runs near overload.
             if self.in_flight >= self.config.proxy.max_pending and self.in_flight >= self._capacity():
                 self._finish(request, 503, started, request_id, logged_tries="shed", pool=pool)
@@ -295,14 +295,14 @@ class Forwarder:
         replayable: bool,
         deadline: float,
     ) -> web.StreamResponse:
-        budget = self._budget(pool)
+        budget = self.budgets.get(pool.name) or self._budget(pool)
         budget.on_request()
         headers = self.header_policy.upstream_headers(request, request_id)
         path, host = target
         if host is not None:  # an absolute-form target names the host (RFC 9112 §3.2.2)
             headers["Host"] = host
-        key = self._hash_key(request, pool)
-        pinned = self._pinned(request, pool)
+        key = None if pool.hash_on is None else self._hash_key(request, pool)
+        pinned = None if pool.sticky_cookie is None else self._pinned(request, pool)
 
         tried: list[Backend] = []
         tries: list[TryResult] = []
