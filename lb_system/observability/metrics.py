@@ -130,17 +130,8 @@ class _ProxiedSeries(Collector):
         self.series: dict[tuple[str | None, str, str, int], _Series] = {}
         self.durations: dict[tuple[str | None, str], _Durations] = {}
 
-    def add(self, pool: str | None, backend: str, method: str, status: int, seconds: float) -> None:
-        # One dict look-up a request: the series holds its durations too.
-        series = self.series.get((pool, backend, method, status))
-        if series is None:
-            series = self._new(pool, backend, method, status)
-        series.count += 1
-        durations = series.durations
-        durations.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
-        durations.total += seconds
-
-    def _new(self, pool: str | None, backend: str, method: str, status: int) -> _Series:
+    def new_series(self, pool: str | None, backend: str, method: str, status: int) -> _Series:
+        """The series of a key first seen (Metrics.on_request counts into it)."""
         durations = self.durations.get((pool, backend))
         if durations is None:
             durations = self.durations[pool, backend] = _Durations()
@@ -198,13 +189,6 @@ class _ByteCounts(Collector):
 
     def __init__(self) -> None:
         self.counts: dict[str, list[int]] = {}  # backend -> [request bytes, response bytes]
-
-    def add(self, backend: str, request_bytes: int, response_bytes: int) -> None:
-        counts = self.counts.get(backend)
-        if counts is None:
-            counts = self.counts[backend] = [0, 0]
-        counts[0] += request_bytes
-        counts[1] += response_bytes
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
@@ -295,21 +279,36 @@ class Metrics(Observer):
             self.retries.labels(backend.name)
 
     def on_request(self, done: ProxiedRequest) -> None:
-        # Bounded as the labels are: config names, standard methods, status codes.
-        pool = done.pool if self.pools.routed else None
-        self.proxied.add(pool, done.backend, done.method if done.method in _METHODS else "OTHER", done.status, done.duration_s)
-        if done.request_bytes or done.response_bytes:
-            self.bytes.add(done.backend, done.request_bytes, done.response_bytes)
-        if len(done.tries) > 1:
+        # Counted here, not through a call per family: once per proxied request.
+        method, status, backend, seconds, tries, no_backend, pool, request_bytes, response_bytes = done
+        if not self.pools.routed:
+            pool = None
+        if method not in _METHODS:  # bounded as the labels are: config names, standard methods, status codes
+            method = "OTHER"
+        proxied = self.proxied
+        series = proxied.series.get((pool, backend, method, status))  # the series holds its durations too
+        if series is None:
+            series = proxied.new_series(pool, backend, method, status)
+        series.count += 1
+        durations = series.durations
+        durations.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in its bucket
+        durations.total += seconds
+        if request_bytes or response_bytes:
+            counts = self.bytes.counts.get(backend)
+            if counts is None:
+                counts = self.bytes.counts[backend] = [0, 0]
+            counts[0] += request_bytes
+            counts[1] += response_bytes
+        if len(tries) > 1:
             for name in done.retried_from:
                 self.retries.labels(name).inc()
-        if done.no_backend:
+        if no_backend:
             self.no_backend.inc()
 
     def count_own_answer(self, method: str, status: int, seconds: float) -> None:
         """An answer of the balancer's own that `lb_requests_total` counts as the balancer's
         (its /health while unavailable), beside those of proxied requests."""
-        self.proxied.add(None, BALANCER, method if method in _METHODS else "OTHER", status, seconds)
+        self.on_request(ProxiedRequest(method, status, BALANCER, seconds, ()))
 
     def on_check(self, result: CheckResult) -> None:
         self.health_checks.labels(result.backend, "ok" if result.ok else "failed").inc()
