@@ -44,7 +44,7 @@ from lb_system.proxy.failures import Failure, classify
 from lb_system.proxy.headers import HeaderPolicy, response_headers, strip_hop_by_hop
 from lb_system.proxy.targets import OwnPaths, resolved_path, upstream_target
 from lb_system.proxy.websocket import is_websocket_upgrade, tunnel_both_ways
-from lb_system.upstream import Exchange, Transport, TunnelLimitReached, UpstreamError, split_url
+from lb_system.upstream import Exchange, HeadFields, Transport, TunnelLimitReached, UpstreamError, split_url
 
 # Bodies up to this size are read whole: one write each way and a retry can replay them.
 BUFFER_LIMIT = 256 * 1024
@@ -297,10 +297,9 @@ class Forwarder:
     ) -> web.StreamResponse:
         budget = self.budgets.get(pool.name) or self._budget(pool)
         budget.on_request()
-        headers = self.header_policy.upstream_headers(request, request_id)
         path, host = target
-        if host is not None:  # an absolute-form target names the host (RFC 9112 §3.2.2)
-            headers["Host"] = host
+        # The backend's header lines, built once for every try (an absolute-form target names the Host).
+        fields = self.header_policy.upstream_head_fields(request, request_id, host)
         key = None if pool.hash_on is None else self._hash_key(request, pool)
         pinned = None if pool.sticky_cookie is None else self._pinned(request, pool)
 
@@ -316,7 +315,7 @@ class Forwarder:
                 pool.acquire(backend)  # the backend counts this request until the try ends (released below)
                 try:
                     try:
-                        upstream, data = await self._send(request, backend, path, headers, body, deadline)
+                        upstream, data = await self._send(request, backend, path, fields, body, deadline)
                     except _TryFailed as failure:
                         last_failure = failure
                         tries.append(TryResult(backend.name, None, time.perf_counter() - try_started, failure.reason))
@@ -584,7 +583,7 @@ class Forwarder:
         request: web.Request,
         backend: Backend,
         path: str,
-        headers: CIMultiDict[str],
+        fields: HeadFields,
         body: bytes | _LimitedBody | None,
         deadline: float,
     ) -> tuple[Exchange, bytes | None]:
@@ -605,7 +604,7 @@ class Forwarder:
             upstream = await endpoint.request(
                 request.method,
                 prefix + path if prefix else path,
-                headers.items(),
+                fields,
                 body,
                 body_length=request.content_length if isinstance(body, _LimitedBody) else None,
                 read_timeout=proxy.per_try_timeout,  # each wait for the next piece of a streamed body
