@@ -202,6 +202,36 @@ async def test_a_full_backlog_is_a_connect_timeout(make_transport: MakeTransport
         backlog.close()
 
 
+async def test_a_short_wait_after_a_long_one_on_the_same_connection_times_out_on_time(
+    serve: Serve, make_transport: MakeTransport
+) -> None:
+    """A connection's one timer is armed for the first wait's 30 s; the next wait's 0.1 s must
+    re-arm it, not wait behind it (the outer 10 s bound would fail the test with TimeoutError)."""
+    server = await serve(answer(), stall())
+    endpoint = make_transport(max_connections_per_backend=1).endpoint(server.url)
+    assert await fetch(endpoint, timeout=30) == (200, b"ok")
+    error = await asyncio.wait_for(fails(endpoint.request("GET", "/", timeout=0.1)), 10)
+    assert (error.reason, error.answered) == ("timeout", False)
+    assert server.accepted == 1  # both waits on the same connection
+
+
+async def test_a_long_wait_after_a_short_one_on_the_same_connection_is_not_cut_short(
+    serve: Serve, make_transport: MakeTransport
+) -> None:
+    """The timer armed for the first wait's 0.05 s fires during the second wait, which has 30 s:
+    it is re-armed, and the answer that comes after 0.05 s is the caller's."""
+    gate = asyncio.Event()
+    server = await serve(answer(), gated(gate))
+    endpoint = make_transport(max_connections_per_backend=1).endpoint(server.url)
+    assert await fetch(endpoint, timeout=0.05) == (200, b"ok")
+    second = asyncio.create_task(fetch(endpoint, timeout=30))
+    await wait_for(lambda: len(server.requests) == 2)
+    await asyncio.sleep(0.2)  # past the first wait's expiry: the timer fired and found a later one
+    gate.set()
+    assert await second == (200, b"ok")
+    assert server.accepted == 1
+
+
 async def test_headers_then_a_stall_is_a_timeout(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
     endpoint = make_transport().endpoint(server.url)

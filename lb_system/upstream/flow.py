@@ -38,7 +38,8 @@ class FlowControl:
     def consumed(self) -> None:
         """The reader took everything buffered: read again."""
         self.buffered = 0
-        self.resume_reading()
+        if self.read_paused:
+            self.resume_reading()
 
     def pause_reading(self) -> None:
         if not self.read_paused:

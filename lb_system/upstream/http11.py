@@ -166,11 +166,6 @@ def shorter_wait(loop: asyncio.AbstractEventLoop, timeout: float | None, deadlin
     return left if timeout is None else min(timeout, left)
 
 
-def _expire(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
-
-
 class Exchange:
     """One request and the backend's answer: the head at once, the body read with
     `read_chunk`/`read` or by iterating.
@@ -182,49 +177,47 @@ class Exchange:
     among its endpoint's idle connections; otherwise it is closed.
     """
 
-    # Defaults as class attributes: an exchange per request sets only what it must.
-    status = 0
-    reason = ""
-    version = "1.1"
-    has_body = False  # False for HEAD, 1xx, 204, 304 and a Content-Length of 0
-    content_length: int | None = None
-    chunked = False
-    hop_by_hop = False  # the answer's head names a hop-by-hop header (Connection among them)
-    _reason = b""
-    # Counted against `limits`: the current head's (or, after the final head, the trailers')
-    # bytes and fields so far, the interim answers, and the bytes fed since the parser last
-    # finished a piece (a field, a chunk line, body bytes): a line that never ends grows it.
-    _section = _HEAD_FRAMING
-    _fields = 0
-    _interim = 0
-    _unparsed = 0
-    _broken: type[ProtocolError] | None = None
-    # The current head's first Transfer-Encoding, Content-Length and Connection values, noted as parsed.
-    _encoding: bytes | None = None
-    _length: bytes | None = None
-    _connection_value: bytes | None = None
-    _final = False  # the final (non-1xx) head arrived
-    _complete = False  # the body arrived whole (or the head, for an answer without one)
-    _answered = False
-    _sent = False
-    _error: BaseException | None = None
-    _waiter: asyncio.Future[None] | None = None
-    _sender: asyncio.Task[None] | None = None
-    _upgraded: bytearray | None = None
-    _released = False
-
     def __init__(self, connection: UpstreamConnection, head: RequestHead, read_timeout: float | None, limits: HeadLimits) -> None:
+        self.status = 0
+        self.reason = ""
+        self.version = "1.1"
         self.headers: list[tuple[str, str]] = []  # (name, value) as received, in order
+        self.has_body = False  # False for HEAD, 1xx, 204, 304 and a Content-Length of 0
+        self.content_length: int | None = None
+        self.chunked = False
+        self.hop_by_hop = False  # the answer's head names a hop-by-hop header (Connection among them)
         self.read_timeout = read_timeout  # the longest wait for the next piece of the body
         self._connection = connection
         self._request = head
         self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
         self._raw: list[tuple[str, str]] = []
         self._limits = limits
+        # Counted against `limits`: the current head's (or, after the final head, the trailers')
+        # bytes and fields so far, the interim answers, and the bytes fed since the parser last
+        # finished a piece (a field, a chunk line, body bytes): a line that never ends grows it.
+        self._section = _HEAD_FRAMING
+        self._fields = 0
+        self._interim = 0
+        self._unparsed = 0
+        self._broken: type[ProtocolError] | None = None
+        # The current head's first Transfer-Encoding, Content-Length and Connection values, noted as parsed.
+        self._encoding: bytes | None = None
+        self._length: bytes | None = None
+        self._connection_value: bytes | None = None
         self._head_waiter: asyncio.Future[None] = connection.loop.create_future()
         self.state = ConnectionState.ACTIVE
+        self._final = False  # the final (non-1xx) head arrived
+        self._complete = False  # the body arrived whole (or the head, for an answer without one)
+        self._answered = False
+        self._sent = False
+        self._error: BaseException | None = None
         self._chunks: deque[bytes] = deque()
         self._flow = connection.flow
+        self._waiter: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._upgraded: bytearray | None = None
+        self._released = False
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of the header `name` (any case), or `default`."""
@@ -449,7 +442,9 @@ class Exchange:
         """Wait for the answer's head (1xx skipped), `timeout` at most; on failure the exchange is
         released and the error raised. The one coroutine of the wait: no `_wait_for` beneath it."""
         waiter = self._head_waiter
-        timer = self._connection.loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        connection = self._connection
+        if timeout is not None:
+            connection.time(waiter, timeout)
         try:
             await waiter
         except BaseException as error:
@@ -457,21 +452,21 @@ class Exchange:
             self.release()
             raise failure from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            connection.timed = None
         if self._error is not None:  # the head came with a broken rest (a 101 that is no upgrade)
             self.release()
             raise self._error
 
     async def _wait_for(self, waiter: asyncio.Future[None], timeout: float | None) -> None:
-        timer = self._connection.loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        connection = self._connection
+        if timeout is not None:
+            connection.time(waiter, timeout)
         try:
             await waiter
         except BaseException as error:
             raise self._wait_failed(error) from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            connection.timed = None
 
     def _wait_failed(self, error: BaseException) -> BaseException:
         """A wait ended in `error` (its timer's TimeoutError, a failure, a cancellation): the
@@ -533,11 +528,12 @@ class Exchange:
             return
         self._released = True
         sender = self._sender
-        if sender is not None and not sender.done():
-            sender.cancel()
-            self.state = ConnectionState.CLOSED  # an upload cut short: the backend waits for the rest
-        elif sender is not None and (sender.cancelled() or sender.exception() is not None):
-            self.state = ConnectionState.CLOSED
+        if sender is not None:
+            if not sender.done():
+                sender.cancel()
+                self.state = ConnectionState.CLOSED  # an upload cut short: the backend waits for the rest
+            elif sender.cancelled() or sender.exception() is not None:
+                self.state = ConnectionState.CLOSED
         self._flow.consumed()  # a body left unread: the connection must read again to be of any use
         self._connection.exchange_done(self.state is ConnectionState.IDLE)
         # Nothing feeds this answer any more. The parser holds its bound callbacks: a reference
@@ -634,6 +630,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._tunnel: Tunnel | None = None
         self._lost = False  # connection_lost ran
         self._closed_waiter: asyncio.Future[None] | None = None
+        # The one timed wait of its exchange at a time (`time`): its future and when it expires,
+        # watched by a timer armed no later than that, and re-armed only when it fires early. A
+        # wait that ends leaves the timer be: one timer per `timeout`, not one per wait.
+        self.timed: asyncio.Future[None] | None = None
+        self._expires = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -783,7 +785,32 @@ class UpstreamConnection(asyncio.Protocol):
             self._closed_waiter = self.loop.create_future()
         await asyncio.shield(self._closed_waiter)
 
+    def time(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        """Fail `waiter` with TimeoutError unless it is done within `timeout`, or `timed` is reset."""
+        loop = self.loop
+        expires = loop.time() + timeout
+        self.timed, self._expires = waiter, expires
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > expires:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = loop.call_at(expires, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        waiter = self.timed
+        if waiter is None or waiter.done():
+            return
+        if self.loop.time() >= self._expires:
+            self.timed = None
+            waiter.set_exception(TimeoutError())
+        else:  # a wait begun since the timer was armed: it expires later
+            self._watchdog = self.loop.call_at(self._expires, self._watch)
+
     def _gone_now(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.state is not ConnectionState.CLOSED:
             idle, self.state = self.state is ConnectionState.IDLE, ConnectionState.CLOSED
             self.owner.connection_closed(self, idle)
