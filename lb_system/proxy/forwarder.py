@@ -646,7 +646,7 @@ class Forwarder:
         try:
             status = upstream.status
             response = web.Response(status=status, reason=upstream.reason, headers=upstream.headers, body=data or None)
-            headers = self._answer_headers(request, backend, response, request_id)
+            headers = self._answer_headers(request, backend, upstream, response, request_id)
             if data:  # aiohttp sets the length of the body it sends; a HEAD keeps the backend's
                 headers.pop("Content-Length", None)
         finally:
@@ -668,11 +668,13 @@ class Forwarder:
         return response
 
     def _answer_headers(
-        self, request: web.Request, backend: Backend, response: web.StreamResponse, request_id: str
+        self, request: web.Request, backend: Backend, upstream: Exchange, response: web.StreamResponse, request_id: str
     ) -> CIMultiDict[str]:
         """The response's copy of the backend's headers, edited in place (aiohttp's own copy is
         the only one made): hop-by-hop gone, the backend named, the sticky cookie, the request id."""
-        headers = strip_hop_by_hop(response.headers)
+        headers = response.headers
+        if upstream.hop_by_hop:  # noted while parsing: most answers have none to strip
+            strip_hop_by_hop(headers)
         headers[ANSWERED_BY_HEADER] = backend.name
         self._pin(request, backend, headers)
         headers[REQUEST_ID_HEADER] = request_id
@@ -683,7 +685,7 @@ class Forwarder:
         `per_try_timeout`) is that backend's failure: counted towards ejection and marked on the
         response (RESPONSE_CUT) so it is recorded as its 502."""
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=upstream.headers)
-        self._answer_headers(request, backend, response, request_id).pop("Content-Length", None)
+        self._answer_headers(request, backend, upstream, response, request_id).pop("Content-Length", None)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         else:
