@@ -22,6 +22,7 @@ from lb_system.observability.log import (
     TextFormatter,
     configure_logging,
     text_value,
+    with_fields,
 )
 
 
@@ -198,6 +199,14 @@ def test_a_value_renders_the_same_the_first_time_and_from_the_memo_past_its_boun
     assert first[-1] == "'/p/2999 q'" and text_value("/p/0 q") == "'/p/0 q'"
     for value, rendered in zip(values, first, strict=True):
         assert rendered == value or ast.literal_eval(rendered) == value
+
+
+def test_a_line_renders_each_value_as_text_value_does() -> None:
+    # with_fields inlines text_value's commonest cases (memoized strings, numbers).
+    values: list[object] = [*FORGERIES, "/tasks/1", "/tasks/1", "GET", 200, -1, 1.5, 0.1 + 0.2, None, True, False, Path("a b")]
+    fields = {f"k{i}": value for i, value in enumerate(values)}
+    assert with_fields("access", fields) == "access " + " ".join(f"k{i}={text_value(v)}" for i, v in enumerate(values))
+    assert with_fields("access", {}) == "access"
 
 
 def test_plain_values_stay_bare() -> None:

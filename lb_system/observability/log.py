@@ -100,7 +100,20 @@ def with_fields(message: str, fields: Mapping[str, object]) -> str:
     """`<message> key=value ...`."""
     if not fields:
         return message
-    return message + " " + " ".join([f"{key}={text_value(value)}" for key, value in fields.items()])
+    # text_value's commonest cases inline: a line's values are mostly memoized strings and numbers.
+    memo = _RENDERED
+    parts = [message]
+    for key, value in fields.items():
+        if type(value) is str:
+            text = memo.get(value)
+            if text is None:
+                text = text_value(value)
+        elif type(value) is int or type(value) is float:
+            text = repr(value)
+        else:
+            text = text_value(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def json_value(value: object) -> object:
