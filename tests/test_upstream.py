@@ -232,6 +232,30 @@ async def test_a_long_wait_after_a_short_one_on_the_same_connection_is_not_cut_s
     assert server.accepted == 1
 
 
+async def test_a_body_that_arrived_whole_is_taken_without_a_wait(serve: Serve, make_transport: MakeTransport) -> None:
+    server = await serve(answer(body=b"whole"), stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+    endpoint = make_transport().endpoint(server.url)
+    response = await endpoint.request("GET", "/")
+    arrived: list[bytes] = []
+
+    def taken() -> bool:
+        data = response.body_arrived()
+        if data is not None:
+            arrived.append(data)
+        return data is not None
+
+    await wait_for(taken)
+    assert arrived == [b"whole"]
+    assert await response.read() == b""  # all of it was taken
+    assert response.state is ConnectionState.IDLE
+    response.release()
+    partial = await endpoint.request("GET", "/", read_timeout=0.1)
+    await wait_for(lambda: partial.body_arrived() is None and bool(partial.content_length))
+    assert await partial.read_chunk() == b"abc"  # a body still coming is read as ever
+    partial.release()
+    assert server.accepted == 1  # the first answer taken whole left its connection reusable
+
+
 async def test_headers_then_a_stall_is_a_timeout(serve: Serve, make_transport: MakeTransport) -> None:
     server = await serve(stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
     endpoint = make_transport().endpoint(server.url)

@@ -498,6 +498,17 @@ class Exchange:
             finally:
                 self._waiter = None
 
+    def body_arrived(self) -> bytes | None:
+        """The whole body when all of it already arrived (what `read()` would return, without its
+        coroutine and its waits); None when some is still to come: then `read()`."""
+        if not self._complete or self._error is not None or self._released:
+            return None
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._flow.consumed()
+        return data
+
     async def read(self, deadline: float | None = None) -> bytes:
         """The whole body (for small ones), by `deadline` (loop time) when one is given."""
         parts = []
