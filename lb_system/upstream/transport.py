@@ -36,7 +36,6 @@ from lb_system.upstream.http11 import (
     RequestHead,
     UpstreamConnection,
     build_head,
-    shorter_wait,
 )
 
 __all__ = ["Endpoint", "TunnelLimitReached", "Transport", "split_url"]
@@ -190,10 +189,12 @@ class Endpoint:
 
     def _left(self, timeout: float | None, deadline: float | None) -> float | None:
         """The shorter of `timeout` and the time left until `deadline`; past it, a timeout now."""
-        loop = self._get_loop()
-        if deadline is not None and deadline <= loop.time():
+        if deadline is None:
+            return timeout
+        left = deadline - self._get_loop().time()
+        if left <= 0:
             raise Timeout
-        return shorter_wait(loop, timeout, deadline)
+        return left if timeout is None or timeout > left else timeout
 
     async def open_tunnel(
         self,
@@ -383,7 +384,7 @@ class Endpoint:
         if self._closed:
             connection.close()
             return
-        if self._hand_to_waiter(connection):
+        if self._waiters and self._hand_to_waiter(connection):
             return
         if self._retired:
             connection.close()
