@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import logging
 import os
 import re
 import threading
@@ -15,6 +16,8 @@ import pytest
 from support.waiting import wait_for
 
 from lb_system.balancing.pool import Backend
+from lb_system.config import LogConfig
+from lb_system.observability.log import LOGGER_NAME, configure_logging
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S")
 # A text record, strictly: time, level, event words, then ` key=value` fields to the end of the line,
@@ -245,3 +248,23 @@ def test_a_pid_in_the_file_name_gives_each_process_its_own_log(make_config, log_
     own = tmp_path / "logs" / f"balancer-{os.getpid()}.log"
     assert [parse_text_line(line)["event"] for line in own.read_text(encoding="utf-8").splitlines()] == ["started"]
     assert not (tmp_path / "logs" / "balancer-{pid}.log").exists()
+
+
+def test_batches_that_fit_are_written_whole_and_their_bytes_counted_for_the_next_rollover(tmp_path: Path) -> None:
+    # A batch that fits is written in one go, a batch that does not line by line; both count bytes
+    # (é and € take 2 and 3: the line-by-line check once counted characters and let a file reach
+    # 1001 bytes), so every file stays under max_bytes, and every line is kept, in order.
+    listener = configure_logging(LogConfig(file=str(tmp_path / "b.log"), max_bytes=1000, backups=9), console=False)
+    (handler,) = listener.handlers
+    try:
+        for batch in range(24):
+            handler.write_batch([f"{batch:02d} {n} é€\n" for n in range(10)])  # type: ignore[attr-defined]
+    finally:
+        listener.stop()
+        handler.close()
+        logger = logging.getLogger(LOGGER_NAME)
+        for hand_off in list(logger.handlers):
+            logger.removeHandler(hand_off)
+    files = log_files(tmp_path / "b.log")
+    assert len(files) == 3 and all(0 < f.stat().st_size < 1000 for f in files)  # 2640 bytes
+    assert all_lines(tmp_path / "b.log") == [f"{batch:02d} {n} é€" for batch in range(24) for n in range(10)]

@@ -262,12 +262,13 @@ class _BatchStreamHandler(logging.StreamHandler):
     def render(self, records: list[logging.LogRecord | AccessEntry], *, filtered: bool = False) -> list[str]:
         """Each record (that passes this handler's filters) as its line, terminator included."""
         lines = []
-        formatter = self.formatter
+        formatter, terminator = self.formatter, self.terminator
+        # Access lines straight from their fields, unless a filter or a foreign formatter needs records.
+        fields_line = formatter.fields_line if isinstance(formatter, _UTCFormatter) and not self.filters else None
         for record in records:
             if type(record) is AccessEntry:
-                if isinstance(formatter, _UTCFormatter) and not self.filters:
-                    line = formatter.fields_line(record.created, "INFO", record.logger, "access", record.fields)
-                    lines.append(line + self.terminator)
+                if fields_line is not None:
+                    lines.append(fields_line(record.created, "INFO", record.logger, "access", record.fields) + terminator)
                     continue
                 record = record.as_record()
             assert isinstance(record, logging.LogRecord)
@@ -325,17 +326,25 @@ class _FileHandler(_BatchStreamHandler, logging.handlers.RotatingFileHandler):
 
     def _write_lines(self, lines: list[str]) -> None:
         stream, size = self._opened()
+        text = "".join(lines)
+        total = len(text) if text.isascii() else len(text.encode(self.encoding or "utf-8"))
+        if not self._rolls or size + total < self.maxBytes:  # the whole batch fits: no line needs the check
+            stream.write(text)
+            self.flush()
+            self._size = size + total
+            return
         pending: list[str] = []
         pending_size = 0
         for line in lines:
+            length = len(line) if line.isascii() else len(line.encode(self.encoding or "utf-8"))  # in bytes
             # An empty file is never rolled over, even by a line longer than max_bytes.
-            if self._rolls and size + pending_size + len(line) >= self.maxBytes and (pending or size):
+            if self._rolls and size + pending_size + length >= self.maxBytes and (pending or size):
                 stream.write("".join(pending))
                 pending, pending_size = [], 0
                 self.doRollover()
                 stream, size = self._opened()
             pending.append(line)
-            pending_size += len(line) if line.isascii() else len(line.encode(self.encoding or "utf-8"))
+            pending_size += length
         stream.write("".join(pending))
         self.flush()
         self._size = size + pending_size
