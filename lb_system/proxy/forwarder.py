@@ -613,7 +613,10 @@ class Forwarder:
             if not upstream.has_body:  # HEAD, 1xx, 204, 304, or a Content-Length of 0
                 data: bytes | None = b""
             elif upstream.content_length is not None and upstream.content_length <= BUFFER_LIMIT:
-                data = await upstream.read(try_deadline)
+                # Usually the body came with the head: taken as it is, without read()'s coroutines.
+                data = upstream.body_arrived()
+                if data is None:
+                    data = await upstream.read(try_deadline)
             else:
                 data = None  # streamed by the caller
         except BaseException as error:
