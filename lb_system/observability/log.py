@@ -106,8 +106,8 @@ def with_fields(message: str, fields: Mapping[str, object]) -> str:
     for key, value in fields.items():
         if type(value) is str:
             text = memo.get(value)
-            if text is None:
-                text = text_value(value)
+            if text is None:  # ids and methods are words (not memoized: ids never repeat)
+                text = value if value.isalnum() and value.isascii() else text_value(value)
         elif type(value) is int or type(value) is float:
             text = repr(value)
         else:
