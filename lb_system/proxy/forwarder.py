@@ -219,7 +219,7 @@ class Forwarder:
                 self.in_flight -= 1
         except web.HTTPMethodNotAllowed:
             # A wrong method on one of the balancer's own endpoints: its own answer, counted as its own.
-            self._notify(request.method, 405, BALANCER, started, [])
+            self._notify(request.method, 405, BALANCER, time.perf_counter() - started, [])
             raise
         except web.HTTPException as error:
             # The client's fault found on the way (a body too large, too slow or cut): the balancer answers it.
@@ -240,7 +240,7 @@ class Forwarder:
             client=refusal.client,
             reason=refusal.reason,
         )
-        self._notify("-", refusal.status, BALANCER, time.perf_counter(), [])
+        self._notify("-", refusal.status, BALANCER, 0.0, [])
 
     def _capacity(self) -> int:
         """Requests past every eligible backend's connection cap wait, up to `max_pending`; more are shed."""
@@ -414,34 +414,18 @@ class Forwarder:
             logged_tries = render_tries(tries)
         if logged_backend is None and answered_by != BALANCER:
             logged_backend = answered_by
-        # One clock read for both (the line's duration and the observers'), each called directly: once a request.
+        # One clock read for both: the line's duration and the observers'.
         duration = time.perf_counter() - started
-        method = request.method
-        routed = request.get(ROUTED) if self.pools.routed else None
-        self.access_log.write(
-            method=method,
-            path=request.path,
-            status=status,
-            backend=logged_backend,
-            duration_ms=duration * 1000,
-            request_id=request_id,
-            tries=logged_tries,
-            client=(request.remote or "-") if reason else None,
-            reason=reason,
-            pool=None if routed is None else routed.pool or UNROUTED,
-            route=None if routed is None else routed.route,
-        )
-        self.observers.on_request(
-            ProxiedRequest(
-                method,
-                status if observed_status is None else observed_status,
-                answered_by,
-                duration,
-                tuple(tries),
-                no_backend,
-                None if pool is None else pool.name,
-                *sizes,
-            )
+        self._access_log(request, status, logged_backend, duration, request_id, logged_tries, reason=reason)
+        self._notify(
+            request.method,
+            status if observed_status is None else observed_status,
+            answered_by,
+            duration,
+            tries,
+            no_backend=no_backend,
+            pool=pool,
+            sizes=sizes,
         )
 
     def _notify(
@@ -449,19 +433,20 @@ class Forwarder:
         method: str,
         status: int,
         backend: str,
-        started: float,
+        duration: float,
         tries: list[TryResult],
         *,
         no_backend: bool = False,
         pool: BackendPool | None = None,
         sizes: tuple[int, int] = (0, 0),
     ) -> None:
+        """What the observers hear of a request that took `duration` seconds."""
         self.observers.on_request(
             ProxiedRequest(
                 method,
                 status,
                 backend,
-                time.perf_counter() - started,
+                duration,
                 tuple(tries),
                 no_backend,
                 None if pool is None else pool.name,
@@ -481,7 +466,7 @@ class Forwarder:
         """Tunnel a WebSocket to one backend, raw bytes after its 101, until either side closes."""
         backend = pool.choose(self._hash_key(request, pool), pinned=self._pinned(request, pool))
         if backend is None:
-            self._notify(request.method, 503, BALANCER, started, [], no_backend=True, pool=pool)
+            self._notify(request.method, 503, BALANCER, time.perf_counter() - started, [], no_backend=True, pool=pool)
             return _unavailable(request, request_id)
         headers = self.header_policy.upstream_headers(request, request_id)
         if host is not None:
@@ -531,9 +516,9 @@ class Forwarder:
             tunnel = upstream.detach()
             # Counted at the handshake: the session that follows may last for hours.
             opened = TryResult(backend.name, 101, time.perf_counter() - started)
-            self._notify(request.method, 101, backend.name, started, [opened], pool=pool)
+            self._notify(request.method, 101, backend.name, opened.duration_s, [opened], pool=pool)
             client = await tunnel_both_ways(request, upstream.status, upstream.reason, answer, tunnel)
-            self._access_log(request, 101, backend.name, started, request_id, render_tries([opened]))
+            self._access_log(request, 101, backend.name, time.perf_counter() - started, request_id, render_tries([opened]))
             return client
 
     @staticmethod
@@ -737,19 +722,20 @@ class Forwarder:
         request: web.Request,
         status: int,
         backend: str | None,
-        started: float,
+        duration: float,
         request_id: str,
         tries: str | None,
         *,
         reason: str | None = None,
     ) -> None:
+        """The access line of a request that took `duration` seconds."""
         routed = request.get(ROUTED) if self.pools.routed else None
         self.access_log.write(
             method=request.method,
             path=request.path,
             status=status,
             backend=backend,
-            duration_ms=(time.perf_counter() - started) * 1000,
+            duration_ms=duration * 1000,
             request_id=request_id,
             tries=tries,
             client=(request.remote or "-") if reason else None,
