@@ -482,11 +482,7 @@ class Exchange:
         lasts `read_timeout` at most, and ends at `deadline` (loop time) when one is given."""
         while True:
             if self._chunks:
-                chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._flow.consumed()
-                return data
+                return self._take_buffered()
             if self._error is not None:
                 raise self._error
             if self._complete or self._released:
@@ -503,6 +499,10 @@ class Exchange:
         coroutine and its waits); None when some is still to come: then `read()`."""
         if not self._complete or self._error is not None or self._released:
             return None
+        return self._take_buffered()
+
+    def _take_buffered(self) -> bytes:
+        """Everything of the body buffered so far, as one bytes; reading from the backend may resume."""
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
