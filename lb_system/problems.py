@@ -224,18 +224,6 @@ class ProblemMiddleware:
         return response
 
 
-def make_problem_middleware(
-    *,
-    server: str,
-    tracker: ErrorTracker,
-    logger: logging.Logger,
-    name_answers: bool = False,
-    group_own: Callable[[str], str | None] | None = None,
-) -> ProblemMiddleware:
-    """The problem middleware of an app answering as `server` (see ProblemMiddleware)."""
-    return ProblemMiddleware(server=server, tracker=tracker, logger=logger, name_answers=name_answers, group_own=group_own)
-
-
 def _route_pattern(request: web.Request) -> str | None:
     """The matched route ("/tasks/{id}"), so error stats group ids together; None when unrouted."""
     resource = request.match_info.route.resource

@@ -266,7 +266,7 @@ async def test_a_failure_after_streaming_started_cuts_the_connection_instead_of_
 ) -> None:
     from aiohttp import web
 
-    from lb_system.problems import make_problem_middleware
+    from lb_system.problems import ProblemMiddleware
 
     async def half_then_crash(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
@@ -275,7 +275,7 @@ async def test_a_failure_after_streaming_started_cuts_the_connection_instead_of_
         await response.write(b"12345")
         raise RuntimeError("boom")
 
-    app = web.Application(middlewares=[make_problem_middleware(server="s", tracker=tracker, logger=logging.getLogger("t"))])
+    app = web.Application(middlewares=[ProblemMiddleware(server="s", tracker=tracker, logger=logging.getLogger("t"))])
     app.router.add_get("/half", half_then_crash)
     server = await aiohttp_server(app)
     reader, writer = await asyncio.open_connection(server.host, server.port)

@@ -28,9 +28,9 @@ from lb_system.problems import (
     NOT_AN_ERROR,
     REQUEST_ID,
     REQUEST_ID_HEADER,
+    ProblemMiddleware,
     RouteGroups,
     json_response,
-    make_problem_middleware,
     new_request_id,
 )
 from lb_system.proxy.admin import ADMIN_CONTROL, AdminControl, guarded, make_admin_app, reset_error_stats
@@ -194,7 +194,7 @@ def make_balancer_app(
             return None
         return hosted_routes(path)
 
-    problems = make_problem_middleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True, group_own=group_own)
+    problems = ProblemMiddleware(server=BALANCER, tracker=tracker, logger=logger, name_answers=True, group_own=group_own)
     observers = pools.observers
     # One transport to the backends: proxied requests on its pools, checks on its dedicated connections.
     upstream = Transport.from_config(config.proxy)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from lb_system.config import ApiConfig
 from lb_system.observability.error_tracker import ErrorTracker
-from lb_system.problems import json_response, make_problem_middleware
+from lb_system.problems import ProblemMiddleware, json_response
 from lb_system.tasks.models import MAX_ID, TaskFields, TaskPatch
 from lb_system.tasks.openapi import task_api_document
 from lb_system.tasks.store import StoreUnavailable, TaskStore
@@ -210,7 +210,7 @@ def make_backend_app(
 ) -> web.Application:
     """One task-API backend; several may share one store and one tracker."""
     app = web.Application(
-        middlewares=[make_problem_middleware(server=name, tracker=tracker, logger=logger), database_unavailable_is_503],
+        middlewares=[ProblemMiddleware(server=name, tracker=tracker, logger=logger), database_unavailable_is_503],
         client_max_size=api.max_body_bytes,
     )
     app[SERVER_NAME] = name
